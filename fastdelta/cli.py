@@ -1,0 +1,131 @@
+"""Command line: `fastdelta fit`, `fastdelta attention`, `fastdelta demo`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .settings import METHODS
+
+
+def _csv(value: str):
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/* (and test/<class>/*)")
+    p.add_argument("--test", default=None, help="test ImageFolder root (default: DATA/test if it exists)")
+    p.add_argument("--model", default="resnet101", help="torchvision or timm model name (default: resnet101)")
+    p.add_argument("--weights", default=None,
+                   help="source weights: a state-dict path, 'imagenet' (efficientnet_lite0 only) or 'random'")
+    p.add_argument("--layers", type=_csv, default=None, help="regularised layers, comma separated module names")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="default 0.01 (0.001 for inception_v3)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--resize", type=int, default=None, help="default 256 (320 for inception_v3)")
+    p.add_argument("--crop", type=int, default=None, help="default 224 (299 for inception_v3)")
+    p.add_argument("--augmentation", choices=["default", "improved"], default="default")
+    p.add_argument("--raw-features", action="store_true",
+                   help="regularise raw tap outputs (public code) instead of ReLU feature maps (paper)")
+    p.add_argument("--temperature", type=float, default=5.0, help="attention softmax temperature")
+    p.add_argument("--attention-max-images", type=int, default=None, help="default: all training images")
+    p.add_argument("--attention-impl", choices=["prefix", "masked_forward"], default="prefix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--strict-data", action="store_true", help="a bad image file is fatal instead of skipped")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def _settings(a) -> dict:
+    return dict(weights=a.weights, layers=a.layers, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+                resize=a.resize, crop=a.crop, augmentation=a.augmentation, feature_relu=not a.raw_features,
+                attention_temperature=a.temperature, attention_max_images=a.attention_max_images,
+                attention_impl=a.attention_impl, seed=a.seed, device=a.device, num_workers=a.workers,
+                strict_data=a.strict_data, progress=not a.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdelta", description="DELTA transfer learning and its baselines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fine-tune a pre-trained CNN with one method", description=(
+        "Fine-tune with one of the DELTA paper's methods; writes result.json, history.jsonl, model.pt, "
+        "channel_attention.json (attention methods) and history.png to --out."))
+    _add_training_args(p)
+    p.add_argument("--method", choices=METHODS, default="delta")
+    p.add_argument("--alpha", type=float, default=0.01)
+    p.add_argument("--beta", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="for l2 and l2_fe")
+    p.add_argument("--iterations", type=int, default=9000)
+    p.add_argument("--lr-schedule", choices=["step", "exp"], default="step")
+    p.add_argument("--lr-step", type=int, default=None, help="default: 2/3 of the iterations")
+    p.add_argument("--attention", default=None, help="precomputed channel_attention.json to reuse")
+
+    p = sub.add_parser("attention", help="compute and save the channel attention (Algorithm 1) only",
+                       description="Train the L2-FE head, measure each channel's loss increase, write "
+                                   "channel_attention.json (ours and the public code's layout) to --out.")
+    _add_training_args(p)
+    p.add_argument("--head-epochs", type=int, default=10, help="epochs of L2-FE head training")
+
+    p = sub.add_parser("demo", help="ImageNet EfficientNet-Lite0 -> few-shot Fashion-MNIST, several methods",
+                       description="Runs the embedded default on real weights and real data and prints a table "
+                                   "of test top-1 per method. Sizes are settings; defaults finish in minutes on a "
+                                   "2-core CPU.")
+    p.add_argument("--methods", type=_csv, default=["l2", "l2_sp", "delta"],
+                   help=f"comma separated, from {', '.join(METHODS)}")
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--alpha-feature", type=float, default=1e-4, help="alpha of delta / delta_no_att")
+    p.add_argument("--alpha-sp", type=float, default=0.01, help="alpha of l2_sp / l2_sp_att")
+    p.add_argument("--beta", type=float, default=0.01)
+    p.add_argument("--head-epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="fastdelta-demo")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default", UserWarning)
+    import fastdelta
+    from .engine import NonFiniteLossError
+    try:
+        if args.command == "fit":
+            kw = _settings(args)
+            res = fastdelta.fit(args.model, args.data, args.test, method=args.method, alpha=args.alpha,
+                                beta=args.beta, weight_decay=args.weight_decay, iterations=args.iterations,
+                                lr_schedule=args.lr_schedule, lr_step=args.lr_step, attention=args.attention, **kw)
+            res.save(args.out)
+            print(json.dumps({"method": res.method, "test": res.test, "out": str(Path(args.out).resolve())}))
+        elif args.command == "attention":
+            kw = _settings(args)
+            att = fastdelta.attention(args.model, args.data, attention_head_epochs=args.head_epochs, **kw)
+            att.save(Path(args.out) / "channel_attention.json")
+            print(json.dumps({"layers": att.layers, "images": att.images, "impl": att.impl,
+                              "out": str((Path(args.out) / "channel_attention.json").resolve())}))
+        else:
+            from .demo import DemoConfig, run_demo
+            unknown = [m for m in args.methods if m not in METHODS]
+            if unknown:
+                raise fastdelta.SettingsError(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+            run_demo(DemoConfig(args.methods, args.per_class, args.test_images, args.image_size, args.iterations,
+                                args.batch_size, args.lr, args.alpha_feature, args.alpha_sp, args.beta,
+                                args.head_epochs, args.seed, args.out, not args.no_progress))
+    except NonFiniteLossError as e:
+        if e.partial_result is not None and args.command == "fit":
+            e.partial_result.save(args.out)
+        print(f"fastdelta: error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastdelta: error: {e}", file=sys.stderr)
+        return 2
+    return 0

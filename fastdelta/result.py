@@ -1,0 +1,83 @@
+"""FitResult: everything a fit produced, and how it is written to disk (atomically)."""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .attention import ChannelAttention
+from .ioutil import atomic_write, atomic_write_text
+
+
+@dataclass
+class FitResult:
+    model: nn.Module                       # the trained target network
+    method: str
+    settings: dict                         # every setting used, defaults resolved
+    model_info: dict                       # architecture, source weights, head, regularised layers
+    data: dict                             # what data, how much, skipped files
+    history: list                          # one record per iteration: ce, reg (alpha term), head (beta term), ...
+    test: dict = field(default_factory=dict)       # top1 (and top1_10crop with "improved")
+    attention: Optional[ChannelAttention] = None
+    timings: dict = field(default_factory=dict)
+    status: str = "ok"                     # "ok" or "diverged: ..."
+
+    @property
+    def test_top1(self) -> Optional[float]:
+        return self.test.get("top1")
+
+    @property
+    def test_top1_10crop(self) -> Optional[float]:
+        return self.test.get("top1_10crop")
+
+    def summary(self) -> dict:
+        last = self.history[-1] if self.history else {}
+        return {"method": self.method, "status": self.status, "test": self.test, "model": self.model_info,
+                "data": self.data, "settings": self.settings, "timings_s": self.timings,
+                "iterations_run": len(self.history),
+                "final_loss_terms": {k: last.get(k) for k in ("ce", "reg", "head", "loss")},
+                "attention": None if self.attention is None else {
+                    "layers": self.attention.layers, "images": self.attention.images, "impl": self.attention.impl,
+                    "file": "channel_attention.json"},
+                "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                                "device": self.settings.get("device_used")}}
+
+    def save(self, directory) -> Path:
+        """result.json, history.jsonl, model.pt, channel_attention.json (if any), history.png."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+        atomic_write(out / "model.pt", lambda tmp: torch.save(self.model.state_dict(), tmp))
+        if self.attention is not None:
+            self.attention.save(out / "channel_attention.json")
+        if self.history:
+            plot_history(self.history, out / "history.png", f"{self.method} — {self.model_info.get('arch')}")
+        atomic_write_text(out / "result.json", json.dumps(self.summary(), indent=1, default=str))
+        return out
+
+
+def plot_history(history: list, path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    it = [h["iteration"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("ce", "cross-entropy"), ("reg", "alpha·regulariser"), ("head", "beta·head L2"), ("loss", "total")):
+        ax1.plot(it, [h[key] for h in history], label=label, lw=1)
+    ax1.set_yscale("symlog", linthresh=1e-3)
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("loss term")
+    ax1.set_title(f"{title}: training loss")
+    ax1.legend(fontsize=8)
+    ax2.plot(it, [h["lr"] for h in history], color="tab:gray")
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel("learning rate")
+    ax2.set_title("learning-rate schedule")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)

@@ -1,0 +1,114 @@
+"""Fit settings: one dataclass with the paper's defaults, validated up front.
+
+Defaults follow the DELTA paper and its public code (see DESIGN.md §2): SGD momentum 0.9,
+lr 0.01 (0.001 for Inception-V3), batch 64, 9,000 iterations with lr/10 at 6,000,
+alpha = beta = 0.01, weight decay 1e-4 for the plain fine-tune, attention softmax(z / 5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+METHODS = ("l2_fe", "l2", "l2_sp", "l2_sp_att", "delta_no_att", "delta")
+AUGMENTATIONS = ("default", "improved")
+LR_SCHEDULES = ("step", "exp")
+ATTENTION_IMPLS = ("prefix", "masked_forward")
+
+
+class SettingsError(ValueError):
+    """A fit setting has a value that cannot work; the message names it."""
+
+
+@dataclass
+class FitSettings:
+    method: str = "delta"
+    alpha: float = 0.01            # weight of the behavioural (feature-map) or L2-SP term
+    beta: float = 0.01             # weight of the L2 term on target-only (head) parameters
+    weight_decay: float = 1e-4     # the plain L2 / L2-FE methods' weight decay
+    lr: Optional[float] = None     # None: 0.01, or 0.001 for Inception-V3
+    momentum: float = 0.9
+    batch_size: int = 64
+    iterations: int = 9000
+    lr_schedule: str = "step"      # "step": lr * gamma at lr_step; "exp": lr * gamma ** (t / lr_step)
+    lr_step: Optional[int] = None  # None: two thirds of the iterations (6,000 of 9,000)
+    lr_gamma: float = 0.1
+    augmentation: str = "default"  # "default" (resize square, crop) or "improved" (keep aspect, 10-crop test)
+    resize: Optional[int] = None   # None: 256 (320 for Inception-V3)
+    crop: Optional[int] = None     # None: 224 (299 for Inception-V3)
+    feature_relu: bool = True      # paper: ReLU on feature maps; public code: raw conv output
+    layers: Optional[Sequence[str]] = None  # None: per-architecture defaults
+    attention_temperature: float = 5.0
+    attention_max_images: Optional[int] = None  # None: all training images (Algorithm 1)
+    attention_head_epochs: int = 10             # public code: 10 epochs of L2-FE head training
+    attention_impl: str = "prefix"              # "prefix" (exact, evaluates only what follows the tap) or "masked_forward"
+    attention: Optional[object] = None          # precomputed ChannelAttention or path to channel_attention.json
+    seed: int = 0
+    device: str = "auto"
+    num_workers: Optional[int] = None
+    eval_batch_size: int = 256
+    strict_data: bool = False      # a bad image file is fatal instead of skipped
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes recorded with the result
+
+    def resolved(self, arch: str | None = None) -> "FitSettings":
+        """A copy with architecture-dependent defaults filled in, after validation."""
+        s = dataclasses.replace(self)
+        inception = arch == "inception_v3"
+        if s.lr is None:
+            s.lr = 0.001 if inception else 0.01
+        if s.resize is None:
+            s.resize = 320 if inception else 256
+        if s.crop is None:
+            s.crop = 299 if inception else 224
+        if s.lr_step is None:
+            s.lr_step = max(1, round(s.iterations * 2 / 3))
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise SettingsError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+        for name in ("alpha", "beta", "weight_decay", "momentum"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise SettingsError(f"{name}={v!r}: must be a finite number >= 0")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise SettingsError(f"lr={self.lr!r}: must be > 0")
+        for name in ("batch_size", "iterations", "eval_batch_size", "attention_head_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise SettingsError(f"{name}={v!r}: must be an integer >= 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise SettingsError(f"lr_schedule={self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise SettingsError(f"augmentation={self.augmentation!r}: expected one of {AUGMENTATIONS}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise SettingsError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+        if not (self.attention_temperature > 0):
+            raise SettingsError(f"attention_temperature={self.attention_temperature!r}: must be > 0")
+        if self.attention_max_images is not None and self.attention_max_images < 1:
+            raise SettingsError(f"attention_max_images={self.attention_max_images!r}: must be >= 1 or None")
+        if self.resize is not None and self.crop is not None and self.crop > self.resize:
+            raise SettingsError(f"crop={self.crop} is larger than resize={self.resize}")
+        if self.layers is not None and (isinstance(self.layers, str) or not all(isinstance(l, str) for l in self.layers)):
+            raise SettingsError(f"layers={self.layers!r}: expected a list of module names")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        att = self.attention
+        d["attention"] = None if att is None else (str(att) if not hasattr(att, "to_dict") else "precomputed")
+        return d
+
+
+def make_settings(method: str = "delta", **overrides) -> FitSettings:
+    """FitSettings from keyword arguments; an unknown keyword is an error naming it."""
+    names = {f.name for f in dataclasses.fields(FitSettings)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {unknown}; valid settings: {sorted(names)}")
+    s = FitSettings(method=method, **overrides)
+    s.validate()
+    return s

@@ -1,0 +1,108 @@
+"""Each method's loss terms against a float64 reference written straight from the formulas."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdelta.regularizers import REGULARIZERS, feature_map_distance, make_regularizer
+from fastdelta.taps import FeatureTaps
+from tiny import TINY_LAYERS, tiny_net
+
+ALPHA, BETA, WD = 0.3, 0.2, 0.05
+
+
+def nets(seed=0):
+    """source (w*) and a perturbed target with a new 3-class head, like build_networks makes them."""
+    source = tiny_net(seed).eval().requires_grad_(False)
+    target = copy.deepcopy(source).requires_grad_(True)
+    target.fc = torch.nn.Linear(16, 3)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return source, target.train()
+
+
+def reference_terms(method, source, target, x, weights, relu):
+    """Float64, from the formulas of DESIGN.md §1-2, on float64 copies of the networks."""
+    s64, t64 = copy.deepcopy(source).double(), copy.deepcopy(target).double()
+    shared = {n: p for n, p in t64.named_parameters() if not n.startswith("fc.")}
+    src = dict(s64.named_parameters())
+    head = sum(p.pow(2).sum() for n, p in t64.named_parameters() if n.startswith("fc."))
+    if method == "l2_fe":
+        return 0.0, 0.5 * WD * head
+    if method == "l2":
+        return 0.5 * WD * sum(p.pow(2).sum() for p in shared.values()), 0.5 * WD * head
+    if method in ("l2_sp", "l2_sp_att"):
+        total = 0.0
+        for n, p in shared.items():
+            d2 = (p - src[n]).pow(2)
+            layer = n.rsplit(".", 1)[0]
+            if method == "l2_sp_att" and layer in TINY_LAYERS:
+                w = weights[TINY_LAYERS.index(layer)].double()
+                d2 = d2 * (len(w) * w).view(-1, *([1] * (d2.dim() - 1)))
+            total = total + d2.sum()
+        return 0.5 * ALPHA * total, 0.5 * BETA * head
+    # delta / delta_no_att: 0.5 * sum_j c W_j ||FM_j(w) - FM_j(w*)||^2 / (h w), summed over the batch
+    ft, fs = {}, {}
+    for model, store in ((t64, ft), (s64, fs)):
+        hooks = [model.get_submodule(l).register_forward_hook(lambda m, i, o, l=l, st=store: st.__setitem__(l, o))
+                 for l in TINY_LAYERS]
+        model(x.double())
+        for h in hooks:
+            h.remove()
+    total = 0.0
+    for i, l in enumerate(TINY_LAYERS):
+        a, b = (F.relu(ft[l]), F.relu(fs[l])) if relu else (ft[l], fs[l])
+        _, c, h, w = a.shape
+        W = torch.full((c,), 1.0 / c, dtype=torch.float64) if method == "delta_no_att" else weights[i].double()
+        for j in range(c):
+            total = total + 0.5 * c * W[j] * (a[:, j] - b[:, j]).pow(2).sum() / (h * w)
+    return ALPHA * total, 0.5 * BETA * head
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("method", sorted(REGULARIZERS))
+def test_terms_match_float64_reference(method, relu):
+    torch.manual_seed(3)
+    source, target = nets()
+    x = torch.randn(4, 3, 12, 12)
+    weights = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
+    reg = make_regularizer(method, target, source, "fc", TINY_LAYERS, ALPHA, BETA, WD, relu,
+                           weights if REGULARIZERS[method].uses_attention else None)
+    if reg.uses_source_features:
+        with FeatureTaps(target, TINY_LAYERS) as tt, FeatureTaps(source, TINY_LAYERS) as ts:
+            _, t_feats = tt(x)
+            _, s_feats = ts(x)
+        terms = reg.terms(t_feats, s_feats)
+    else:
+        terms = reg.terms()
+    ref_reg, ref_head = reference_terms(method, source, target, x, weights, relu)
+    ref_reg = torch.as_tensor(ref_reg, dtype=torch.float64)
+    assert float(ref_head) > 0
+    if method != "l2_fe":
+        assert float(ref_reg) > 0  # a zero reference would make the comparison vacuous
+    assert torch.allclose(terms.reg.double(), ref_reg, rtol=2e-5, atol=1e-9), (terms.reg, ref_reg)
+    assert torch.allclose(terms.head.double(), torch.as_tensor(ref_head, dtype=torch.float64), rtol=2e-5)
+
+
+def test_feature_distance_gradient_float64():
+    t = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    scale = torch.rand(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: feature_map_distance(t.double(), s, scale.double(), True).double(), (t,))
+    # d/dt of 0.5 * scale * (relu t - relu s)^2 = scale * (relu t - relu s) * (t > 0)
+    feature_map_distance(t, s, scale, True).backward()
+    expected = scale.view(1, 3, 1, 1) * (t.relu() - s.relu()) * (t > 0)
+    assert torch.allclose(t.grad, expected.to(t.grad.dtype), atol=1e-6)
+
+
+def test_delta_without_attention_is_uniform_attention():
+    source, target = nets()
+    x = torch.randn(2, 3, 12, 12)
+    with FeatureTaps(target, TINY_LAYERS) as tt, FeatureTaps(source, TINY_LAYERS) as ts:
+        t_feats, s_feats = tt(x)[1], ts(x)[1]
+    uniform = [torch.full((8,), 1 / 8), torch.full((16,), 1 / 16)]
+    a = make_regularizer("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0).terms(t_feats, s_feats)
+    b = make_regularizer("delta", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, True, uniform).terms(t_feats, s_feats)
+    assert torch.allclose(a.reg, b.reg)

@@ -1,0 +1,55 @@
+"""A tiny residual CNN for fast CPU tests (conv biases, BN, residual, in-place ReLU)."""
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv_a = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv_b = nn.Conv2d(c, c, 3, padding=1, bias=True)
+        self.bn_b = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn_a(self.conv_a(x)))
+        out = self.bn_b(self.conv_b(out))
+        out += x
+        return self.relu(out)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes=5, width=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, stride=2, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.block = Block(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.block(x)
+        x = self.relu(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+TINY_LAYERS = ["block.conv_b", "conv2"]
+
+
+def tiny_net(seed=0, num_classes=5):
+    torch.manual_seed(seed)
+    net = TinyNet(num_classes)
+    # non-trivial BN statistics so eval mode differs from identity
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net
