@@ -169,35 +169,43 @@ class PrefixReuse:
         missing = [l for l in layers if l not in self.tap_nodes]
         if missing:
             raise NotImplementedError(f"layers {missing} are not single nodes of the traced graph")
-        self.needed = {l: self._needed_from_prefix(n) for l, n in self.tap_nodes.items()}
+        self.needed, self.suffix = {}, {}
+        for layer, tap in self.tap_nodes.items():
+            self.needed[layer], self.suffix[layer] = self._split_at(tap)
 
-    @staticmethod
-    def _descendants(node: fx.Node) -> set:
-        seen, todo = set(), [node]
+    def _split_at(self, tap: fx.Node):
+        """(prefix values the suffix reads, GraphModule of everything that depends on the tap).
+
+        The suffix module takes (tap value, *needed values) and returns the network output."""
+        desc, todo = set(), [tap]
         while todo:
             for user in todo.pop().users:
-                if user not in seen:
-                    seen.add(user)
+                if user not in desc:
+                    desc.add(user)
                     todo.append(user)
-        return seen
-
-    def _needed_from_prefix(self, tap: fx.Node) -> set:
-        """Nodes that do not depend on the tap but feed something that does (e.g. a residual)."""
-        desc = self._descendants(tap)
-        return {n for n in self.gm.graph.nodes
-                if n not in desc and n is not tap and n.op != "output" and any(u in desc for u in n.users)}
+        needed = [n for n in self.gm.graph.nodes if n not in desc and n is not tap and n.op != "get_attr"
+                  and any(u in desc for u in n.users)]
+        graph, env = fx.Graph(), {}
+        for n in [tap] + needed:
+            env[n] = graph.placeholder(f"in_{n.name}")
+        for n in self.gm.graph.nodes:
+            if n.op == "get_attr" and any(u in desc for u in n.users):
+                env[n] = graph.node_copy(n, lambda a: env[a])
+        for n in self.gm.graph.nodes:
+            if n in desc:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+        return needed, fx.GraphModule(self.gm, graph)
 
     @torch.no_grad()
     def full_run(self, x: torch.Tensor):
+        """Network output and every intermediate value (fx node -> tensor) for one batch."""
         interp = fx.Interpreter(self.gm, garbage_collect_values=False)
         logits = interp.run(x)
         return logits, interp.env
 
     @torch.no_grad()
-    def suffix_run(self, layer: str, env: dict, tap_value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        initial = {n: env[n] for n in self.needed[layer]}
-        initial[self.tap_nodes[layer]] = tap_value
-        return fx.Interpreter(self.gm).run(x, initial_env=initial)
+    def suffix_run(self, layer: str, env: dict, tap_value: torch.Tensor) -> torch.Tensor:
+        return self.suffix[layer](tap_value, *[env[n] for n in self.needed[layer]])
 
 
 @torch.no_grad()
@@ -211,7 +219,7 @@ def loss_increase_prefix(reuse: PrefixReuse, layer: str, batches: Sequence, prog
         for j in range(tap.shape[1]):
             masked = tap.clone()
             masked[:, j] = 0
-            raw[j] += (per_sample_loss(reuse.suffix_run(layer, env, masked, x), y) - base).sum().cpu()
+            raw[j] += (per_sample_loss(reuse.suffix_run(layer, env, masked), y) - base).sum().cpu()
             if progress is not None:
                 progress.update(1)
         del env

@@ -25,7 +25,8 @@ class NonFiniteLossError(FloatingPointError):
     """Training stopped on a NaN/inf loss term; the model holds the last good weights."""
 
     def __init__(self, iteration: int, term: str, value: float, history: list):
-        super().__init__(f"non-finite loss at iteration {iteration}: term {term!r} = {value}; training stopped, "
+        what = "gradient norm" if term == "gradient" else f"loss term {term!r}"
+        super().__init__(f"non-finite {what} at iteration {iteration} ({value}); training stopped, "
                          f"the model keeps the weights of iteration {iteration - 1} (try a smaller alpha or lr)")
         self.iteration, self.term, self.value, self.history = iteration, term, value, history
         self.partial_result = None  # filled in by fit()
@@ -113,11 +114,16 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, loader: D
                 loss = ce + terms.reg + terms.head
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                # a finite loss can still give an infinite gradient: never apply such an update
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+                if not math.isfinite(grad_norm):
+                    raise NonFiniteLossError(it, "gradient", grad_norm, history)
                 opt.step()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t_step = time.perf_counter() - t0
                 history.append({"iteration": it, **values, "loss": values["ce"] + values["reg"] + values["head"],
+                                "grad_norm": grad_norm,
                                 "lr": lr, "train_acc": (logits.argmax(1) == y).float().mean().item(),
                                 "data_s": round(t_data, 5), "step_s": round(t_step, 5),
                                 "elapsed_s": round(time.perf_counter() - t_start, 3)})

@@ -1,0 +1,192 @@
+"""fastdelta.fit end to end on tiny networks and generated data: methods, freezing, bad input, saving."""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastdelta
+from fastdelta import ModelError, NonFiniteLossError, SettingsError
+from fastdelta.data import DataError
+from tiny import TINY_LAYERS, tiny_net
+
+QUICK = dict(iterations=3, batch_size=4, resize=16, crop=12, progress=False, attention_head_epochs=1,
+             eval_batch_size=8)
+
+
+def arrays(n_per_class=4, classes=3, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n_per_class * classes, size, size, 3), dtype=np.uint8)
+    y = np.repeat(np.arange(classes), n_per_class)
+    return x, y
+
+
+def write_folder(root, classes=("a", "b", "c"), per_class=3, size=20, mode="RGB"):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode)
+                img.save(d / f"{i}.png" if mode == "RGBA" else d / f"{i}.jpg")
+    return root
+
+
+@pytest.mark.parametrize("method", fastdelta.METHODS)
+def test_every_method_runs_and_decomposes_its_loss(method):
+    res = fastdelta.fit(tiny_net(), arrays(), arrays(2, seed=1), method=method, layers=TINY_LAYERS, **QUICK)
+    assert len(res.history) == 3 and res.method == method
+    for h in res.history:
+        assert h["loss"] == pytest.approx(h["ce"] + h["reg"] + h["head"], rel=1e-6)
+        assert h["head"] > 0
+    regs = [h["reg"] for h in res.history]
+    if method == "l2_fe":
+        assert regs == [0.0] * 3
+    elif method.startswith("l2_sp"):  # w starts at w*: zero, then positive once w moves
+        assert regs[0] == 0.0 and regs[-1] > 0
+    else:
+        assert all(r > 0 for r in regs)
+    assert 0 <= res.test_top1 <= 100 and res.test["images"] == 6
+    assert (res.attention is not None) == (method in ("delta", "l2_sp_att"))
+    assert res.settings["method"] == method and res.model_info["layers"] == TINY_LAYERS
+
+
+def test_resnet18_default_layers_and_random_weights_warning():
+    with pytest.warns(UserWarning, match="NO PRE-TRAINED WEIGHTS"):
+        res = fastdelta.fit("resnet18", arrays(size=32), None, method="delta_no_att", weights="random",
+                            **{**QUICK, "resize": 32, "crop": 32, "iterations": 2})
+    assert res.model_info["layers"] == fastdelta.DEFAULT_LAYERS["resnet18"]
+    assert res.model_info["weights"].startswith("random")
+    assert res.history[0]["reg"] > 0  # train-mode BN vs eval-mode source: maps differ at step 0
+
+
+def test_l2_fe_freezes_the_extractor_bit_for_bit():
+    net = tiny_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    res = fastdelta.fit(net, arrays(), None, method="l2_fe", layers=TINY_LAYERS, **{**QUICK, "iterations": 5})
+    after = res.model.state_dict()
+    for k, v in before.items():
+        if not k.startswith("fc."):
+            assert torch.equal(after[k], v), k  # weights and BN running statistics untouched
+    assert not torch.equal(after["fc.weight"], res.model.fc.weight.detach() * 0)
+    assert res.model.fc.weight.shape == (3, 16)
+
+
+def test_same_seed_same_result_and_user_model_untouched():
+    net = tiny_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    a = fastdelta.fit(net, arrays(), None, method="delta", layers=TINY_LAYERS, **QUICK)
+    b = fastdelta.fit(net, arrays(), None, method="delta", layers=TINY_LAYERS, **QUICK)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert all(torch.equal(x, y) for x, y in zip(a.attention.raw, b.attention.raw))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not net._forward_hooks and not net.conv2._forward_hooks  # taps removed
+
+
+def test_save_writes_every_file_and_reloads(tmp_path):
+    res = fastdelta.fit(tiny_net(), arrays(), arrays(1), method="delta", layers=TINY_LAYERS, **QUICK)
+    res.save(tmp_path)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["channel_attention.json", "history.jsonl", "history.png", "model.pt", "result.json"]
+    result = json.load(open(tmp_path / "result.json"))
+    assert result["method"] == "delta" and result["test"]["top1"] == res.test_top1
+    assert result["settings"]["feature_relu"] is True and result["model"]["layers"] == TINY_LAYERS
+    assert len(open(tmp_path / "history.jsonl").readlines()) == 3
+    att = json.load(open(tmp_path / "channel_attention.json"))
+    assert [len(v) for v in att["public_layout"]] == [8, 16]
+    net = tiny_net(num_classes=3)
+    net.load_state_dict(torch.load(tmp_path / "model.pt"))
+    again = fastdelta.ChannelAttention.load(tmp_path / "channel_attention.json")
+    assert all(torch.allclose(x, y) for x, y in zip(again.weights, res.attention.weights))
+    # reuse the saved attention: no recomputation, same weights
+    res2 = fastdelta.fit(tiny_net(), arrays(), None, method="delta", layers=TINY_LAYERS,
+                         attention=str(tmp_path / "channel_attention.json"), **QUICK)
+    assert "head_training" not in res2.timings
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    res = fastdelta.fit(tiny_net(), arrays(), None, method="l2", layers=TINY_LAYERS, **QUICK)
+    res.save(tmp_path)
+    good = (tmp_path / "result.json").read_text()
+    import fastdelta.result as result_mod
+    monkeypatch.setattr(result_mod.FitResult, "summary", lambda self: {"bad": object.__new__(_Boom)})
+    with pytest.raises(RuntimeError):
+        res.save(tmp_path)
+    assert (tmp_path / "result.json").read_text() == good
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+class _Boom:
+    def __str__(self):
+        raise RuntimeError("interrupted while writing")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_state():
+    with pytest.raises(NonFiniteLossError) as info:
+        fastdelta.fit(tiny_net(), arrays(), None, method="l2_sp", layers=TINY_LAYERS,
+                      **{**QUICK, "iterations": 50, "lr": 1e6})
+    e = info.value
+    assert e.term in ("ce", "reg", "head", "gradient") and f"iteration {e.iteration}" in str(e)
+    assert len(e.history) == e.iteration
+    partial = e.partial_result
+    assert partial.status.startswith("diverged")
+    assert all(torch.isfinite(p).all() for p in partial.model.parameters())
+
+
+def test_bad_settings_and_model_errors(tmp_path):
+    with pytest.raises(SettingsError, match="alpha"):
+        fastdelta.fit(tiny_net(), arrays(), method="delta", alpha=-1.0, layers=TINY_LAYERS, **QUICK)
+    with pytest.raises(SettingsError, match="batch_size=64 is larger than the training set \\(12 images\\)"):
+        fastdelta.fit(tiny_net(), arrays(), method="l2", layers=TINY_LAYERS, **{**QUICK, "batch_size": 64})
+    with pytest.raises(SettingsError, match="method='nope'"):
+        fastdelta.fit(tiny_net(), arrays(), method="nope")
+    with pytest.raises(SettingsError, match="unknown setting"):
+        fastdelta.fit(tiny_net(), arrays(), method="l2", learning_rate=0.1)
+    with pytest.raises(ModelError, match="not found in the model; valid conv layers: \\['conv1', 'block.conv_a'"):
+        fastdelta.fit(tiny_net(), arrays(), method="delta", layers=["block.nope"], **QUICK)
+    with pytest.raises(ModelError, match="neither a torchvision nor a timm"):
+        fastdelta.fit("no_such_net", arrays(), method="l2", **QUICK)
+
+
+def test_weights_file_that_does_not_match_names_the_keys(tmp_path):
+    import torchvision
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pt")
+    with pytest.raises(ModelError, match="do not match the model.*layer1.2"):
+        fastdelta.fit("resnet34", arrays(size=32), weights=str(tmp_path / "r18.pt"), method="l2", **QUICK)
+    with pytest.raises(ModelError, match="does not exist"):
+        fastdelta.fit("resnet18", arrays(size=32), weights=str(tmp_path / "missing.pt"), method="l2", **QUICK)
+    # a checkpoint with another head size and a 'module.' prefix loads (the head is replaced anyway)
+    sd = torchvision.models.resnet18(num_classes=7).state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "r18_7.pt")
+    res = fastdelta.fit("resnet18", arrays(size=32), weights=str(tmp_path / "r18_7.pt"), method="l2",
+                        **{**QUICK, "resize": 32, "crop": 32, "iterations": 1, "lr": 1e-9})
+    assert torch.allclose(res.model.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"], atol=1e-6)
+    assert res.model.fc.out_features == 3 and res.model_info["weights"].startswith("file ")
+
+
+def test_image_folder_bad_files_are_skipped_and_reported(tmp_path):
+    root = write_folder(tmp_path / "data")
+    (root / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "train" / "b" / "empty.jpg").write_bytes(b"")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(root / "train" / "c" / "gray.jpg")  # grayscale: converted
+    res = fastdelta.fit(tiny_net(), str(root), method="l2", layers=TINY_LAYERS, **QUICK)
+    assert res.data["num_skipped"] == 2 and res.data["train"]["num_samples"] == 10
+    assert res.test["images"] == 9
+    with pytest.raises(DataError, match="broken.jpg"):
+        fastdelta.fit(tiny_net(), str(root), method="l2", layers=TINY_LAYERS, strict_data=True, **QUICK)
+
+
+def test_image_folder_errors(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DataError):
+        fastdelta.fit(tiny_net(), str(tmp_path / "empty"), method="l2", layers=TINY_LAYERS, **QUICK)
+    root = write_folder(tmp_path / "d")
+    for f in (root / "test" / "c").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match="'c'"):
+        fastdelta.fit(tiny_net(), str(root), method="l2", layers=TINY_LAYERS, **QUICK)
