@@ -115,13 +115,14 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
     spec = TrainSpec(s.iterations, s.lr, s.momentum, s.lr_schedule, s.lr_step, s.lr_gamma, s.progress,
                      f"train {s.method}")
     settings_record = {**s.to_dict(), "device_used": str(device)}
+    data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped]}
     info = _model_info(nets)
     t0 = time.perf_counter()
     try:
         history = train_loop(nets.target, nets.source, reg, loader, spec, device)
     except NonFiniteLossError as e:
         timings["train"] = round(time.perf_counter() - t0, 3)
-        e.partial_result = FitResult(nets.target, s.method, settings_record, info, data.description, e.history,
+        e.partial_result = FitResult(nets.target, s.method, settings_record, info, data_record, e.history,
                                      {}, attention, timings, f"diverged: {e}")
         raise
     timings["train"] = round(time.perf_counter() - t0, 3)
@@ -135,7 +136,7 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
         test_metrics = evaluate(nets.target, test_loader, device, s.progress, f"test {s.method}")
         timings["test"] = round(time.perf_counter() - t0, 3)
     timings["total"] = round(time.perf_counter() - t_all, 3)
-    return FitResult(nets.target, s.method, settings_record, info, data.description, history, test_metrics,
+    return FitResult(nets.target, s.method, settings_record, info, data_record, history, test_metrics,
                      attention, timings)
 
 

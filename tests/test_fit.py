@@ -190,3 +190,33 @@ def test_image_folder_errors(tmp_path):
         f.unlink()
     with pytest.raises(DataError, match="'c'"):
         fastdelta.fit(tiny_net(), str(root), method="l2", layers=TINY_LAYERS, **QUICK)
+
+
+def test_improved_protocol_reports_center_and_ten_crop_top1():
+    res = fastdelta.fit(tiny_net(), arrays(), arrays(3, seed=2), method="l2", layers=TINY_LAYERS,
+                        augmentation="improved", **QUICK)
+    assert set(res.test) == {"top1", "top1_10crop", "images"} and res.test["images"] == 9
+
+
+def test_lr_schedules():
+    from fastdelta.engine import lr_at
+    assert [lr_at(i, 0.01, "step", 6000, 0.1) for i in (0, 5999, 6000, 8999)] == [0.01, 0.01, 0.001, 0.001]
+    assert lr_at(0, 0.01, "exp", 6000, 0.1) == 0.01
+    assert lr_at(6000, 0.01, "exp", 6000, 0.1) == pytest.approx(0.001)
+    assert lr_at(3000, 0.01, "exp", 6000, 0.1) == pytest.approx(0.01 * 0.1 ** 0.5)
+    res = fastdelta.fit(tiny_net(), arrays(), None, method="l2", layers=TINY_LAYERS, lr_schedule="exp",
+                        **{**QUICK, "iterations": 4})
+    assert res.settings["lr_step"] == 3 and res.history[3]["lr"] == pytest.approx(0.01 * 0.1 ** (3 / 3))
+
+
+def test_inception_v3_defaults():
+    from fastdelta.models import build_networks
+    from fastdelta.settings import make_settings
+    nets = build_networks("inception_v3", 4, "random")
+    assert nets.layers == ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e"] and nets.head_name == "fc"
+    s = make_settings("delta").resolved("inception_v3")
+    assert (s.lr, s.resize, s.crop) == (0.001, 320, 299)
+    from fastdelta.taps import FeatureTaps
+    with FeatureTaps(nets.target.eval(), nets.layers) as taps, torch.no_grad():
+        logits, feats = taps(torch.randn(1, 3, 80, 80))
+    assert logits.shape == (1, 4) and [f.shape[1] for f in feats] == [64, 192, 288, 768]
