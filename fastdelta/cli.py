@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -37,7 +38,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--strict-data", action="store_true", help="a bad image file is fatal instead of skipped")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default=None, help="output folder (required unless --resume gives it)")
 
 
 def _settings(a) -> dict:
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=["step", "exp"], default="step")
     p.add_argument("--lr-step", type=int, default=None, help="default: 2/3 of the iterations")
     p.add_argument("--attention", default=None, help="precomputed channel_attention.json to reuse")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="iterations between checkpoints in OUT/checkpoints (0: only at the end)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest valid checkpoint (same settings required)")
 
     p = sub.add_parser("attention", help="compute and save the channel attention (Algorithm 1) only",
                        description="Train the L2-FE head, measure each channel's loss increase, write "
@@ -93,8 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "fit" and args.resume:
+        args.out = args.out or args.resume
+        if Path(args.out).resolve() != Path(args.resume).resolve():
+            parser.error("--resume RUN_DIR continues in RUN_DIR; --out, if given, must be the same folder")
+    if args.command in ("fit", "attention") and not args.out:
+        parser.error("--out is required")
     warnings.simplefilter("default", UserWarning)
     import fastdelta
     from .engine import NonFiniteLossError
@@ -103,12 +123,17 @@ def main(argv=None) -> int:
             kw = _settings(args)
             res = fastdelta.fit(args.model, args.data, args.test, method=args.method, alpha=args.alpha,
                                 beta=args.beta, weight_decay=args.weight_decay, iterations=args.iterations,
-                                lr_schedule=args.lr_schedule, lr_step=args.lr_step, attention=args.attention, **kw)
-            res.save(args.out)
-            print(json.dumps({"method": res.method, "test": res.test, "out": str(Path(args.out).resolve())}))
+                                lr_schedule=args.lr_schedule, lr_step=args.lr_step, attention=args.attention,
+                                run_dir=args.out, checkpoint_every=args.checkpoint_every,
+                                resume=bool(args.resume), distributed=_under_torchrun(), **kw)
+            if _is_main():  # fit() has written OUT (rank 0 only)
+                print(json.dumps({"method": res.method, "test": res.test, "out": str(Path(args.out).resolve())}))
         elif args.command == "attention":
             kw = _settings(args)
-            att = fastdelta.attention(args.model, args.data, attention_head_epochs=args.head_epochs, **kw)
+            att = fastdelta.attention(args.model, args.data, attention_head_epochs=args.head_epochs,
+                                      distributed=_under_torchrun(), **kw)
+            if not _is_main():
+                return 0
             att.save(Path(args.out) / "channel_attention.json")
             print(json.dumps({"layers": att.layers, "images": att.images, "impl": att.impl,
                               "out": str((Path(args.out) / "channel_attention.json").resolve())}))
@@ -121,7 +146,7 @@ def main(argv=None) -> int:
                                 args.batch_size, args.lr, args.alpha_feature, args.alpha_sp, args.beta,
                                 args.head_epochs, args.seed, args.out, not args.no_progress))
     except NonFiniteLossError as e:
-        if e.partial_result is not None and args.command == "fit":
+        if e.partial_result is not None and args.command == "fit" and _is_main():
             e.partial_result.save(args.out)
         print(f"fastdelta: error: {e}", file=sys.stderr)
         return 3

@@ -6,16 +6,23 @@ the model keeps its last good state), SGD with momentum, lr from the schedule.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
-from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .data.sampling import GlobalBatchSampler, SeededSamples
+from .distributed import DistContext
 from .progress import progress_bar
 from .regularizers import Regularizer
 from .taps import FeatureTaps
@@ -38,20 +45,21 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def resolve_workers(num_workers: Optional[int]) -> int:
+    """None: no worker processes on a 2-core machine (they only compete with the model), else up to 8."""
+    if num_workers is None:
+        cores = os.cpu_count() or 1
+        return 0 if cores <= 2 else min(8, cores - 1)
+    return num_workers
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: Optional[int],
                 drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
-    if num_workers is None:
-        import os
-        num_workers = 0 if (os.cpu_count() or 1) <= 2 else min(8, (os.cpu_count() or 1) - 1)
+    """Evaluation / attention loader (training batches come from make_train_loader)."""
+    num_workers = resolve_workers(num_workers)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=g,
                       num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
-
-
-def endless(loader: DataLoader) -> Iterator:
-    """Iteration-based training: start a new (reshuffled) epoch whenever one ends."""
-    while True:
-        yield from loader
 
 
 def lr_at(iteration: int, base_lr: float, schedule: str, step: int, gamma: float) -> float:
@@ -65,16 +73,38 @@ class TrainSpec:
     iterations: int
     lr: float
     momentum: float
+    batch_size: int                    # the global batch (all ranks together)
+    seed: int = 0
     lr_schedule: str = "step"
     lr_step: int = 1
     lr_gamma: float = 0.1
+    num_workers: Optional[int] = 0
     progress: bool = True
     desc: str = "train"
+    checkpoint_dir: Optional[Path] = None  # None: no checkpoints
+    checkpoint_every: int = 0
+    history_path: Optional[Path] = None    # streamed history.jsonl (one line per iteration, flushed)
+    payload_extra: dict = field(default_factory=dict)  # stored in every checkpoint (identity, attention)
 
 
-def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, loader: DataLoader, spec: TrainSpec,
-          device: torch.device) -> List[dict]:
-    """Train `target` in place; returns one history record per iteration."""
+@dataclass
+class StartState:
+    """Where a resumed run continues: the next iteration, what came before, optimizer and RNG."""
+    iteration: int = 0
+    history: list = field(default_factory=list)
+    optimizer: Optional[dict] = None
+    rng: Optional[dict] = None
+
+
+def make_train_loader(dataset: Dataset, spec: TrainSpec, start_iteration: int, ctx: DistContext) -> DataLoader:
+    sampler = GlobalBatchSampler(len(dataset), spec.batch_size, spec.seed, start_iteration, ctx.rank, ctx.world_size)
+    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=resolve_workers(spec.num_workers))
+
+
+def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: Dataset, spec: TrainSpec,
+               device: torch.device, ctx: DistContext = DistContext(), start: Optional[StartState] = None) -> List[dict]:
+    """Train `target` in place from `start` (default: iteration 0); returns the whole history."""
+    start = start or StartState()
     params = reg.trainable_parameters(target)
     if reg.freezes_extractor:  # L2-FE: the extractor is fixed, BN statistics included
         target.requires_grad_(False).eval()
@@ -82,15 +112,25 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, loader: D
             p.requires_grad_(True)
     else:
         target.requires_grad_(True).train()
+    forward = target
+    if ctx.active:  # gradients averaged over ranks by DDP; per-batch sums scaled to the global batch
+        forward = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
+        reg.sum_scale = float(ctx.world_size)
     opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
-    target_taps = FeatureTaps(target, reg.layers) if reg.uses_source_features else None
+    if start.optimizer is not None:
+        opt.load_state_dict(start.optimizer)
+    target_taps = FeatureTaps(target, reg.layers, forward) if reg.uses_source_features else None
     source_taps = FeatureTaps(source, reg.layers) if reg.uses_source_features else None
-    history = []
-    batches = endless(loader)
+    history = list(start.history)
+    batches = iter(make_train_loader(dataset, spec, start.iteration, ctx))
+    if start.rng is not None:  # after the loader drew its seed, as in the uninterrupted run
+        set_rng_state(start.rng)
+    writer = HistoryWriter(spec.history_path if ctx.is_main else None, history)
     t_start = time.perf_counter()
     try:
-        with progress_bar(spec.iterations, spec.desc, "it", spec.progress) as bar:
-            for it in range(spec.iterations):
+        with progress_bar(spec.iterations, spec.desc, "it", spec.progress and ctx.is_main) as bar:
+            bar.update(start.iteration)
+            for it in range(start.iteration, spec.iterations):
                 t0 = time.perf_counter()
                 x, y = next(batches)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -104,10 +144,12 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, loader: D
                         _, s_feats = source_taps(x)
                     terms = reg.terms(t_feats, s_feats)
                 else:
-                    logits = target(x)
+                    logits = forward(x)
                     terms = reg.terms()
                 ce = F.cross_entropy(logits.float(), y)
-                values = {"ce": ce.item(), "reg": terms.reg.item(), "head": terms.head.item()}
+                # every rank checks the same (averaged) values, so all stop together on a NaN
+                values = dict(zip(("ce", "reg", "head"), ctx.all_reduce_sum(
+                    torch.stack([ce, terms.reg, terms.head]).detach().double().cpu()).div(ctx.world_size).tolist()))
                 for name, v in values.items():
                     if not math.isfinite(v):
                         raise NonFiniteLossError(it, name, v, history)
@@ -123,44 +165,79 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, loader: D
                     torch.cuda.synchronize()
                 t_step = time.perf_counter() - t0
                 history.append({"iteration": it, **values, "loss": values["ce"] + values["reg"] + values["head"],
-                                "grad_norm": grad_norm,
-                                "lr": lr, "train_acc": (logits.argmax(1) == y).float().mean().item(),
+                                "grad_norm": grad_norm, "lr": lr,
+                                "train_acc": (logits.argmax(1) == y).float().mean().item(),
                                 "data_s": round(t_data, 5), "step_s": round(t_step, 5),
                                 "elapsed_s": round(time.perf_counter() - t_start, 3)})
+                writer.append(history[-1])
+                done = it + 1
+                if spec.checkpoint_dir is not None and spec.checkpoint_every > 0 and (
+                        done % spec.checkpoint_every == 0 or done == spec.iterations) and ctx.is_main:
+                    save_checkpoint(spec.checkpoint_dir, done, {
+                        "iteration": done, "model": target.state_dict(), "optimizer": opt.state_dict(),
+                        "rng": rng_state(), "history": history, **spec.payload_extra})
                 bar.update(1)
-                if it % 5 == 0 or it == spec.iterations - 1:
-                    bar.set_postfix(loss=f"{history[-1]['loss']:.4g}", img_s=f"{len(y) / max(t_step, 1e-9):.0f}")
+                if it % 5 == 0 or done == spec.iterations:
+                    bar.set_postfix(loss=f"{history[-1]['loss']:.4g}",
+                                    img_s=f"{spec.batch_size / max(t_step, 1e-9):.0f}")
     finally:
+        writer.close()
         for taps in (target_taps, source_taps):
             if taps is not None:
                 taps.close()
         target.requires_grad_(True)
+        reg.sum_scale = 1.0
+    ctx.barrier()  # rank 0's last checkpoint is on disk before anyone moves on
     return history
+
+
+class HistoryWriter:
+    """history.jsonl written as training goes (a killed run keeps what it did); rewritten from
+    the checkpoint's history on resume, so the file always matches the run."""
+
+    def __init__(self, path: Optional[Path], history: list):
+        self.f = None
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(path, "w")
+            for h in history:
+                self.f.write(json.dumps(h) + "\n")
+            self.f.flush()
+
+    def append(self, record: dict) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, progress: bool = True,
-             desc: str = "test") -> dict:
+             desc: str = "test", ctx: DistContext = DistContext()) -> dict:
     """Top-1 accuracy; for 10-crop batches (B, 10, C, H, W) also the centre-crop-only top-1
-    (TenCrop puts the centre crop at index 4) and the top-1 of softmax averaged over crops."""
+    (TenCrop puts the centre crop at index 4) and the top-1 of softmax averaged over crops.
+    Under torch.distributed each rank passes its shard and the counts are summed."""
     model.eval()
-    correct = correct_center = total = 0
-    ten_crop = False
-    with progress_bar(len(loader), desc, "batch", progress) as bar:
+    counts = torch.zeros(4, dtype=torch.float64)  # correct, correct centre crop, images, 10-crop batches
+    with progress_bar(len(loader), desc, "batch", progress and ctx.is_main) as bar:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             if x.dim() == 5:
-                ten_crop = True
                 b, k = x.shape[:2]
                 probs = F.softmax(model(x.flatten(0, 1)).float(), dim=1).view(b, k, -1)
-                correct += (probs.mean(1).argmax(1) == y).sum().item()
-                correct_center += (probs[:, 4].argmax(1) == y).sum().item()
+                counts += torch.tensor([(probs.mean(1).argmax(1) == y).sum().item(),
+                                        (probs[:, 4].argmax(1) == y).sum().item(), len(y), 1.0], dtype=torch.float64)
             else:
-                correct += (model(x).argmax(1) == y).sum().item()
-            total += len(y)
+                correct = (model(x).argmax(1) == y).sum().item()
+                counts += torch.tensor([correct, correct, len(y), 0.0], dtype=torch.float64)
             bar.update(1)
+    correct, correct_center, total, ten_crop = ctx.all_reduce_sum(counts).tolist()
     if total == 0:
         return {"top1": None, "images": 0}
     if ten_crop:
-        return {"top1": 100.0 * correct_center / total, "top1_10crop": 100.0 * correct / total, "images": total}
-    return {"top1": 100.0 * correct / total, "images": total}
+        return {"top1": 100.0 * correct_center / total, "top1_10crop": 100.0 * correct / total, "images": int(total)}
+    return {"top1": 100.0 * correct / total, "images": int(total)}

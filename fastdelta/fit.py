@@ -1,23 +1,30 @@
 """`fastdelta.fit` and `fastdelta.attention`: the library entry points."""
 from __future__ import annotations
 
-import math
+import copy
 import random
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import Subset
 
 from .attention import ChannelAttention, channel_loss_increase
+from .checkpoint import CheckpointError, load_latest
 from .data import resolve_data
-from .engine import NonFiniteLossError, TrainSpec, evaluate, make_loader, pick_device, train_loop
+from .distributed import DistContext, device_for, init_distributed
+from .engine import NonFiniteLossError, StartState, TrainSpec, evaluate, make_loader, train_loop
 from .models import Networks, build_networks, guess_arch
-from .regularizers import L2FE, make_regularizer, REGULARIZERS
+from .regularizers import L2FE, REGULARIZERS, make_regularizer
 from .result import FitResult
 from .settings import FitSettings, SettingsError, make_settings
+
+# settings that may differ between a run and its resumption (they do not change the result)
+RESUMABLE_DIFFERENCES = {"progress", "device", "num_workers", "eval_batch_size", "resume", "run_dir",
+                         "checkpoint_every", "attention", "extra"}
 
 
 def seed_everything(seed: int) -> None:
@@ -39,47 +46,46 @@ def _prepare(model, train_data, test_data, weights, settings: FitSettings):
     return s, data, nets
 
 
+def _context(s: FitSettings):
+    ctx = init_distributed(s.device) if s.distributed else DistContext()
+    if s.batch_size % ctx.world_size:
+        raise SettingsError(f"batch_size={s.batch_size} (global) is not divisible by the {ctx.world_size} ranks")
+    return ctx, device_for(ctx, s.device)
+
+
 def _model_info(nets: Networks) -> dict:
     return {"arch": nets.arch, "weights": nets.weights, "head": nets.head_name, "layers": nets.layers,
             "parameters": sum(p.numel() for p in nets.target.parameters())}
 
 
-def _train_head(nets: Networks, data, s: FitSettings, device, iterations: int, progress_desc: str) -> list:
-    """Algorithm 1's first loop: train only the new head on the frozen source extractor (L2-FE)."""
-    reg = L2FE(nets.target, nets.source, nets.head_name, nets.layers, s.alpha, s.beta, s.weight_decay)
-    loader = make_loader(data.train, s.batch_size, True, s.seed, s.num_workers, drop_last=True)
-    spec = TrainSpec(iterations, s.lr, s.momentum, "exp", max(1, round(iterations * 0.6)), 0.1, s.progress,
-                     progress_desc)
-    return train_loop(nets.target, nets.source, reg, loader, spec, device)
+def _shard(dataset, ctx: DistContext):
+    return dataset if not ctx.active else Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
 
 
-def _attention_batches(data, s: FitSettings, device) -> list:
-    n = len(data.train_eval) if s.attention_max_images is None else min(s.attention_max_images, len(data.train_eval))
-    subset = torch.utils.data.Subset(data.train_eval, range(n))
-    loader = make_loader(subset, min(s.eval_batch_size, n), False, s.seed, s.num_workers)
-    return [(x.to(device), y.to(device)) for x, y in loader]
-
-
-def compute_attention(nets: Networks, data, s: FitSettings, device, log=print) -> ChannelAttention:
-    """Algorithm 1 on a copy of the target: train the L2-FE head, then the per-channel loss increases."""
+def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistContext = DistContext(),
+                      log=print) -> ChannelAttention:
+    """Algorithm 1 on a copy of the target: train the L2-FE head (identically on every rank), then
+    sum each channel's loss increase over the images (split across ranks, sums all-reduced)."""
     t0 = time.perf_counter()
-    fe = Networks(nets.source, _copy(nets.target), nets.arch, nets.head_name, nets.layers, nets.weights)
+    fe = Networks(nets.source, copy.deepcopy(nets.target), nets.arch, nets.head_name, nets.layers, nets.weights)
     head_iters = max(1, s.attention_head_epochs * max(1, len(data.train) // s.batch_size))
-    head_history = _train_head(fe, data, s, device, head_iters, "attention: L2-FE head")
+    reg = L2FE(fe.target, fe.source, fe.head_name, fe.layers, s.alpha, s.beta, s.weight_decay)
+    spec = TrainSpec(head_iters, s.lr, s.momentum, s.batch_size, s.seed, "exp", max(1, round(head_iters * 0.6)),
+                     0.1, s.num_workers, s.progress and ctx.is_main, "attention: L2-FE head")
+    head_history = train_loop(fe.target, fe.source, reg, data.train, spec, device)
     t_head = time.perf_counter() - t0
-    batches = _attention_batches(data, s, device)
-    raws, impl, per_layer = channel_loss_increase(fe.target, nets.layers, batches, s.attention_impl, s.progress, log)
-    images = sum(len(y) for _, y in batches)
-    return ChannelAttention(list(nets.layers), raws, s.attention_temperature, images, impl,
+    n = len(data.train_eval) if s.attention_max_images is None else min(s.attention_max_images, len(data.train_eval))
+    images = _shard(Subset(data.train_eval, range(n)), ctx)
+    loader = make_loader(images, max(1, min(s.eval_batch_size, len(images))), False, s.seed, s.num_workers)
+    batches = [(x.to(device), y.to(device)) for x, y in loader]
+    raws, impl, per_layer = channel_loss_increase(fe.target, nets.layers, batches, s.attention_impl,
+                                                  s.progress and ctx.is_main, log)
+    raws = [ctx.all_reduce_sum(r) for r in raws]
+    return ChannelAttention(list(nets.layers), raws, s.attention_temperature, n, impl,
                             {"head_training": round(t_head, 3), **{f"layer:{k}": v for k, v in per_layer.items()},
                              "total": round(time.perf_counter() - t0, 3)},
                             {"iterations": head_iters, "lr": s.lr, "schedule": "exp to 0.1x at 60%",
                              "final_ce": head_history[-1]["ce"]})
-
-
-def _copy(module: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(module)
 
 
 def _load_attention(given, nets: Networks, s: FitSettings) -> ChannelAttention:
@@ -89,61 +95,99 @@ def _load_attention(given, nets: Networks, s: FitSettings) -> ChannelAttention:
     return att
 
 
+def _identity(s: FitSettings, nets: Networks, data, world_size: int) -> dict:
+    """What a checkpoint must agree with to be resumed: every result-changing setting, model, data."""
+    settings = {k: v for k, v in s.to_dict().items() if k not in RESUMABLE_DIFFERENCES}
+    return {"settings": settings, "model": _model_info(nets), "data": data.description, "world_size": world_size}
+
+
+def _check_identity(saved: dict, current: dict, run_dir) -> None:
+    diffs = []
+    for part in ("settings", "model", "data"):
+        a, b = saved.get(part, {}), current.get(part, {})
+        diffs += [f"{part}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                  if a.get(k) != b.get(k)]
+    if diffs:
+        raise SettingsError(f"cannot resume {run_dir}: the run was made with other settings: " + "; ".join(diffs[:6]))
+
+
+def _resume_state(s: FitSettings, nets: Networks, identity: dict):
+    ckpt = load_latest(Path(s.run_dir) / "checkpoints")
+    if ckpt is None:
+        raise CheckpointError(f"resume: no checkpoint in {Path(s.run_dir) / 'checkpoints'}")
+    _check_identity(ckpt["identity"], identity, s.run_dir)
+    nets.target.load_state_dict(ckpt["model"])
+    att = None
+    if ckpt.get("attention") is not None:
+        att = ChannelAttention.from_dict(ckpt["attention"])
+    return StartState(ckpt["iteration"], ckpt["history"], ckpt["optimizer"], ckpt["rng"]), att
+
+
 def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", weights=None, **settings) -> FitResult:
     """Fine-tune `model` on `train` with one of the paper's methods and evaluate on `test`.
 
     model: torchvision/timm name or nn.Module; weights: state-dict path, "imagenet" (EfficientNet-Lite0,
     shipped), or None/"random" (warned). train/test: ImageFolder root, torch Dataset or (images, labels).
     Settings: see FitSettings. Raises NonFiniteLossError (with .partial_result) if a loss term diverges.
+    Under torchrun with distributed=True every rank returns the result; only rank 0 writes files.
     """
     s, data, nets = _prepare(model, train, test, weights, make_settings(method, **settings))
-    device = pick_device(s.device)
+    ctx, device = _context(s)
     nets.source.to(device)
     nets.target.to(device)
     timings = {}
     t_all = time.perf_counter()
-    reg_cls = REGULARIZERS[s.method]
-    attention = None
-    if reg_cls.uses_attention:
+    identity = _identity(s, nets, data, ctx.world_size)
+    start, attention = (_resume_state(s, nets, identity) if s.resume else (StartState(), None))
+    if attention is None and REGULARIZERS[s.method].uses_attention:
         attention = (_load_attention(s.attention, nets, s) if s.attention is not None
-                     else compute_attention(nets, data, s, device))
+                     else compute_attention(nets, data, s, device, ctx))
         timings["attention"] = attention.timings.get("total", 0.0)
     reg = make_regularizer(s.method, nets.target, nets.source, nets.head_name, nets.layers, s.alpha, s.beta,
                            s.weight_decay, s.feature_relu, None if attention is None else attention.weights)
-    loader = make_loader(data.train, s.batch_size, True, s.seed, s.num_workers, drop_last=True,
-                         pin_memory=device.type == "cuda")
-    spec = TrainSpec(s.iterations, s.lr, s.momentum, s.lr_schedule, s.lr_step, s.lr_gamma, s.progress,
-                     f"train {s.method}")
-    settings_record = {**s.to_dict(), "device_used": str(device)}
+    run_dir = Path(s.run_dir) if s.run_dir is not None else None
+    spec = TrainSpec(s.iterations, s.lr, s.momentum, s.batch_size, s.seed, s.lr_schedule, s.lr_step, s.lr_gamma,
+                     s.num_workers, s.progress, f"train {s.method}",
+                     checkpoint_dir=None if run_dir is None else run_dir / "checkpoints",
+                     checkpoint_every=s.checkpoint_every,
+                     history_path=None if run_dir is None else run_dir / "history.jsonl",
+                     payload_extra={"identity": identity,
+                                    "attention": None if attention is None else attention.to_dict()})
+    settings_record = {**s.to_dict(), "device_used": str(device), "world_size": ctx.world_size,
+                       "resumed_from_iteration": start.iteration if s.resume else None}
     data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped]}
     info = _model_info(nets)
     t0 = time.perf_counter()
     try:
-        history = train_loop(nets.target, nets.source, reg, loader, spec, device)
+        history = train_loop(nets.target, nets.source, reg, data.train, spec, device, ctx, start)
     except NonFiniteLossError as e:
         timings["train"] = round(time.perf_counter() - t0, 3)
         e.partial_result = FitResult(nets.target, s.method, settings_record, info, data_record, e.history,
                                      {}, attention, timings, f"diverged: {e}")
         raise
     timings["train"] = round(time.perf_counter() - t0, 3)
-    if history:
-        timings["first_step"] = history[0]["step_s"]
-        timings["img_per_s"] = round(s.batch_size * len(history) / max(timings["train"], 1e-9), 2)
+    ran = len(history) - start.iteration
+    if ran:
+        timings["first_step"] = history[start.iteration]["step_s"]
+        timings["img_per_s"] = round(s.batch_size * ran / max(timings["train"], 1e-9), 2)
     test_metrics = {}
     if data.test is not None:
         t0 = time.perf_counter()
-        test_loader = make_loader(data.test, s.eval_batch_size, False, s.seed, s.num_workers)
-        test_metrics = evaluate(nets.target, test_loader, device, s.progress, f"test {s.method}")
+        test_loader = make_loader(_shard(data.test, ctx), s.eval_batch_size, False, s.seed, s.num_workers)
+        test_metrics = evaluate(nets.target, test_loader, device, s.progress, f"test {s.method}", ctx)
         timings["test"] = round(time.perf_counter() - t0, 3)
     timings["total"] = round(time.perf_counter() - t_all, 3)
-    return FitResult(nets.target, s.method, settings_record, info, data_record, history, test_metrics,
-                     attention, timings)
+    result = FitResult(nets.target, s.method, settings_record, info, data_record, history, test_metrics,
+                       attention, timings)
+    if run_dir is not None and ctx.is_main:
+        result.save(run_dir)
+    return result
 
 
 def attention(model: Union[str, nn.Module], train, weights=None, **settings) -> ChannelAttention:
     """Only the channel attention (Algorithm 1) for `model` on `train`."""
     s, data, nets = _prepare(model, train, None, weights, make_settings("delta", **settings))
-    device = pick_device(s.device)
+    ctx, device = _context(s)
     nets.source.to(device)
     nets.target.to(device)
-    return compute_attention(nets, data, s, device)
+    return compute_attention(nets, data, s, device, ctx)

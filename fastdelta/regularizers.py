@@ -61,6 +61,7 @@ class Regularizer:
     uses_source_features = False
     uses_attention = False
     freezes_extractor = False
+    sum_scale = 1.0  # per-batch sums x world size under DDP, so averaged gradients match one process
 
     def __init__(self, target: nn.Module, source: nn.Module, head_name: str, layers: Sequence[str],
                  alpha: float, beta: float, weight_decay: float, feature_relu: bool = True,
@@ -162,7 +163,7 @@ class Delta(Regularizer):
         total = self.zero()
         for t, s, scale in zip(target_feats, source_feats, channel_scales(self.weights(), target_feats)):
             total = total + feature_map_distance(t, s, scale, self.feature_relu)
-        return Terms(self.alpha * total, 0.5 * self.beta * squared_norm(self.head_params))
+        return Terms(self.alpha * self.sum_scale * total, 0.5 * self.beta * squared_norm(self.head_params))
 
 
 class DeltaNoAtt(Delta):

@@ -50,6 +50,10 @@ class FitSettings:
     eval_batch_size: int = 256
     strict_data: bool = False      # a bad image file is fatal instead of skipped
     progress: bool = True
+    distributed: bool = False      # under torchrun: DDP over all ranks, batch_size and lr are global
+    run_dir: Optional[str] = None  # checkpoints (run_dir/checkpoints) and a streamed history.jsonl
+    checkpoint_every: int = 500    # iterations between checkpoints (and one at the end), with run_dir
+    resume: bool = False           # continue from run_dir's latest valid checkpoint
     extra: dict = field(default_factory=dict)  # free-form notes recorded with the result
 
     def resolved(self, arch: str | None = None) -> "FitSettings":
@@ -88,6 +92,10 @@ class FitSettings:
             raise SettingsError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
         if not (self.attention_temperature > 0):
             raise SettingsError(f"attention_temperature={self.attention_temperature!r}: must be > 0")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise SettingsError(f"checkpoint_every={self.checkpoint_every!r}: must be an integer >= 0")
+        if self.resume and self.run_dir is None:
+            raise SettingsError("resume=True needs run_dir (the folder of the run to continue)")
         if self.attention_max_images is not None and self.attention_max_images < 1:
             raise SettingsError(f"attention_max_images={self.attention_max_images!r}: must be >= 1 or None")
         if self.resize is not None and self.crop is not None and self.crop > self.resize:

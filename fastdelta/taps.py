@@ -14,8 +14,9 @@ import torch.nn as nn
 class FeatureTaps:
     """`taps(x) -> (logits, [feature maps in layer order])` for a model and layer names."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[str]):
+    def __init__(self, model: nn.Module, layers: Sequence[str], forward=None):
         self.model = model
+        self.forward = forward if forward is not None else model  # e.g. a DDP wrapper of `model`
         self.layers = list(layers)
         self._store: dict = {}
         self._handles = [model.get_submodule(name).register_forward_hook(self._hook(name)) for name in self.layers]
@@ -30,7 +31,7 @@ class FeatureTaps:
 
     def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         self._store = {}
-        logits = self.model(x)
+        logits = self.forward(x)
         feats = [self._store[name] for name in self.layers]
         self._store = {}
         return logits, feats

@@ -3,14 +3,18 @@ import torch
 import torch.nn as nn
 
 
+def _norm(c, bn):
+    return nn.BatchNorm2d(c) if bn else nn.Identity()
+
+
 class Block(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, bn=True):
         super().__init__()
         self.conv_a = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn_a = nn.BatchNorm2d(c)
+        self.bn_a = _norm(c, bn)
         self.relu = nn.ReLU(inplace=True)
         self.conv_b = nn.Conv2d(c, c, 3, padding=1, bias=True)
-        self.bn_b = nn.BatchNorm2d(c)
+        self.bn_b = _norm(c, bn)
 
     def forward(self, x):
         out = self.relu(self.bn_a(self.conv_a(x)))
@@ -20,14 +24,14 @@ class Block(nn.Module):
 
 
 class TinyNet(nn.Module):
-    def __init__(self, num_classes=5, width=8):
+    def __init__(self, num_classes=5, width=8, bn=True):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, stride=2, padding=1, bias=True)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = _norm(width, bn)
         self.relu = nn.ReLU(inplace=True)
-        self.block = Block(width)
+        self.block = Block(width, bn)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.bn2 = _norm(2 * width, bn)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * width, num_classes)
 
@@ -41,9 +45,10 @@ class TinyNet(nn.Module):
 TINY_LAYERS = ["block.conv_b", "conv2"]
 
 
-def tiny_net(seed=0, num_classes=5):
+def tiny_net(seed=0, num_classes=5, bn=True):
+    """bn=False: no batch statistics, so DDP over R ranks can match one process exactly."""
     torch.manual_seed(seed)
-    net = TinyNet(num_classes)
+    net = TinyNet(num_classes, bn=bn)
     # non-trivial BN statistics so eval mode differs from identity
     with torch.no_grad():
         for m in net.modules():

@@ -1,0 +1,57 @@
+"""torch.distributed glue: rank/world from torchrun's environment, and the few collectives used.
+
+The engine is torch's own (DDP for gradients, all_reduce for metrics and attention sums);
+with world size 1 every helper here is a no-op, so single-process code paths are unchanged.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group torchrun (or the caller) set up through RANK/WORLD_SIZE/MASTER_*.
+
+    NCCL on GPUs, gloo on CPUs; multi-node works through torchrun's rendezvous unchanged."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("distributed=True needs torchrun (or RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)")
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local)
+
+
+def device_for(ctx: DistContext, device: str) -> torch.device:
+    if device == "auto":
+        return torch.device(f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
