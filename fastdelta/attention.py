@@ -9,15 +9,22 @@ Removing filter j equals zeroing output channel j of the tapped layer (its bias 
 tapped output is masked and no weight is mutated. The normalised weights are, per layer (public
 code), W = softmax(zscore(raw) / T).
 
-Two exact implementations share one interface (`loss_increase(model, layer, batches)`):
-- "masked_forward": one full forward per channel and batch (the literal algorithm);
-- "prefix": the network is traced with torch.fx, everything that does not depend on the tapped
-  layer is computed once per batch, and only the part after the tap is re-run per channel.
+Implementations (`channel_loss_increase(..., impl=...)`), each per layer and batch:
+- "masked_forward": one full forward per channel (the literal algorithm);
+- "prefix" (default, exact): the network is traced with torch.fx and everything that does not
+  depend on the tapped layer is computed once per batch; then either
+  * closed form, when the suffix is channel-separable up to a global average pool (e.g. ResNet's
+    last conv -> bn -> +identity -> relu -> avgpool -> fc): pooled channel j with tap channel j
+    zeroed equals pooled channel j with the whole tap zeroed, so two suffix passes give every
+    channel's pooled features, and only the head runs per channel; or
+  * K masked copies of the tap stacked into one suffix pass (K from free memory);
+- "first_order" (an estimate, not exact): -sum(a_j * dL/da_j) from one forward + backward.
 """
 from __future__ import annotations
 
 import copy
 import json
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -45,7 +52,7 @@ class ChannelAttention:
     raw: List[torch.Tensor]        # per layer: summed loss increase per channel (float64)
     temperature: float = 5.0
     images: int = 0
-    impl: str = ""
+    impl: object = ""             # what ran, per layer (closed_form / prefix_batched / masked_forward / first_order)
     timings: Dict[str, float] = field(default_factory=dict)
     head: Dict[str, float] = field(default_factory=dict)  # how the L2-FE head was trained
 
@@ -169,9 +176,10 @@ class PrefixReuse:
         missing = [l for l in layers if l not in self.tap_nodes]
         if missing:
             raise NotImplementedError(f"layers {missing} are not single nodes of the traced graph")
-        self.needed, self.suffix = {}, {}
+        self.needed, self.suffix, self.separable = {}, {}, {}
         for layer, tap in self.tap_nodes.items():
             self.needed[layer], self.suffix[layer] = self._split_at(tap)
+            self.separable[layer] = channel_separable_split(self.suffix[layer])
 
     def _split_at(self, tap: fx.Node):
         """(prefix values the suffix reads, GraphModule of everything that depends on the tap).
@@ -208,30 +216,207 @@ class PrefixReuse:
         return self.suffix[layer](tap_value, *[env[n] for n in self.needed[layer]])
 
 
+def masked_copies(tap: torch.Tensor, channels: Sequence[int]) -> torch.Tensor:
+    """(K*B, C, H, W): K copies of the batch's tap, copy k with channel channels[k] zeroed."""
+    k = len(channels)
+    out = tap.unsqueeze(0).repeat(k, *([1] * tap.dim()))
+    out[torch.arange(k), :, torch.as_tensor(channels)] = 0
+    out = out.flatten(0, 1)
+    return out.contiguous(memory_format=torch.channels_last) if out.is_cuda and out.dim() == 4 else out
+
+
+def _repeat_batch(value, k: int, batch: int):
+    """A prefix value read by the suffix, repeated for K stacked copies (batch-first tensors only)."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+        return value.repeat(k, *([1] * (value.dim() - 1)))
+    return value
+
+
+def auto_chunk(tap: torch.Tensor, channels: int, budget_bytes: Optional[int] = None) -> int:
+    """How many masked copies to stack per suffix pass: a quarter of free GPU memory (1 GiB on the
+    CPU) over ~8x the tap's bytes per copy (the suffix's activations), at most 256."""
+    if budget_bytes is None:
+        budget_bytes = torch.cuda.mem_get_info(tap.device)[0] // 4 if tap.is_cuda else 2 ** 30
+    per_copy = 8 * tap.numel() * tap.element_size()
+    return int(max(1, min(channels, 256, budget_bytes // max(per_copy, 1))))
+
+
+# ---------------------------------------------------------------- closed form (channel-separable suffix)
+
+# Modules and functions that act on each channel separately (elementwise, per-channel affine, or
+# per-channel spatial averaging); shape checks (getattr/eq/_assert) carry no data.
+_PER_CHANNEL_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid, nn.Tanh,
+                        nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Flatten)
+_PER_CHANNEL_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.relu, F.relu, F.relu6,
+                          F.silu, F.hardswish, torch.sigmoid, torch.flatten, F.dropout}
+_SHAPE_ONLY_FUNCTIONS = {getattr, operator.eq, operator.getitem, torch._assert}
+
+
+def _is_global_pool(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        return node.args[1] in (1, (1, 1)) if len(node.args) > 1 else node.kwargs.get("output_size") in (1, (1, 1))
+    if node.op == "call_method" and node.target == "mean":
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return tuple(dims) in ((2, 3), (-2, -1), (-1, -2), (3, 2)) if isinstance(dims, (tuple, list)) else False
+    return False
+
+
+def _is_per_channel(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _PER_CHANNEL_MODULES)
+    if node.op == "call_function":
+        if node.target is F.batch_norm:  # eval-mode BN: a per-channel affine map
+            training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+            return training is False
+        return node.target in _PER_CHANNEL_FUNCTIONS or node.target in _SHAPE_ONLY_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ("relu", "flatten", "sigmoid", "size", "dim")
+    return node.op in ("placeholder", "get_attr")
+
+
+def channel_separable_split(suffix: fx.GraphModule):
+    """(to_pool, head) GraphModules when the suffix is per-channel up to a global average pool,
+    else None. to_pool(tap, *needed) -> pooled (B, C, 1, 1); head(pooled) -> network output."""
+    modules = dict(suffix.named_modules())
+    nodes = list(suffix.graph.nodes)
+    pool = None
+    for node in nodes:
+        if _is_global_pool(node, modules):
+            pool = node
+            break
+        if not _is_per_channel(node, modules):
+            return None
+    if pool is None:
+        return None
+    after = nodes[nodes.index(pool) + 1:]
+    allowed = set(after) | {pool} | {n for n in nodes if n.op == "get_attr"}
+    for node in after:  # the head may read only the pooled values and parameters
+        if any(isinstance(a, fx.Node) and a not in allowed for a in node.all_input_nodes):
+            return None
+    to_pool = fx.Graph()
+    env = {}
+    for node in nodes[:nodes.index(pool) + 1]:
+        env[node] = to_pool.node_copy(node, lambda a: env[a])
+    to_pool.output(env[pool])
+    head = fx.Graph()
+    env = {pool: head.placeholder("pooled")}
+    for node in nodes:
+        if node.op == "get_attr" and any(u in after for u in node.users):
+            env[node] = head.node_copy(node, lambda a: env[a])
+    for node in after:
+        env[node] = head.node_copy(node, lambda a: env[a])
+    return fx.GraphModule(suffix, to_pool), fx.GraphModule(suffix, head)
+
+
 @torch.no_grad()
-def loss_increase_prefix(reuse: PrefixReuse, layer: str, batches: Sequence, progress=None) -> torch.Tensor:
+def loss_increase_closed_form(reuse: "PrefixReuse", layer: str, batches: Sequence, progress=None,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """raw_j from one pass per batch when the suffix is channel-separable up to global pooling:
+    zeroing tap channel j changes only pooled channel j, to its value with the whole tap zeroed."""
+    to_pool, head = reuse.separable[layer]
     raw = None
     for x, y in batches:
-        logits, env = reuse.full_run(x)
-        base = per_sample_loss(logits, y)
-        tap = env[reuse.tap_nodes[layer]]
-        raw = torch.zeros(tap.shape[1], dtype=torch.float64) if raw is None else raw
-        for j in range(tap.shape[1]):
-            masked = tap.clone()
-            masked[:, j] = 0
-            raw[j] += (per_sample_loss(reuse.suffix_run(layer, env, masked), y) - base).sum().cpu()
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits, env = reuse.full_run(x)
+            base = per_sample_loss(logits, y)
+            tap = env[reuse.tap_nodes[layer]]
+            needed = [env[n] for n in reuse.needed[layer]]
+            pooled = to_pool(tap, *needed)
+            pooled_zero = to_pool(torch.zeros_like(tap), *needed)
+            b, c = pooled.shape[:2]
+            raw = torch.zeros(c, dtype=torch.float64) if raw is None else raw
+            step = max(1, min(c, 2 ** 24 // max(1, pooled.numel())))
+            for start in range(0, c, step):
+                channels = torch.arange(start, min(c, start + step), device=pooled.device)
+                k = len(channels)
+                masked = pooled.unsqueeze(0).repeat(k, *([1] * pooled.dim()))
+                masked[torch.arange(k), :, channels] = pooled_zero[:, channels].movedim(1, 0)
+                increase = per_sample_loss(head(masked.flatten(0, 1)), y.repeat(k)).view(k, b) - base
+                raw[channels.cpu()] += increase.sum(1).cpu()
             if progress is not None:
-                progress.update(1)
+                progress.update(c)
         del env
     return raw
+
+
+@torch.no_grad()
+def loss_increase_prefix(reuse: PrefixReuse, layer: str, batches: Sequence, progress=None,
+                         chunk: Optional[int] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """raw_j with the prefix computed once per batch and K masked copies per suffix pass."""
+    raw = None
+    for x, y in batches:
+        device_type = x.device.type
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            logits, env = reuse.full_run(x)
+            base = per_sample_loss(logits, y)
+            tap = env[reuse.tap_nodes[layer]]
+            c, b = tap.shape[1], tap.shape[0]
+            raw = torch.zeros(c, dtype=torch.float64) if raw is None else raw
+            k_max = chunk or auto_chunk(tap, c)
+            # in reduced precision, the reference loss comes from an unmasked copy in the same pass,
+            # so that both sides of each difference see the same kernels and rounding
+            with_ref = dtype != torch.float32
+            for start in range(0, c, k_max):
+                channels = list(range(start, min(c, start + k_max)))
+                k = len(channels) + with_ref
+                copies = masked_copies(tap, ([-1] if with_ref else []) + channels)
+                if with_ref:
+                    copies[:b] = tap
+                needed = [_repeat_batch(env[n], k, b) for n in reuse.needed[layer]]
+                losses = per_sample_loss(reuse.suffix[layer](copies, *needed), y.repeat(k)).view(k, b)
+                increase = losses[1:] - losses[:1] if with_ref else losses - base
+                raw[channels] += increase.sum(1).cpu()
+                if progress is not None:
+                    progress.update(k)
+        del env
+    return raw
+
+
+# ---------------------------------------------------------------- first-order estimator
+
+def loss_increase_first_order(model: nn.Module, layers: Sequence[str], batches: Sequence) -> List[torch.Tensor]:
+    """Taylor estimate of every layer's raw_j from one forward + backward per batch:
+    L(a with a_j = 0) - L(a) ~= -sum over images and positions of a_j * dL/da_j."""
+    store = {}
+    handles = [model.get_submodule(l).register_forward_hook(lambda m, i, o, l=l: store.__setitem__(l, o))
+               for l in layers]
+    raws = [None] * len(layers)
+    try:
+        for x, y in batches:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)  # a graph through the taps without parameter grads
+                loss = per_sample_loss(model(x), y).sum()
+                acts = [store[l] for l in layers]
+                grads = torch.autograd.grad(loss, acts)
+            for i, (a, g) in enumerate(zip(acts, grads)):
+                est = -(a.detach().double() * g.double()).sum(dim=(0, 2, 3)).cpu()
+                raws[i] = est if raws[i] is None else raws[i] + est
+            store.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return raws
 
 
 # ---------------------------------------------------------------- driver
 
 def channel_loss_increase(model: nn.Module, layers: Sequence[str], batches: Sequence, impl: str = "prefix",
-                          show_progress: bool = True, log: Callable[[str], None] = print) -> tuple:
-    """Raw loss-increase vectors for every layer, the implementation that ran, and per-layer seconds."""
+                          show_progress: bool = True, log: Callable[[str], None] = print,
+                          chunk: Optional[int] = None, dtype: torch.dtype = torch.float32) -> tuple:
+    """Raw loss-increase vectors for every layer, what ran (per layer), and per-layer seconds.
+
+    impl "prefix" (exact): closed form where the suffix is channel-separable, else K masked copies
+    per suffix pass; "masked_forward" (exact, literal): one full forward per channel;
+    "first_order": the Taylor estimate (not exact)."""
     model = model.eval()
+    if impl == "first_order":
+        t0 = time.perf_counter()
+        raws = loss_increase_first_order(model, layers, batches)
+        seconds = round(time.perf_counter() - t0, 3)
+        return raws, {l: "first_order" for l in layers}, {"all layers": seconds}
     reuse = None
     if impl == "prefix":
         try:
@@ -239,16 +424,20 @@ def channel_loss_increase(model: nn.Module, layers: Sequence[str], batches: Sequ
         except Exception as e:  # an untraceable network still gets the exact literal algorithm
             log(f"attention: torch.fx tracing failed ({type(e).__name__}: {str(e)[:120]}); "
                 "using one full forward per channel")
-            impl = "masked_forward"
-    raws, seconds = [], {}
+    raws, ran, seconds = [], {}, {}
     for layer in layers:
         channels = _channels_of(model, layer, batches[0][0])
         t0 = time.perf_counter()
         with progress_bar(total=channels * len(batches), desc=f"attention {layer}", unit="ch·batch",
                           enabled=show_progress) as bar:
-            if reuse is not None:
-                raws.append(loss_increase_prefix(reuse, layer, batches, bar))
+            if reuse is not None and reuse.separable[layer] is not None:
+                ran[layer] = "closed_form"
+                raws.append(loss_increase_closed_form(reuse, layer, batches, bar, dtype))
+            elif reuse is not None:
+                ran[layer] = "prefix_batched"
+                raws.append(loss_increase_prefix(reuse, layer, batches, bar, chunk, dtype))
             else:
+                ran[layer] = "masked_forward"
                 raws.append(loss_increase_masked_forward(model, layer, batches, bar))
         seconds[layer] = round(time.perf_counter() - t0, 3)
-    return raws, impl, seconds
+    return raws, ran, seconds

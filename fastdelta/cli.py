@@ -32,7 +32,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="regularise raw tap outputs (public code) instead of ReLU feature maps (paper)")
     p.add_argument("--temperature", type=float, default=5.0, help="attention softmax temperature")
     p.add_argument("--attention-max-images", type=int, default=None, help="default: all training images")
-    p.add_argument("--attention-impl", choices=["prefix", "masked_forward"], default="prefix")
+    p.add_argument("--attention-impl", choices=["prefix", "masked_forward", "first_order"], default="prefix",
+                   help="exact: prefix (default, fast) or masked_forward (literal); first_order: Taylor estimate")
+    p.add_argument("--attention-dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--attention-cache", default="auto",
+                   help="attention cache folder ('auto': $FASTDELTA_CACHE or ~/.cache/fastdelta, 'off': none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)
@@ -45,7 +49,8 @@ def _settings(a) -> dict:
     return dict(weights=a.weights, layers=a.layers, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
                 resize=a.resize, crop=a.crop, augmentation=a.augmentation, feature_relu=not a.raw_features,
                 attention_temperature=a.temperature, attention_max_images=a.attention_max_images,
-                attention_impl=a.attention_impl, seed=a.seed, device=a.device, num_workers=a.workers,
+                attention_impl=a.attention_impl, attention_dtype=a.attention_dtype,
+                attention_cache=None if a.attention_cache == "off" else a.attention_cache, seed=a.seed, device=a.device, num_workers=a.workers,
                 strict_data=a.strict_data, progress=not a.no_progress)
 
 
@@ -92,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-sp", type=float, default=0.01, help="alpha of l2_sp / l2_sp_att")
     p.add_argument("--beta", type=float, default=0.01)
     p.add_argument("--head-epochs", type=int, default=10)
+    p.add_argument("--attention-impl", choices=["prefix", "masked_forward", "first_order"], default="prefix")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="fastdelta-demo")
     p.add_argument("--no-progress", action="store_true")
@@ -144,7 +150,8 @@ def main(argv=None) -> int:
                 raise fastdelta.SettingsError(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
             run_demo(DemoConfig(args.methods, args.per_class, args.test_images, args.image_size, args.iterations,
                                 args.batch_size, args.lr, args.alpha_feature, args.alpha_sp, args.beta,
-                                args.head_epochs, args.seed, args.out, not args.no_progress))
+                                args.head_epochs, args.seed, args.out, not args.no_progress,
+                                args.attention_impl))
     except NonFiniteLossError as e:
         if e.partial_result is not None and args.command == "fit" and _is_main():
             e.partial_result.save(args.out)

@@ -35,6 +35,7 @@ class DemoConfig:
     seed: int = 0
     out: str = "fastdelta-demo"
     progress: bool = True
+    attention_impl: str = "prefix"    # "first_order" for the Taylor estimate
 
 
 def _alpha(cfg: DemoConfig, method: str) -> float:
@@ -59,7 +60,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     resize = round(cfg.image_size * 256 / 224)
     common = dict(weights="imagenet", batch_size=cfg.batch_size, iterations=cfg.iterations, lr=cfg.lr,
                   beta=cfg.beta, resize=resize, crop=cfg.image_size, seed=cfg.seed, progress=cfg.progress,
-                  attention_head_epochs=cfg.attention_head_epochs)
+                  attention_head_epochs=cfg.attention_head_epochs, attention_impl=cfg.attention_impl)
     train, test = (x_tr, y_tr), (x_te, y_te)
     log(f"fastdelta demo: ImageNet {DEMO_MODEL} -> Fashion-MNIST, {len(y_tr)} training images "
         f"({cfg.per_class}/class), {len(y_te)} test images, {cfg.image_size}x{cfg.image_size}, "
@@ -69,7 +70,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     if any(m in ("delta", "l2_sp_att") for m in cfg.methods):
         t0 = time.perf_counter()
         att = fastdelta.attention(DEMO_MODEL, train, **common)
-        log(f"channel attention from {att.images} training images ({att.impl}) in {time.perf_counter() - t0:.1f} s")
+        how = ", ".join(f"{l}: {r}" for l, r in att.impl.items()) if isinstance(att.impl, dict) else att.impl
+        log(f"channel attention from {att.images} training images in {time.perf_counter() - t0:.1f} s ({how})")
         att.save(out / "channel_attention.json")
     rows = []
     for method in cfg.methods:

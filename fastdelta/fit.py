@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from .attention import ChannelAttention, channel_loss_increase
+from .attention_cache import attention_key, cache_dir, load_cached, store
 from .checkpoint import CheckpointError, load_latest
 from .data import resolve_data
 from .distributed import DistContext, device_for, init_distributed
@@ -22,9 +23,10 @@ from .regularizers import L2FE, REGULARIZERS, make_regularizer
 from .result import FitResult
 from .settings import FitSettings, SettingsError, make_settings
 
-# settings that may differ between a run and its resumption (they do not change the result)
+# settings that may differ between a run and its resumption: they do not change the result (the
+# global batches are the same on any number of ranks, so a DDP run may resume on one process)
 RESUMABLE_DIFFERENCES = {"progress", "device", "num_workers", "eval_batch_size", "resume", "run_dir",
-                         "checkpoint_every", "attention", "extra"}
+                         "checkpoint_every", "attention", "extra", "distributed"}
 
 
 def seed_everything(seed: int) -> None:
@@ -65,8 +67,22 @@ def _shard(dataset, ctx: DistContext):
 def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistContext = DistContext(),
                       log=print) -> ChannelAttention:
     """Algorithm 1 on a copy of the target: train the L2-FE head (identically on every rank), then
-    sum each channel's loss increase over the images (split across ranks, sums all-reduced)."""
+    sum each channel's loss increase over the images (split across ranks, sums all-reduced).
+    A result cached for the same weights, images and settings is read instead (single process)."""
     t0 = time.perf_counter()
+    n = len(data.train_eval) if s.attention_max_images is None else min(s.attention_max_images, len(data.train_eval))
+    images = _shard(Subset(data.train_eval, range(n)), ctx)
+    loader = make_loader(images, max(1, min(s.eval_batch_size, len(images))), False, s.seed, s.num_workers)
+    batches = list(loader)
+    cache = None if ctx.active else cache_dir(s.attention_cache)
+    key = None
+    if cache is not None:
+        key = attention_key(nets.target, batches, {**s.to_dict(), "layers": nets.layers,
+                                                   "num_classes": len(data.classes)})
+        cached = load_cached(cache, key)
+        if cached is not None:
+            cached.timings = {**cached.timings, "cache_hit": True, "total": round(time.perf_counter() - t0, 3)}
+            return cached
     fe = Networks(nets.source, copy.deepcopy(nets.target), nets.arch, nets.head_name, nets.layers, nets.weights)
     head_iters = max(1, s.attention_head_epochs * max(1, len(data.train) // s.batch_size))
     reg = L2FE(fe.target, fe.source, fe.head_name, fe.layers, s.alpha, s.beta, s.weight_decay)
@@ -74,18 +90,19 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
                      0.1, s.num_workers, s.progress and ctx.is_main, "attention: L2-FE head")
     head_history = train_loop(fe.target, fe.source, reg, data.train, spec, device)
     t_head = time.perf_counter() - t0
-    n = len(data.train_eval) if s.attention_max_images is None else min(s.attention_max_images, len(data.train_eval))
-    images = _shard(Subset(data.train_eval, range(n)), ctx)
-    loader = make_loader(images, max(1, min(s.eval_batch_size, len(images))), False, s.seed, s.num_workers)
-    batches = [(x.to(device), y.to(device)) for x, y in loader]
-    raws, impl, per_layer = channel_loss_increase(fe.target, nets.layers, batches, s.attention_impl,
-                                                  s.progress and ctx.is_main, log)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    dtype = torch.bfloat16 if s.attention_dtype == "bf16" else torch.float32
+    raws, ran, per_layer = channel_loss_increase(fe.target, nets.layers, batches, s.attention_impl,
+                                                 s.progress and ctx.is_main, log, s.attention_chunk, dtype)
     raws = [ctx.all_reduce_sum(r) for r in raws]
-    return ChannelAttention(list(nets.layers), raws, s.attention_temperature, n, impl,
-                            {"head_training": round(t_head, 3), **{f"layer:{k}": v for k, v in per_layer.items()},
-                             "total": round(time.perf_counter() - t0, 3)},
-                            {"iterations": head_iters, "lr": s.lr, "schedule": "exp to 0.1x at 60%",
-                             "final_ce": head_history[-1]["ce"]})
+    att = ChannelAttention(list(nets.layers), raws, s.attention_temperature, n, ran,
+                           {"head_training": round(t_head, 3), **{f"layer:{k}": v for k, v in per_layer.items()},
+                            "total": round(time.perf_counter() - t0, 3)},
+                           {"iterations": head_iters, "lr": s.lr, "schedule": "exp to 0.1x at 60%",
+                            "final_ce": head_history[-1]["ce"]})
+    if key is not None:
+        store(cache, key, att)
+    return att
 
 
 def _load_attention(given, nets: Networks, s: FitSettings) -> ChannelAttention:

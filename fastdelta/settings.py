@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 METHODS = ("l2_fe", "l2", "l2_sp", "l2_sp_att", "delta_no_att", "delta")
 AUGMENTATIONS = ("default", "improved")
 LR_SCHEDULES = ("step", "exp")
-ATTENTION_IMPLS = ("prefix", "masked_forward")
+ATTENTION_IMPLS = ("prefix", "masked_forward", "first_order")
+ATTENTION_DTYPES = ("fp32", "bf16")
 
 
 class SettingsError(ValueError):
@@ -42,7 +43,10 @@ class FitSettings:
     attention_temperature: float = 5.0
     attention_max_images: Optional[int] = None  # None: all training images (Algorithm 1)
     attention_head_epochs: int = 10             # public code: 10 epochs of L2-FE head training
-    attention_impl: str = "prefix"              # "prefix" (exact, evaluates only what follows the tap) or "masked_forward"
+    attention_impl: str = "prefix"              # exact: "prefix" (fast) or "masked_forward"; "first_order" estimate
+    attention_dtype: str = "fp32"               # "bf16": autocast for the ablation passes (GPU speed)
+    attention_chunk: Optional[int] = None       # masked copies per suffix pass; None: from free memory
+    attention_cache: Optional[str] = "auto"     # folder; "auto": $FASTDELTA_CACHE or ~/.cache/fastdelta; None: off
     attention: Optional[object] = None          # precomputed ChannelAttention or path to channel_attention.json
     seed: int = 0
     device: str = "auto"
@@ -90,6 +94,10 @@ class FitSettings:
             raise SettingsError(f"augmentation={self.augmentation!r}: expected one of {AUGMENTATIONS}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise SettingsError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+        if self.attention_dtype not in ATTENTION_DTYPES:
+            raise SettingsError(f"attention_dtype={self.attention_dtype!r}: expected one of {ATTENTION_DTYPES}")
+        if self.attention_chunk is not None and (not isinstance(self.attention_chunk, int) or self.attention_chunk < 1):
+            raise SettingsError(f"attention_chunk={self.attention_chunk!r}: must be an integer >= 1 or None")
         if not (self.attention_temperature > 0):
             raise SettingsError(f"attention_temperature={self.attention_temperature!r}: must be > 0")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:

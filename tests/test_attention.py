@@ -70,8 +70,8 @@ def test_driver_falls_back_when_tracing_fails():
 
     model, batches = Untraceable().eval(), make_batches(n=1)
     logs = []
-    raws, impl, seconds = channel_loss_increase(model, ["net.conv2"], batches, "prefix", False, logs.append)
-    assert impl == "masked_forward" and logs
+    raws, ran, seconds = channel_loss_increase(model, ["net.conv2"], batches, "prefix", False, logs.append)
+    assert ran == {"net.conv2": "masked_forward"} and logs
     ref = brute_force(model, "net.conv2", batches)
     assert torch.allclose(raws[0], ref, atol=1e-5 * ref.abs().max())
 
