@@ -15,15 +15,12 @@ import torchvision
 from PIL import Image
 
 import fastdelta
-from tiny import TINY_LAYERS, tiny_net
+from tiny import TINY_LAYERS, arrays, tiny_net
 
 SETTINGS = dict(method="delta", layers=TINY_LAYERS, iterations=6, batch_size=4, resize=16, crop=12,
                 progress=False, attention_head_epochs=1, eval_batch_size=4, seed=0)
 
 
-def arrays(n_per_class=4, classes=3, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n_per_class * classes, size, size, 3), dtype=np.uint8), np.repeat(np.arange(classes), n_per_class)
 
 
 def free_port() -> int:

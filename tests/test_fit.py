@@ -11,17 +11,12 @@ from PIL import Image
 import fastdelta
 from fastdelta import ModelError, NonFiniteLossError, SettingsError
 from fastdelta.data import DataError
-from tiny import TINY_LAYERS, tiny_net
+from tiny import TINY_LAYERS, arrays, tiny_net
 
 QUICK = dict(iterations=3, batch_size=4, resize=16, crop=12, progress=False, attention_head_epochs=1,
              eval_batch_size=8)
 
 
-def arrays(n_per_class=4, classes=3, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (n_per_class * classes, size, size, 3), dtype=np.uint8)
-    y = np.repeat(np.arange(classes), n_per_class)
-    return x, y
 
 
 def write_folder(root, classes=("a", "b", "c"), per_class=3, size=20, mode="RGB"):

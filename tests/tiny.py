@@ -58,3 +58,11 @@ def tiny_net(seed=0, num_classes=5, bn=True):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     return net
+
+
+def arrays(n_per_class=4, classes=3, size=16, seed=0):
+    """Random uint8 images (N, size, size, 3) with balanced labels: a dataset for quick fits."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n_per_class * classes, size, size, 3), dtype=np.uint8)
+    return x, np.repeat(np.arange(classes), n_per_class)
