@@ -55,6 +55,7 @@ class ChannelAttention:
     impl: object = ""             # what ran, per layer (closed_form / prefix_batched / masked_forward / first_order)
     timings: Dict[str, float] = field(default_factory=dict)
     head: Dict[str, float] = field(default_factory=dict)  # how the L2-FE head was trained
+    device: str = ""              # where it was computed (its timings are only comparable there)
 
     @property
     def weights(self) -> List[torch.Tensor]:
@@ -66,7 +67,7 @@ class ChannelAttention:
                 "raw": {l: r.tolist() for l, r in zip(self.layers, self.raw)},
                 "weights": {l: w.tolist() for l, w in zip(self.layers, self.weights)},
                 "public_layout": [r.tolist() for r in self.raw],
-                "timings_s": self.timings, "head": self.head}
+                "timings_s": self.timings, "head": self.head, "device": self.device}
 
     def save(self, path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
@@ -81,7 +82,7 @@ class ChannelAttention:
         raw = d["raw"]
         return cls(list(d["layers"]), [torch.tensor(raw[l], dtype=torch.float64) for l in d["layers"]],
                    temperature or d.get("temperature", 5.0), d.get("images", 0), d.get("impl", ""),
-                   d.get("timings_s", {}), d.get("head", {}))
+                   d.get("timings_s", {}), d.get("head", {}), d.get("device", ""))
 
     @classmethod
     def load(cls, path, layers=None, temperature=None) -> "ChannelAttention":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 from pathlib import Path
@@ -99,7 +100,8 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
                            {"head_training": round(t_head, 3), **{f"layer:{k}": v for k, v in per_layer.items()},
                             "total": round(time.perf_counter() - t0, 3)},
                            {"iterations": head_iters, "lr": s.lr, "schedule": "exp to 0.1x at 60%",
-                            "final_ce": head_history[-1]["ce"]})
+                            "final_ce": head_history[-1]["ce"]},
+                           torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)")
     if key is not None:
         store(cache, key, att)
     return att
