@@ -25,19 +25,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from fastdelta.attention import PrefixReuse, loss_increase_closed_form, loss_increase_first_order, loss_increase_prefix
+from fastdelta.attention import (PrefixReuse, loss_increase_closed_form, loss_increase_first_order,
+                                 loss_increase_prefix, spearman)
 from fastdelta.models import DEFAULT_LAYERS
 
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def spearman(a, b) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 @torch.no_grad()

@@ -46,6 +46,19 @@ def normalize_attention(raw: torch.Tensor, temperature: float = 5.0) -> torch.Te
     return torch.softmax(z / temperature, dim=0).float()
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank correlation of two per-channel vectors (ties broken by position)."""
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) -> float:
+    """Share of a's top `fraction` channels that are also among b's."""
+    k = max(1, int(len(a) * fraction))
+    return len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
+
+
 @dataclass
 class ChannelAttention:
     layers: List[str]

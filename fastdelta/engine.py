@@ -53,13 +53,12 @@ def resolve_workers(num_workers: Optional[int]) -> int:
     return num_workers
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: Optional[int],
-                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: Optional[int]) -> DataLoader:
     """Evaluation / attention loader (training batches come from make_train_loader)."""
     num_workers = resolve_workers(num_workers)
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=g,
-                      num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
 
 
 def lr_at(iteration: int, base_lr: float, schedule: str, step: int, gamma: float) -> float:

@@ -74,10 +74,6 @@ def find_head(model: nn.Module) -> str:
     return linears[-1]
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
@@ -200,7 +196,7 @@ def build_networks(model: Union[str, nn.Module], num_classes: int, weights=None,
     target = copy.deepcopy(source).requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        set_module(target, head_name, new_head(get_module(source, head_name), num_classes))
+        set_module(target, head_name, new_head(source.get_submodule(head_name), num_classes))
     return Networks(source, target, arch, head_name, layers, weights_desc)
 
 

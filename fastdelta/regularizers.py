@@ -38,7 +38,7 @@ def channel_scales(attention_weights: Optional[Sequence[torch.Tensor]], feats: S
     scales = []
     for i, f in enumerate(feats):
         _, c, h, w = f.shape
-        W = torch.full((c,), 1.0 / c, device=f.device) if attention_weights is None else attention_weights[i].to(f.device)
+        W = torch.full((c,), 1.0 / c, device=f.device) if attention_weights is None else attention_weights[i]
         if W.numel() != c:
             raise ValueError(f"attention for tap {i} has {W.numel()} weights but the layer has {c} channels")
         scales.append(c * W.float() / (h * w))
@@ -73,7 +73,8 @@ class Regularizer:
         self.shared = [(n, p) for n, p in target.named_parameters() if not n.startswith(prefix)]
         src = dict(source.named_parameters())
         self.source_params = {n: src[n].detach() for n, _ in self.shared}
-        self.attention = None if attention is None else [a.detach().float() for a in attention]
+        device = self.head_params[0].device  # once here, not a host-to-device copy every step
+        self.attention = None if attention is None else [a.detach().float().to(device) for a in attention]
 
     def trainable_parameters(self, target: nn.Module) -> List[nn.Parameter]:
         return self.head_params if self.freezes_extractor else [p for p in target.parameters()]
@@ -136,7 +137,7 @@ class L2SPAtt(L2SP):
                 self._weights[conv + ".bias"] = c * W
 
     def filter_weights(self):
-        return {k: v.to(self.head_params[0].device) for k, v in self._weights.items()}
+        return self._weights
 
 
 def _tapped_conv(model: nn.Module, layer: str, channels: int) -> str:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdelta.attention import (ChannelAttention, PrefixReuse, channel_loss_increase, loss_increase_masked_forward,
-                                 loss_increase_prefix, normalize_attention)
+                                 loss_increase_prefix, normalize_attention, spearman, top_overlap)
 from tiny import TINY_LAYERS, tiny_net
 
 
@@ -97,3 +97,9 @@ def test_attention_json_roundtrip_and_public_layout(tmp_path):
     assert all(torch.allclose(x, y) for x, y in zip(from_public.weights, att.weights))
     with pytest.raises(ValueError, match="layer names"):
         ChannelAttention.from_dict(public)
+
+
+def test_rank_agreement_measures():
+    a = torch.tensor([0.5, 3.0, -1.0, 2.0, 0.0, 9.0, 4.0, 1.0, 7.0, 8.0])
+    assert spearman(a, a * 2 + 1) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
+    assert top_overlap(a, a) == 1.0 and top_overlap(a, -a) == 0.0  # top 10% of 10 = the largest one

@@ -8,15 +8,10 @@ import torchvision
 
 import fastdelta
 from fastdelta.attention import (PrefixReuse, channel_loss_increase, loss_increase_closed_form,
-                                 loss_increase_first_order, loss_increase_masked_forward, loss_increase_prefix)
+                                 loss_increase_first_order, loss_increase_masked_forward, loss_increase_prefix,
+                                 spearman, top_overlap)
 from test_attention import brute_force, make_batches
 from tiny import TINY_LAYERS, tiny_net
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, None])
@@ -78,8 +73,7 @@ def test_bf16_ranks_channels_like_fp32():
     fp32 = loss_increase_prefix(reuse, layer, batches, chunk=64)
     bf16 = loss_increase_prefix(reuse, layer, batches, chunk=64, dtype=torch.bfloat16)
     assert spearman(fp32, bf16) > 0.95
-    top = max(1, len(fp32) // 10)
-    overlap = len(set(fp32.topk(top).indices.tolist()) & set(bf16.topk(top).indices.tolist())) / top
+    overlap = top_overlap(fp32, bf16)
     assert overlap >= 0.8, overlap
 
 

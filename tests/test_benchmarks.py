@@ -23,3 +23,13 @@ def test_bench_attention_smoke(tmp_path):
         assert row["exact_vs_public_max_rel_diff"] < 1e-4  # the fast exact path = the public method
         assert set(row["speedup_vs_public"]) == {"exact_fp32", "exact_bf16", "first_order"}
     assert result["layers"][-1]["path"] == "closed_form"
+
+
+def test_compare_attention(tmp_path):
+    import torch
+    from fastdelta.attention import ChannelAttention
+    raw = [torch.arange(20, dtype=torch.float64), torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)]
+    ChannelAttention(["a", "b"], raw).save(tmp_path / "x.json")
+    ChannelAttention(["a", "b"], [raw[0].flip(0), raw[1]]).save(tmp_path / "y.json")
+    rows = load("compare_attention").compare(str(tmp_path / "x.json"), str(tmp_path / "y.json"))
+    assert [(r["spearman"], r["top10_overlap"]) for r in rows] == [(-1.0, 0.0), (1.0, 1.0)]
