@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -84,6 +84,9 @@ class TrainSpec:
     checkpoint_every: int = 0
     history_path: Optional[Path] = None    # streamed history.jsonl (one line per iteration, flushed)
     payload_extra: dict = field(default_factory=dict)  # stored in every checkpoint (identity, attention)
+    # called after each step with (iterations done, that step's history record); it may add fields to
+    # the record (e.g. a periodic test accuracy for learning curves) before it is written
+    on_step: Optional[Callable[[int, dict], None]] = None
 
 
 @dataclass
@@ -168,8 +171,11 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
                                 "train_acc": (logits.argmax(1) == y).float().mean().item(),
                                 "data_s": round(t_data, 5), "step_s": round(t_step, 5),
                                 "elapsed_s": round(time.perf_counter() - t_start, 3)})
-                writer.append(history[-1])
                 done = it + 1
+                if spec.on_step is not None:
+                    spec.on_step(done, history[-1])
+                    target.train(not reg.freezes_extractor)  # the callback may have evaluated the model
+                writer.append(history[-1])
                 if spec.checkpoint_dir is not None and spec.checkpoint_every > 0 and (
                         done % spec.checkpoint_every == 0 or done == spec.iterations) and ctx.is_main:
                     save_checkpoint(spec.checkpoint_dir, done, {

@@ -142,6 +142,21 @@ def _resume_state(s: FitSettings, nets: Networks, identity: dict):
     return StartState(ckpt["iteration"], ckpt["history"], ckpt["optimizer"], ckpt["rng"]), att
 
 
+def _curve_evaluator(model: nn.Module, test, s: FitSettings, device, ctx: DistContext):
+    """With eval_every > 0: a step callback that adds test_top1 (on the first eval_images test images)
+    to the history every eval_every iterations and at the last one, for learning curves."""
+    if not s.eval_every or test is None:
+        return None
+    subset = test if s.eval_images is None else Subset(test, range(min(s.eval_images, len(test))))
+    loader = make_loader(_shard(subset, ctx), s.eval_batch_size, False, s.seed, s.num_workers)
+
+    def on_step(done: int, record: dict) -> None:
+        if done % s.eval_every == 0 or done == s.iterations:
+            record["test_top1"] = evaluate(model, loader, device, False, "curve", ctx)["top1"]
+            record["test_images"] = len(subset)
+    return on_step
+
+
 def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", weights=None, **settings) -> FitResult:
     """Fine-tune `model` on `train` with one of the paper's methods and evaluate on `test`.
 
@@ -171,7 +186,8 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
                      checkpoint_every=s.checkpoint_every,
                      history_path=None if run_dir is None else run_dir / "history.jsonl",
                      payload_extra={"identity": identity,
-                                    "attention": None if attention is None else attention.to_dict()})
+                                    "attention": None if attention is None else attention.to_dict()},
+                     on_step=_curve_evaluator(nets.target, data.test, s, device, ctx))
     settings_record = {**s.to_dict(), "device_used": str(device), "world_size": ctx.world_size,
                        "resumed_from_iteration": start.iteration if s.resume else None}
     data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped]}

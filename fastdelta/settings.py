@@ -52,6 +52,8 @@ class FitSettings:
     device: str = "auto"
     num_workers: Optional[int] = None
     eval_batch_size: int = 256
+    eval_every: int = 0            # > 0: test top-1 every so many iterations, in the history (learning curves)
+    eval_images: Optional[int] = None  # test images for those curve points (None: all); the final test uses all
     strict_data: bool = False      # a bad image file is fatal instead of skipped
     progress: bool = True
     distributed: bool = False      # under torchrun: DDP over all ranks, batch_size and lr are global
@@ -100,6 +102,10 @@ class FitSettings:
             raise SettingsError(f"attention_chunk={self.attention_chunk!r}: must be an integer >= 1 or None")
         if not (self.attention_temperature > 0):
             raise SettingsError(f"attention_temperature={self.attention_temperature!r}: must be > 0")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise SettingsError(f"eval_every={self.eval_every!r}: must be an integer >= 0")
+        if self.eval_images is not None and (not isinstance(self.eval_images, int) or self.eval_images < 1):
+            raise SettingsError(f"eval_images={self.eval_images!r}: must be an integer >= 1 or None")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise SettingsError(f"checkpoint_every={self.checkpoint_every!r}: must be an integer >= 0")
         if self.resume and self.run_dir is None:

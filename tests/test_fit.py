@@ -215,3 +215,18 @@ def test_inception_v3_defaults():
     with FeatureTaps(nets.target.eval(), nets.layers) as taps, torch.no_grad():
         logits, feats = taps(torch.randn(1, 3, 80, 80))
     assert logits.shape == (1, 4) and [f.shape[1] for f in feats] == [64, 192, 288, 768]
+
+
+@pytest.mark.parametrize("method", ["l2_fe", "delta"])
+def test_learning_curve_points_do_not_change_training(method):
+    """eval_every adds test top-1 to the history (on eval_images images) without changing the weights."""
+    quick = {**QUICK, "iterations": 4}
+    plain = fastdelta.fit(tiny_net(), arrays(), arrays(seed=1), method=method, layers=TINY_LAYERS, **quick)
+    curve = fastdelta.fit(tiny_net(), arrays(), arrays(seed=1), method=method, layers=TINY_LAYERS,
+                          eval_every=3, eval_images=5, **quick)
+    points = [(h["iteration"], h["test_images"]) for h in curve.history if "test_top1" in h]
+    assert points == [(2, 5), (3, 5)]  # every 3 iterations and at the last one
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in curve.history]
+    for a, b in zip(plain.model.state_dict().values(), curve.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert plain.test_top1 == curve.test_top1
