@@ -15,6 +15,13 @@ def _csv(value: str):
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _floats(value: str):
+    try:
+        return [float(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma separated numbers, got {value!r}") from None
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/* (and test/<class>/*)")
     p.add_argument("--test", default=None, help="test ImageFolder root (default: DATA/test if it exists)")
@@ -81,6 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p)
     p.add_argument("--head-epochs", type=int, default=10, help="epochs of L2-FE head training")
 
+    p = sub.add_parser("compare", help="run several methods x seeds under identical settings; write a report",
+                       description="The paper's comparison on your data: alpha/beta chosen on a validation split "
+                                   "of the training set, every method per seed with the same data order, then "
+                                   "report.md, report.json and figures (Table 1, Fig. 3-6 analogs) in --out.")
+    _add_training_args(p)
+    p.set_defaults(out="fastdelta-compare")
+    p.add_argument("--methods", type=_csv, default=list(METHODS), help=f"comma separated, from {', '.join(METHODS)}")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--search", choices=["alpha", "grid", "none"], default="alpha",
+                   help="alpha (beta fixed), grid (alpha x beta) or none (use --alpha/--beta)")
+    p.add_argument("--alpha-grid", type=_floats, default=[0.0001, 0.001, 0.01, 0.1, 0.2])
+    p.add_argument("--beta-grid", type=_floats, default=[0.0001, 0.001, 0.01, 0.1, 0.2])
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out for the search")
+    p.add_argument("--alpha", type=float, default=0.01, help="with --search none, or the fixed alpha")
+    p.add_argument("--beta", type=float, default=0.01, help="the fixed beta of --search alpha / none")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="for l2 and l2_fe")
+    p.add_argument("--iterations", type=int, default=9000)
+    p.add_argument("--schedules", type=_csv, default=["step", "exp"],
+                   help="Fig. 3: the first seed's l2_sp and delta also run with each of these lr schedules")
+    p.add_argument("--curve-points", type=int, default=10, help="test evaluations along training (Fig. 3)")
+    p.add_argument("--curve-images", type=int, default=2000, help="test images per curve point")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="with --data fashion-mnist: training images per class (default 10)")
+    p.add_argument("--subset-seed", type=int, default=0, help="with --data fashion-mnist: which images")
+
     p = sub.add_parser("demo", help="ImageNet EfficientNet-Lite0 -> few-shot Fashion-MNIST, several methods",
                        description="Runs the embedded default on real weights and real data and prints a table "
                                    "of test top-1 per method. Sizes are settings; defaults finish in minutes on a "
@@ -101,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="fastdelta-demo")
     p.add_argument("--no-progress", action="store_true")
+
     return parser
 
 
@@ -110,6 +143,26 @@ def _under_torchrun() -> bool:
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _compare(args) -> None:
+    from .compare import CompareSettings, compare
+    train, test = args.data, args.test
+    if args.data == "fashion-mnist":  # the embedded real dataset, few-shot
+        from .data.fashion_mnist import few_shot_subset, load_fashion_mnist
+        train = few_shot_subset(*load_fashion_mnist("train"), args.per_class or 10, args.subset_seed)
+        test = load_fashion_mnist("test")
+    elif args.per_class is not None:
+        raise ValueError("--per-class only applies to --data fashion-mnist")
+    kw = _settings(args)
+    kw.pop("seed")
+    cs = CompareSettings(alpha_grid=args.alpha_grid, beta_grid=args.beta_grid, val_fraction=args.val_fraction,
+                         schedules=args.schedules, curve_points=args.curve_points, curve_images=args.curve_images)
+    report = compare(args.model, train, test, methods=args.methods, seeds=args.seeds, search=args.search,
+                     out=args.out, weights=args.weights, compare_settings=cs, alpha=args.alpha, beta=args.beta,
+                     weight_decay=args.weight_decay, iterations=args.iterations, **kw)
+    print((Path(args.out) / "report.md").read_text().split("## The paper")[0])
+    print(f"report: {(Path(args.out) / 'report.md').resolve()}")
 
 
 def main(argv=None) -> int:
@@ -143,6 +196,8 @@ def main(argv=None) -> int:
             att.save(Path(args.out) / "channel_attention.json")
             print(json.dumps({"layers": att.layers, "images": att.images, "impl": att.impl,
                               "out": str((Path(args.out) / "channel_attention.json").resolve())}))
+        elif args.command == "compare":
+            _compare(args)
         else:
             from .demo import DemoConfig, run_demo
             unknown = [m for m in args.methods if m not in METHODS]

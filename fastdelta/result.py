@@ -47,12 +47,14 @@ class FitResult:
                 "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                 "device": self.settings.get("device_used")}}
 
-    def save(self, directory) -> Path:
-        """result.json, history.jsonl, model.pt, channel_attention.json (if any), history.png."""
+    def save(self, directory, weights: bool = True) -> Path:
+        """result.json, history.jsonl, model.pt (unless weights=False), channel_attention.json (if any),
+        history.png."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
-        atomic_write(out / "model.pt", lambda tmp: torch.save(self.model.state_dict(), tmp))
+        if weights:
+            atomic_write(out / "model.pt", lambda tmp: torch.save(self.model.state_dict(), tmp))
         if self.attention is not None:
             self.attention.save(out / "channel_attention.json")
         if self.history:

@@ -1,0 +1,439 @@
+"""`fastdelta.compare`: the paper's comparison on the user's data, as a report they can regenerate.
+
+Every method runs under identical settings and, per seed, the same data order (the batch sampler
+is seeded by the run's seed only). alpha/beta of the regularised methods are chosen on a
+validation split carved from the training set (never the test set): a grid as in the paper
+(0.0001, 0.001, 0.01, 0.1, 0.2), over alpha x beta ("grid"), over alpha with beta fixed ("alpha",
+the default, 5x cheaper) or not at all ("none"). Outputs: report.json (schema below), report.md
+and PNG figures (fastdelta.figures), each written atomically at the end, plus runs/<name>/ with
+every fit's result.json and history.jsonl (no weights, to keep the folder small).
+
+report.json (schema "fastdelta.compare/1"): model, data, settings (the fit settings shared by every
+run), compare (methods, seeds, search, grids), search {seed, split, results [{method, alpha, beta,
+val_top1, status}], chosen {method: {alpha, beta}}}, runs [{name, method, seed, alpha, beta,
+schedule, test_top1, test_top1_10crop, status, seconds, curve [[iteration, test_top1]],
+train_loss [[iteration, ce]]}], table {method: {mean, std, n, values, mean_10crop, std_10crop}},
+best, filter_distances {method: {stage: {filters, mean, median, max, sorted_quantiles}}},
+attention_split {method: {conv: {low_attention_mean, high_attention_mean, filters}}},
+activation_maps {layer, images, classes, filters, maps {network: [[...]]}}, roughness
+{"method/schedule": value}, claims {name: {holds, text}}, environment, wall_s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
+                       pick_low_activation_filters, pick_map_layer, tap_maps)
+from .data import resolve_data
+from .data.errors import DataError
+from .engine import NonFiniteLossError
+from .ioutil import atomic_write_text
+from .models import build_networks, guess_arch
+from .progress import progress_bar
+from .regularizers import _tapped_conv
+from .settings import METHODS, SettingsError, make_settings
+
+PAPER_GRID = (0.0001, 0.001, 0.01, 0.1, 0.2)
+SEARCHES = ("alpha", "grid", "none")
+SEARCHED_METHODS = ("l2_sp", "l2_sp_att", "delta_no_att", "delta")  # methods with an alpha and a beta
+CURVE_METHODS = ("l2_sp", "delta")       # Fig. 3 compares these two
+MAP_NETWORKS = ("l2", "l2_sp", "delta_no_att", "delta")  # Fig. 6 columns after "source"
+SCHEMA = "fastdelta.compare/1"
+
+
+@dataclasses.dataclass
+class CompareSettings:
+    methods: Sequence[str] = METHODS
+    seeds: int = 3                        # seeds 0 .. seeds-1
+    search: str = "alpha"
+    alpha_grid: Sequence[float] = PAPER_GRID
+    beta_grid: Sequence[float] = PAPER_GRID
+    val_fraction: float = 0.2             # share of each class's training images held out for the search
+    schedules: Sequence[str] = ("step", "exp")  # Fig. 3: the first seed's l2_sp and delta under each
+    curve_points: int = 10                # test evaluations along training for the learning curves
+    curve_images: Optional[int] = 2000    # test images per curve point (None: all); final tests use all
+    map_images: int = 4                   # test images in Fig. 6
+    alphas: Optional[Dict[str, float]] = None  # per-method alpha when search="none" (default: fit's alpha)
+    betas: Optional[Dict[str, float]] = None
+
+    def validate(self) -> None:
+        methods = list(self.methods)
+        bad = [m for m in methods if m not in METHODS]
+        if not methods or bad or len(set(methods)) != len(methods):
+            raise SettingsError(f"methods={methods!r}: expected distinct names from {', '.join(METHODS)}")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise SettingsError(f"seeds={self.seeds!r}: must be an integer >= 1")
+        if self.search not in SEARCHES:
+            raise SettingsError(f"search={self.search!r}: expected one of {SEARCHES}")
+        for name in ("alpha_grid", "beta_grid"):
+            grid = list(getattr(self, name))
+            if not grid or not all(isinstance(v, (int, float)) and v > 0 for v in grid):
+                raise SettingsError(f"{name}={grid!r}: must be a non-empty list of numbers > 0")
+        if not 0 < self.val_fraction < 1:
+            raise SettingsError(f"val_fraction={self.val_fraction!r}: must be between 0 and 1")
+        if not set(self.schedules) <= {"step", "exp"}:
+            raise SettingsError(f"schedules={list(self.schedules)!r}: expected 'step' and/or 'exp'")
+        if self.curve_points < 0 or self.map_images < 0:
+            raise SettingsError("curve_points and map_images must be >= 0")
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int):
+    """(fit indices, validation indices): `fraction` of each class (at least one image, and at least
+    one left to train on) goes to validation."""
+    rng = np.random.default_rng(seed)
+    fit_idx, val_idx = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) < 2:
+            raise DataError(f"class {c} has {len(idx)} training image(s); the validation split needs at least 2 "
+                            "per class (or use search='none')")
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        val_idx += idx[:k].tolist()
+        fit_idx += idx[k:].tolist()
+    return np.sort(fit_idx), np.sort(val_idx)
+
+
+class _LabelledSubset(torch.utils.data.Dataset):
+    """Part of the raw training data, keeping class names and labels so fit sees the same classes."""
+
+    def __init__(self, base, indices, classes, labels):
+        self.base, self.indices, self.classes = base, list(indices), list(classes)
+        self.targets = [int(labels[i]) for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[self.indices[i]]
+
+
+def _raw_train(train):
+    """The user's training data as (raw dataset or arrays, labels, class names), untransformed."""
+    if isinstance(train, tuple):
+        x, y = train
+        y = np.asarray(y, dtype=np.int64)
+        return train, y, [str(i) for i in range(int(y.max()) + 1)]
+    from .data.folder import ImageListDataset, scan_image_folder
+    from .data.sources import _dataset_labels, _split_dataset_root
+    if isinstance(train, (str, os.PathLike)):
+        root, _ = _split_dataset_root(train)
+        index = scan_image_folder(root, role="train folder")
+        ds = ImageListDataset(index.samples, None)
+        return ds, np.asarray(ds.targets, dtype=np.int64), index.classes
+    labels = _dataset_labels(train, "train")
+    names = getattr(train, "classes", None)
+    return train, labels, [str(c) for c in names] if names is not None else [str(i) for i in range(labels.max() + 1)]
+
+
+def validation_split(train, fraction: float, seed: int):
+    """(fit part, validation part) of the training data, stratified per class."""
+    raw, labels, classes = _raw_train(train)
+    fit_idx, val_idx = stratified_split(labels, fraction, seed)
+    if isinstance(raw, tuple):
+        x, y = raw
+        return (x[fit_idx], labels[fit_idx]), (x[val_idx], labels[val_idx])
+    return _LabelledSubset(raw, fit_idx, classes, labels), _LabelledSubset(raw, val_idx, classes, labels)
+
+
+def _test_data(train, test):
+    """The test split compare evaluates on: `test`, or DATA/test for a folder with train/ and test/."""
+    if test is not None:
+        return test
+    if isinstance(train, (str, os.PathLike)) and (Path(train) / "test").is_dir():
+        return Path(train) / "test"
+    raise SettingsError("compare needs a test set (test=..., or a DATA folder with train/ and test/)")
+
+
+def _train_root(train):
+    if isinstance(train, (str, os.PathLike)) and (Path(train) / "train").is_dir():
+        return Path(train) / "train"
+    return train
+
+
+def _grid(cs: CompareSettings, beta: float):
+    if cs.search == "grid":
+        return [(a, b) for b in cs.beta_grid for a in cs.alpha_grid]
+    return [(a, beta) for a in cs.alpha_grid]
+
+
+class _Runner:
+    """Runs fits, catching divergence (a diverged run is recorded, never fatal to the comparison)."""
+
+    def __init__(self, model, weights, base: dict, out: Path, log):
+        self.model, self.weights, self.base, self.out, self.log = model, weights, base, out, log
+
+    def fit(self, name: str, train, test, method: str, final_test=None, **overrides):
+        """One fit; with final_test (a _TensorSet), fit only evaluates `test` (curve points, or nothing)
+        and the final top-1 comes from fast_top1 on final_test."""
+        import fastdelta
+        t0 = time.perf_counter()
+        settings = {**self.base, **overrides}
+        try:
+            res = fastdelta.fit(self.model, train, test, method=method, weights=self.weights, **settings)
+        except NonFiniteLossError as e:
+            res = e.partial_result
+        if final_test is not None and res.status == "ok":
+            t1 = time.perf_counter()
+            res.test = {"top1": fast_top1(res.model, final_test, settings.get("eval_batch_size", 256)),
+                        "images": len(final_test), "evaluated": "channels_last, denormals flushed"}
+            res.timings["test"] = round(time.perf_counter() - t1, 3)
+        res.save(self.out / "runs" / name, weights=False)
+        return res, round(time.perf_counter() - t0, 1)
+
+    def attention(self, train, seed: int):
+        import fastdelta
+        return fastdelta.attention(self.model, train, weights=self.weights, **{**self.base, "seed": seed})
+
+
+def _search(cs: CompareSettings, runner: _Runner, train, methods, base_beta: float, seed: int, bar) -> dict:
+    fit_part, val_part = validation_split(train, cs.val_fraction, seed)
+    att = runner.attention(fit_part, seed) if {"delta", "l2_sp_att"} & set(methods) else None
+    results, chosen = [], {}
+    for method in methods:
+        best = None
+        for alpha, beta in _grid(cs, base_beta):
+            bar.set_postfix_str(f"search {method} alpha={alpha:g} beta={beta:g}")
+            res, secs = runner.fit(f"search/{method}_a{alpha:g}_b{beta:g}", fit_part, val_part, method,
+                                   alpha=alpha, beta=beta, seed=seed,
+                                   attention=att if method in ("delta", "l2_sp_att") else None)
+            top1 = res.test_top1 if res.status == "ok" else None
+            results.append({"method": method, "alpha": alpha, "beta": beta, "val_top1": top1,
+                            "status": res.status, "seconds": secs})
+            if top1 is not None and (best is None or top1 > best[0]):  # ties keep the smaller alpha
+                best = (top1, alpha, beta)
+            bar.update(1)
+        if best is None:
+            raise RuntimeError(f"search: every {method} run diverged; see {runner.out / 'runs' / 'search'}")
+        chosen[method] = {"alpha": best[1], "beta": best[2], "val_top1": best[0]}
+    n_fit = len(fit_part[1]) if isinstance(fit_part, tuple) else len(fit_part)
+    n_val = len(val_part[1]) if isinstance(val_part, tuple) else len(val_part)
+    return {"seed": seed, "split": {"fit": n_fit, "val": n_val, "val_fraction": cs.val_fraction},
+            "results": results, "chosen": chosen}
+
+
+def _curve(history, key):
+    return [[h["iteration"], h[key]] for h in history if h.get(key) is not None]
+
+
+def _downsample(points, n=200):
+    if len(points) <= n:
+        return points
+    idx = np.linspace(0, len(points) - 1, n).round().astype(int)
+    return [points[i] for i in idx]
+
+
+def _summary_table(runs, methods) -> dict:
+    table = {}
+    for m in methods:
+        vals = [r["test_top1"] for r in runs if r["method"] == m and r["schedule"] == "step" and r["test_top1"] is not None]
+        ten = [r["test_top1_10crop"] for r in runs if r["method"] == m and r["schedule"] == "step"
+               and r.get("test_top1_10crop") is not None]
+        n_all = sum(1 for r in runs if r["method"] == m and r["schedule"] == "step")
+        table[m] = {"mean": float(np.mean(vals)) if vals else None,
+                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0 if vals else None,
+                    "n": len(vals), "diverged": n_all - len(vals), "values": vals,
+                    "mean_10crop": float(np.mean(ten)) if ten else None,
+                    "std_10crop": float(np.std(ten, ddof=1)) if len(ten) > 1 else (0.0 if ten else None)}
+    return table
+
+
+class _TensorSet(torch.utils.data.Dataset):
+    """A transformed split held as one tensor: fit passes CHW tensors through untransformed."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, classes):
+        self.x, self.targets, self.classes = x, y.tolist(), list(classes)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+def materialise(dataset, classes, batch_size: int = 256) -> _TensorSet:
+    """Decode and transform a deterministic (centre-crop) split once; every run then reuses the tensors
+    instead of decoding and resizing the same test images again (the test set is the same for all runs)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    xs, ys = zip(*[(x, y) for x, y in loader])
+    return _TensorSet(torch.cat(xs), torch.cat(ys), classes)
+
+
+@torch.no_grad()
+def fast_top1(model, test: _TensorSet, batch_size: int = 256) -> float:
+    """Top-1 on a held tensor split: channels_last and denormals flushed to zero (2x faster on CPU,
+    same argmax up to float rounding); the model is left in eval mode and channels_last."""
+    device = next(model.parameters()).device
+    model.eval().to(memory_format=torch.channels_last)
+    flushed = torch.set_flush_denormal(True)
+    try:
+        correct = 0
+        for i in range(0, len(test), batch_size):
+            x = test.x[i:i + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+            y = torch.as_tensor(test.targets[i:i + batch_size], device=device)
+            correct += int((model(x).argmax(1) == y).sum())
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+    return 100.0 * correct / len(test)
+
+
+class _MapProbe:
+    """Fig. 6 inputs fixed once from the source network: layer, test images, weakly active filters."""
+
+    def __init__(self, model, weights, base: dict, train, test, n_images: int):
+        s = make_settings("delta", **base).resolved(model if isinstance(model, str) else guess_arch(model))
+        data = resolve_data(_train_root(train), test, augmentation=s.augmentation, resize=s.resize, crop=s.crop)
+        # the "improved" protocol's 10-crop items are 4-D: those stay a transformed dataset
+        self.test = materialise(data.test, data.classes) if s.augmentation == "default" else test
+        self.test_description = data.description["test"]
+        nets = build_networks(model, len(data.classes), weights, s.layers, s.seed)
+        self.source, self.head_name, self.layers = nets.source, nets.head_name, nets.layers
+        images, labels, seen = [], [], set()
+        for i in range(len(data.test)):  # first image of distinct classes
+            x, y = data.test[i]
+            if y not in seen:
+                seen.add(y)
+                images.append(x)
+                labels.append(data.classes[y])
+            if len(images) >= n_images:
+                break
+        self.images = torch.stack(images) if images else None
+        self.classes = labels
+        self.layer = pick_map_layer(self.source, self.layers, self.images[0]) if images else None
+        self.filters = pick_low_activation_filters(tap_maps(self.source, self.layer, self.images)) if images else []
+        self.maps = {"source": activation_maps(self.source, self.layer, self.images, self.filters)} if images else {}
+        self.conv_names = [_tapped_conv(self.source, l, int(tap_maps(self.source, l, self.images[:1]).shape[1]))
+                           for l in self.layers] if images else []
+
+    def record(self, name: str, model) -> None:
+        if self.images is not None:
+            self.maps[name] = activation_maps(model.cpu(), self.layer, self.images, self.filters)
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "classes": self.classes, "filters": self.filters, "maps": self.maps,
+                "images": [] if self.images is None else [self._display(x) for x in self.images]}
+
+    @staticmethod
+    def _display(x: torch.Tensor) -> list:
+        """The normalised input as a [0, 1] grey image (channel mean), for the figure."""
+        return np.round(min_max_np(x.float().mean(0).numpy()), 3).tolist()
+
+
+def min_max_np(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def compare(model, train, test=None, methods: Sequence[str] = METHODS, seeds: int = 3, search: str = "alpha",
+            out="fastdelta-compare", weights=None, compare_settings: Optional[CompareSettings] = None,
+            log=print, **fit_settings) -> dict:
+    """Run `methods` x `seeds` under identical settings, write report.json / report.md / figures in `out`.
+
+    fit_settings are fastdelta.fit settings shared by every run (iterations, batch_size, resize, crop, ...);
+    alpha/beta there are the values used with search="none" (per method: compare_settings.alphas/betas).
+    Returns the report dict (also in out/report.json)."""
+    cs = compare_settings or CompareSettings()
+    cs = dataclasses.replace(cs, methods=list(methods), seeds=seeds, search=search)
+    cs.validate()
+    for key in ("seed", "method", "run_dir", "resume", "eval_every", "eval_images", "attention", "lr_schedule"):
+        if key in fit_settings:
+            raise SettingsError(f"compare sets {key!r} itself for each run; remove it from the settings")
+    show_progress = bool(fit_settings.pop("progress", True))
+    base = {**fit_settings, "progress": False}  # one bar for the whole comparison, none per fit
+    base_settings = make_settings("delta", **base)  # unknown or bad settings fail here, before any run
+    test = _test_data(train, test)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    runner = _Runner(model, weights, base, out, log)
+    searched = [m for m in cs.methods if m in SEARCHED_METHODS] if cs.search != "none" else []
+    n_grid = len(_grid(cs, base_settings.beta))
+    curve_runs = [(m, sch) for m in CURVE_METHODS if m in cs.methods for sch in cs.schedules if sch != "step"]
+    total = len(searched) * n_grid + cs.seeds * len(cs.methods) + len(curve_runs)
+    probe = _MapProbe(model, weights, base, train, test, cs.map_images)
+    test = probe.test
+    report = {"schema": SCHEMA, "compare": {**dataclasses.asdict(cs), "methods": list(cs.methods)}}
+    with progress_bar(total, "compare", "fit", show_progress) as bar:
+        search_record = (_search(cs, runner, _train_root(train), searched, base_settings.beta, 0, bar)
+                         if searched else None)
+        chosen = _chosen(cs, search_record, base_settings)
+        runs, distances, splits, first = [], {}, {}, None
+        iterations = base_settings.iterations
+        every = max(1, iterations // cs.curve_points) if cs.curve_points else 0
+        # attention once, from the first seed's L2-FE head, shared by every seed (as the paper computes
+        # it once per dataset); it is deterministic given the data, weights and settings
+        att = runner.attention(_train_root(train), 0) if {"delta", "l2_sp_att"} & set(cs.methods) else None
+        if att is not None:
+            att.save(out / "channel_attention.json")
+        fast_test = isinstance(test, _TensorSet)
+        for seed in range(cs.seeds):
+            jobs = [(m, "step") for m in cs.methods] + (curve_runs if seed == 0 else [])
+            for method, schedule in jobs:
+                name = f"{method}_seed{seed}" + ("" if schedule == "step" else f"_{schedule}")
+                bar.set_postfix_str(name)
+                curve = seed == 0 and method in CURVE_METHODS and every > 0
+                curve_test = None if not curve else (
+                    test if cs.curve_images is None or not isinstance(test, _TensorSet) else _TensorSet(
+                        test.x[:cs.curve_images], torch.as_tensor(test.targets[:cs.curve_images]), test.classes))
+                res, secs = runner.fit(name, _train_root(train), curve_test if fast_test else test, method,
+                                       final_test=test if fast_test else None, seed=seed, lr_schedule=schedule,
+                                       attention=att if method in ("delta", "l2_sp_att") else None,
+                                       eval_every=every if curve else 0, eval_images=cs.curve_images,
+                                       **chosen.get(method, {}))
+                first = first or res
+                runs.append({"name": name, "method": method, "seed": seed, "schedule": schedule,
+                             **chosen.get(method, {}), "test_top1": res.test_top1 if res.status == "ok" else None,
+                             "test_top1_10crop": res.test_top1_10crop if res.status == "ok" else None,
+                             "status": res.status, "seconds": secs, "curve": _curve(res.history, "test_top1"),
+                             "train_loss": _downsample(_curve(res.history, "ce"))})
+                if seed == 0 and schedule == "step":
+                    distances[method] = filter_distances(res.model.cpu(), probe.source, probe.head_name)
+                    if att is not None and probe.conv_names:
+                        splits[method] = attention_split_distances(res.model, probe.source, probe.conv_names,
+                                                                   att.weights)
+                    if method in MAP_NETWORKS:
+                        probe.record(method, res.model)
+                bar.update(1)
+    from .report import finish_report
+    report.update({"model": first.model_info, "data": {**first.data, "test": probe.test_description},
+                   "settings": {k: v for k, v in first.settings.items()
+                                if k not in ("method", "seed", "alpha", "beta", "lr_schedule", "eval_every",
+                                             "attention", "resumed_from_iteration")},
+                   "search": search_record, "chosen": chosen, "runs": runs, "table": _summary_table(runs, cs.methods),
+                   "filter_distances": distances, "attention_split": splits, "activation_maps": probe.to_dict(),
+                   "roughness": {f"{r['method']}/{r['schedule']}": curve_roughness([v for _, v in r["curve"]])
+                                 for r in runs if r["curve"]},
+                   "attention": None if att is None else {
+                       "file": "channel_attention.json", "images": att.images, "impl": att.impl,
+                       "seconds": att.timings.get("total"), "shared_by_seeds": True},
+                   "environment": _environment(), "wall_s": round(time.perf_counter() - t_start, 1)})
+    return finish_report(report, out)
+
+
+def _chosen(cs: CompareSettings, search_record, s) -> Dict[str, dict]:
+    """alpha/beta per regularised method: from the search, else the given per-method or shared values."""
+    chosen = {}
+    for m in cs.methods:
+        if m not in SEARCHED_METHODS:
+            continue
+        if search_record is not None:
+            c = search_record["chosen"][m]
+            chosen[m] = {"alpha": c["alpha"], "beta": c["beta"]}
+        else:
+            chosen[m] = {"alpha": (cs.alphas or {}).get(m, s.alpha), "beta": (cs.betas or {}).get(m, s.beta)}
+    return chosen
+
+
+def _environment() -> dict:
+    gpu = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name(0) if gpu else f"cpu ({os.cpu_count()} cores)",
+            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}

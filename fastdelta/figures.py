@@ -1,0 +1,191 @@
+"""The comparison report's figures (matplotlib, Agg), each written atomically as a PNG.
+
+table1.png (test top-1 per method), fig3_curves.png (learning curves, l2_sp vs delta per lr schedule),
+fig4_search.png (validation top-1 over the alpha(/beta) grid), fig5_filter_distance.png (sorted
+per-filter distance from w* per stage), fig6_activation_maps.png (weakly active source filters).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from .ioutil import atomic_write
+
+COLORS = {"l2_fe": "tab:gray", "l2": "tab:blue", "l2_sp": "tab:orange", "l2_sp_att": "tab:brown",
+          "delta_no_att": "tab:purple", "delta": "tab:red"}
+LABELS = {"l2_fe": "L2-FE", "l2": "L2", "l2_sp": "L2-SP", "l2_sp_att": "L2-SP(ATT)",
+          "delta_no_att": "DELTA w/o ATT", "delta": "DELTA", "source": "source"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    _plt().close(fig)
+    return path.name
+
+
+def table_figure(report: dict, path: Path) -> str:
+    plt = _plt()
+    table = report["table"]
+    methods = [m for m in report["compare"]["methods"] if table[m]["mean"] is not None]
+    fig, ax = plt.subplots(figsize=(1.3 * max(3, len(methods)) + 1, 3.8))
+    for i, m in enumerate(methods):
+        t = table[m]
+        ax.bar(i, t["mean"], yerr=t["std"], color=COLORS[m], alpha=0.8, capsize=4)
+        ax.scatter([i] * len(t["values"]), t["values"], color="k", s=10, zorder=3)
+        ax.text(i, t["mean"], f"{t['mean']:.2f}", ha="center", va="bottom", fontsize=8)
+    vals = [v for m in methods for v in table[m]["values"]]
+    if vals:
+        ax.set_ylim(max(0.0, min(vals) - 5), min(100.0, max(vals) + 3))
+    ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], fontsize=8)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{_subject(report)}: mean ± std over {report['compare']['seeds']} seed(s), dots = seeds",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def curves_figure(report: dict, path: Path) -> str:
+    plt = _plt()
+    runs = [r for r in report["runs"] if r["seed"] == 0 and r["curve"]]
+    schedules = sorted({r["schedule"] for r in runs}, key=lambda s: s != "step")
+    fig, axes = plt.subplots(max(1, len(schedules)), 2, figsize=(10, 3.2 * max(1, len(schedules))), squeeze=False)
+    names = {"step": "StepLR", "exp": "ExponentialLR"}
+    for row, sch in enumerate(schedules):
+        for r in (r for r in runs if r["schedule"] == sch):
+            c = COLORS[r["method"]]
+            it, ce = zip(*r["train_loss"]) if r["train_loss"] else ((), ())
+            axes[row, 0].plot(it, _smooth(ce), color=c, label=LABELS[r["method"]], lw=1.2)
+            it, acc = zip(*r["curve"])
+            axes[row, 1].plot(it, acc, color=c, marker="o", ms=3, label=LABELS[r["method"]])
+        axes[row, 0].set_title(f"{names[sch]}: training cross-entropy (moving average of 5)", fontsize=9)
+        axes[row, 0].set_ylabel("cross-entropy")
+        axes[row, 1].set_title(f"{names[sch]}: test top-1 along training", fontsize=9)
+        axes[row, 1].set_ylabel("test top-1 (%)")
+        for ax in axes[row]:
+            ax.set_xlabel("iteration")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _smooth(v, k: int = 5):
+    v = np.asarray(v, dtype=float)
+    if len(v) < k:
+        return v
+    return np.convolve(np.pad(v, (k // 2, k - 1 - k // 2), mode="edge"), np.ones(k) / k, mode="valid")
+
+
+def search_figure(report: dict, path: Path) -> str:
+    plt = _plt()
+    search = report["search"]
+    results = search["results"]
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    alphas = sorted({r["alpha"] for r in results})
+    betas = sorted({r["beta"] for r in results})
+    val = {(r["method"], r["alpha"], r["beta"]): r["val_top1"] for r in results}
+    if len(betas) == 1:  # alpha search: one row per method
+        grids = [("alpha search (beta = %g)" % betas[0], np.array(
+            [[_nan(val.get((m, a, betas[0]))) for a in alphas] for m in methods]), [LABELS[m] for m in methods])]
+        ylabel = "method"
+    else:
+        grids = [(LABELS[m], np.array([[_nan(val.get((m, a, b))) for a in alphas] for b in betas]),
+                  [f"{b:g}" for b in betas]) for m in methods]
+        ylabel = "beta"
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids) + 0.5, 0.5 * len(grids[0][2]) + 2.2),
+                             squeeze=False)
+    for ax, (title, grid, rows) in zip(axes[0], grids):
+        im = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, "div." if np.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=7,
+                    color="w" if np.isnan(v) or v < np.nanmean(grid) else "k")
+        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, label="validation top-1 (%)")
+    fig.suptitle(f"validation split ({search['split']['val']} of the training images, seed {search['seed']}); "
+                 "div. = diverged", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _nan(v):
+    return np.nan if v is None else v
+
+
+def distance_figure(report: dict, path: Path) -> str:
+    plt = _plt()
+    dist: Dict[str, dict] = report["filter_distances"]
+    methods = [m for m in ("l2", "l2_sp", "l2_sp_att", "delta_no_att", "delta") if m in dist]
+    stages = list(next(iter(dist.values())).keys()) if dist else []
+    cols = min(4, max(1, len(stages)))
+    rows = -(-len(stages) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, stage in zip(axes.flat, stages):
+        for m in methods:
+            q = dist[m][stage]["sorted_quantiles"]
+            ax.plot(np.linspace(0, 1, len(q)), q, color=COLORS[m], label=LABELS[m],
+                    lw=2 if m in ("l2_sp", "delta") else 1, alpha=1 if m in ("l2_sp", "delta") else 0.5)
+        ax.set_title(f"{stage} ({dist[methods[0]][stage]['filters']} filters)", fontsize=8)
+        ax.set_xlabel("filter rank (fraction, sorted)", fontsize=7)
+        ax.set_ylabel("||w_j - w*_j||", fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(stages):]:
+        ax.axis("off")
+    if stages:
+        axes.flat[0].legend(fontsize=7)
+    fig.suptitle("per-filter Euclidean distance from the start point, sorted, per stage (seed 0)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def maps_figure(report: dict, path: Path) -> str:
+    plt = _plt()
+    am = report["activation_maps"]
+    nets = [n for n in ("source", "l2", "l2_sp", "delta_no_att", "delta") if n in am["maps"]]
+    n_img = len(am["images"])
+    fig, axes = plt.subplots(max(1, n_img), len(nets) + 1, figsize=(1.7 * (len(nets) + 1), 1.8 * max(1, n_img)),
+                             squeeze=False)
+    for i in range(n_img):
+        axes[i, 0].imshow(am["images"][i], cmap="gray")
+        axes[i, 0].set_ylabel(f"{am['classes'][i]}\nfilter {am['filters'][i]}", fontsize=7)
+        for j, n in enumerate(nets, start=1):
+            axes[i, j].imshow(am["maps"][n][i], cmap="jet", vmin=0, vmax=1)
+            if i == 0:
+                axes[i, j].set_title(LABELS[n], fontsize=8)
+        axes[i, 0].set_title("input" if i == 0 else "", fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"min-max scaled maps of weakly active source filters, layer {am['layer']}", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _subject(report: dict) -> str:
+    m, d = report.get("model", {}), report.get("data", {})
+    n = (d.get("train") or {}).get("num_samples")
+    return f"{m.get('arch')} ({m.get('weights')}) -> {n} training images"
+
+
+def all_figures(report: dict, out: Path) -> List[str]:
+    files = [table_figure(report, out / "table1.png")]
+    if any(r["curve"] for r in report["runs"]):
+        files.append(curves_figure(report, out / "fig3_curves.png"))
+    if report.get("search"):
+        files.append(search_figure(report, out / "fig4_search.png"))
+    if report["filter_distances"]:
+        files.append(distance_figure(report, out / "fig5_filter_distance.png"))
+    if report["activation_maps"]["images"]:
+        files.append(maps_figure(report, out / "fig6_activation_maps.png"))
+    return files

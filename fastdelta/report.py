@@ -1,0 +1,128 @@
+"""The comparison report: the paper's four claims checked on the data, report.json and report.md."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from .figures import LABELS, all_figures
+from .ioutil import atomic_write_text
+
+
+def _fmt(mean: Optional[float], std: Optional[float], n: int) -> str:
+    if mean is None:
+        return "diverged"
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def claims(report: dict) -> Dict[str, dict]:
+    """Each of the paper's claims, decided from the numbers where a number can decide it."""
+    out = {}
+    table = report["table"]
+    d = table.get("delta", {}).get("mean")
+    rivals = {m: table[m]["mean"] for m in ("l2", "l2_sp", "delta_no_att") if m in table and table[m]["mean"] is not None}
+    if d is not None and rivals:
+        beaten = [m for m, v in rivals.items() if d > v]
+        margin = {m: d - v for m, v in rivals.items()}
+        noise = max(table["delta"]["std"] or 0.0, *(table[m]["std"] or 0.0 for m in rivals))
+        out["accuracy"] = {
+            "holds": len(beaten) == len(rivals),
+            "text": (f"DELTA {d:.2f}% vs " + ", ".join(f"{LABELS[m]} {v:.2f}% ({margin[m]:+.2f})" for m, v in rivals.items())
+                     + f"; largest seed std {noise:.2f}. "
+                     + ("DELTA has the best mean" if len(beaten) == len(rivals) else
+                        f"DELTA does not beat {', '.join(LABELS[m] for m in rivals if m not in beaten)}")
+                     + (" but the margin is within one std" if beaten and min(margin[m] for m in beaten) < noise else "")
+                     + ".")}
+    rough = report.get("roughness", {})
+    pairs = [(s, rough.get(f"delta/{s}"), rough.get(f"l2_sp/{s}")) for s in ("step", "exp")]
+    pairs = [(s, a, b) for s, a, b in pairs if a is not None and b is not None]
+    if pairs:
+        holds = all(a < b for _, a, b in pairs)
+        out["smoother_curve"] = {
+            "holds": holds,
+            "text": "roughness of the test-accuracy curve (mean |2nd difference|, points in %): "
+                    + "; ".join(f"{s}: DELTA {a:.3f} vs L2-SP {b:.3f}" for s, a, b in pairs)
+                    + (". DELTA's curve is smoother." if holds else ". DELTA's curve is not smoother everywhere.")}
+    split = report.get("attention_split", {})
+    if "delta" in split and "l2_sp" in split:
+        rows = [(c, split["delta"][c]["low_attention_mean"], split["l2_sp"][c]["low_attention_mean"])
+                for c in split["delta"]]
+        n = sum(a > b for _, a, b in rows)
+        out["unactivated_filters_move"] = {
+            "holds": n == len(rows),
+            "text": f"low-attention half of each regularised conv, mean distance from w*: DELTA farther than "
+                    f"L2-SP in {n} of {len(rows)} layers (" + "; ".join(f"{c}: {a:.4f} vs {b:.4f}" for c, a, b in rows)
+                    + ")."}
+    if report["activation_maps"]["images"]:
+        out["attention_regions"] = {
+            "holds": None,
+            "text": "qualitative: see fig6_activation_maps.png (weakly active source filters after each method); "
+                    "no number decides this claim."}
+    return out
+
+
+def markdown(report: dict, figures) -> str:
+    m, d, s, cs = report["model"], report["data"], report["settings"], report["compare"]
+    table = report["table"]
+    means = {k: v["mean"] for k, v in table.items() if v["mean"] is not None}
+    best = max(means, key=means.get) if means else None
+    lines = [f"# fastdelta compare: {m['arch']} ({m['weights']})", "",
+             f"- data: {d['train']['num_samples']} training images, {d['test']['num_samples']} test images, "
+             f"{d['num_classes']} classes, {s['resize']}/{s['crop']} px ({s['augmentation']} protocol)",
+             f"- every run: {s['iterations']} iterations of batch {s['batch_size']}, lr {s['lr']} "
+             f"(x{s['lr_gamma']} at {s['lr_step']}), momentum {s['momentum']}, "
+             f"regularised layers {', '.join(m['layers'])}",
+             f"- seeds 0..{cs['seeds'] - 1} (same data order for every method of a seed); alpha/beta "
+             + ("given" if report["search"] is None else
+                f"chosen by {cs['search']} search on a validation split of {report['search']['split']['val']} "
+                f"training images (seed {report['search']['seed']}); the test set was never used to choose"),
+             f"- device {report['environment']['device']}, torch {report['environment']['torch']}, "
+             f"{report['environment']['date']}, wall time {report['wall_s'] / 60:.1f} min", "",
+             "## Table 1 analog: test top-1 (%), mean ± std over seeds", "",
+             "| method | alpha | beta | test top-1 | seeds |" + (" 10-crop |" if any(
+                 v["mean_10crop"] is not None for v in table.values()) else ""),
+             "|---|---|---|---|---|" + ("---|" if any(v["mean_10crop"] is not None for v in table.values()) else "")]
+    for meth in cs["methods"]:
+        t = table[meth]
+        c = report["chosen"].get(meth, {})
+        cell = _fmt(t["mean"], t["std"], t["n"])
+        if meth == best:
+            cell = f"**{cell}**"
+        extra = f" {_fmt(t['mean_10crop'], t['std_10crop'], t['n'])} |" if t["mean_10crop"] is not None else ""
+        seeds = ", ".join(f"{v:.2f}" for v in t["values"]) + (f" ({t['diverged']} diverged)" if t["diverged"] else "")
+        lines.append(f"| {LABELS[meth]} | {c.get('alpha', '-')} | {c.get('beta', '-')} | {cell} | {seeds} |{extra}")
+    lines += ["", "(L2 and L2-FE use weight decay %g; alpha/beta apply to the other methods.)" % s["weight_decay"], ""]
+    lines += ["## The paper's claims on this data", ""]
+    for name, c in report["claims"].items():
+        verdict = {True: "holds", False: "does not hold", None: "not decided by a number"}[c["holds"]]
+        lines.append(f"- **{name.replace('_', ' ')}: {verdict}.** {c['text']}")
+    lines += [""]
+    captions = {"table1.png": "Table 1 analog", "fig3_curves.png": "Fig. 3 analog: learning curves",
+                "fig4_search.png": "Fig. 4 analog: validation accuracy over the search grid",
+                "fig5_filter_distance.png": "Fig. 5 analog: per-filter distance from the start point",
+                "fig6_activation_maps.png": "Fig. 6 analog: weakly active source filters after fine-tuning"}
+    for f in figures:
+        lines += [f"## {captions[f]}", "", f"![{captions[f]}]({f})", ""]
+    return "\n".join(lines)
+
+
+def finish_report(report: dict, out: Path) -> dict:
+    """Claims, figures, then report.json and report.md (each file written atomically)."""
+    out = Path(out)
+    table = report["table"]
+    means = {k: v["mean"] for k, v in table.items() if v["mean"] is not None}
+    report["best"] = max(means, key=means.get) if means else None
+    report["claims"] = claims(report)
+    figures = all_figures(report, out)
+    report["figures"] = figures
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_json_default))
+    atomic_write_text(out / "report.md", markdown(report, figures))
+    return report
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)

@@ -1,0 +1,121 @@
+"""`fastdelta compare` on a tiny generated dataset: every file, the documented schema, valid figures,
+the same numbers for the same seed, and clear errors for bad settings."""
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from fastdelta import SettingsError
+from fastdelta.compare import CompareSettings, compare, stratified_split, validation_split
+from fastdelta.data.errors import DataError
+from tiny import TINY_LAYERS, arrays, tiny_net
+
+QUICK = dict(iterations=4, batch_size=4, resize=16, crop=12, attention_head_epochs=1, eval_batch_size=8,
+             layers=TINY_LAYERS, progress=False)
+SETTINGS = CompareSettings(alpha_grid=(0.001, 0.1), curve_points=2, map_images=2)
+TOP_KEYS = {"schema", "compare", "model", "data", "settings", "search", "chosen", "runs", "table", "best",
+            "filter_distances", "attention_split", "activation_maps", "roughness", "claims", "attention",
+            "figures", "environment", "wall_s"}
+RUN_KEYS = {"name", "method", "seed", "alpha", "beta", "schedule", "test_top1", "test_top1_10crop", "status",
+            "seconds", "curve", "train_loss"}
+FIGURES = ["table1.png", "fig3_curves.png", "fig4_search.png", "fig5_filter_distance.png", "fig6_activation_maps.png"]
+
+
+def run(out):
+    return compare(tiny_net(), arrays(n_per_class=5), arrays(seed=1), methods=["l2_sp", "delta"], seeds=1,
+                   out=out, compare_settings=SETTINGS, **QUICK)
+
+
+def png_pixels(path):
+    """Decode a non-interlaced 8-bit PNG's pixel bytes (zlib of the IDAT chunks), without extra libraries."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    pos, idat, width = 8, b"", None
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            width, height = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    assert width > 100 and height > 100
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory):
+    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    return (run(a), a), (run(b), b)
+
+
+def test_every_file_and_the_schema(twice):
+    (report, out), _ = twice
+    for name in ["report.json", "report.md", "channel_attention.json", *FIGURES]:
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "report.json").read_text())
+    assert set(saved) == TOP_KEYS and saved["schema"] == "fastdelta.compare/1"
+    assert saved["figures"] == FIGURES
+    # 2 methods x 1 seed with the step schedule, and the exp schedule of both for Fig. 3
+    assert sorted(r["name"] for r in saved["runs"]) == ["delta_seed0", "delta_seed0_exp", "l2_sp_seed0",
+                                                        "l2_sp_seed0_exp"]
+    for r in saved["runs"]:
+        assert set(r) == RUN_KEYS
+        assert r["status"] == "ok" and 0 <= r["test_top1"] <= 100
+        assert [it for it, _ in r["curve"]] == [1, 3]  # every 2 iterations and the last
+    assert len(saved["search"]["results"]) == 4  # 2 methods x 2 alphas, beta fixed
+    for m in ("l2_sp", "delta"):
+        chosen = saved["chosen"][m]
+        best = max((r for r in saved["search"]["results"] if r["method"] == m), key=lambda r: r["val_top1"])
+        assert chosen["alpha"] == best["alpha"] and chosen["beta"] == 0.01
+        assert saved["table"][m]["values"] == [next(r["test_top1"] for r in saved["runs"] if r["name"] == f"{m}_seed0")]
+    assert set(saved["filter_distances"]["delta"]) == {"conv1", "block", "conv2"}  # stages of TinyNet
+    maps = saved["activation_maps"]
+    assert set(maps["maps"]) == {"source", "l2_sp", "delta"} and len(maps["images"]) == 2
+    assert set(saved["claims"]) == {"accuracy", "smoother_curve", "unactivated_filters_move", "attention_regions"}
+    md = (out / "report.md").read_text()
+    assert "| DELTA |" in md and "**" in md and "fig5_filter_distance.png" in md
+
+
+def test_figures_are_pngs_with_content(twice):
+    (_, out), _ = twice
+    for name in FIGURES:
+        pixels = png_pixels(out / name)
+        assert pixels.std() > 5, f"{name} looks blank"
+
+
+def test_same_seed_same_numbers(twice):
+    (a, _), (b, _) = twice
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert strip(a["runs"]) == strip(b["runs"])
+    assert [r["val_top1"] for r in a["search"]["results"]] == [r["val_top1"] for r in b["search"]["results"]]
+    assert a["filter_distances"] == b["filter_distances"]
+
+
+def test_validation_split_is_stratified_and_disjoint():
+    y = np.repeat(np.arange(3), [5, 10, 2])
+    fit_idx, val_idx = stratified_split(y, 0.2, seed=0)
+    assert not set(fit_idx) & set(val_idx) and len(fit_idx) + len(val_idx) == len(y)
+    assert np.bincount(y[val_idx]).tolist() == [1, 2, 1]
+    (xf, yf), (xv, yv) = validation_split(arrays(n_per_class=5), 0.4, seed=0)
+    assert np.bincount(yv).tolist() == [2, 2, 2] and np.bincount(yf).tolist() == [3, 3, 3]
+    with pytest.raises(DataError, match="class 2 has 1"):
+        stratified_split(np.array([0, 0, 1, 1, 2]), 0.2, 0)
+
+
+def test_bad_settings_fail_before_any_run(tmp_path):
+    data = arrays()
+    with pytest.raises(SettingsError, match="methods"):
+        compare(tiny_net(), data, data, methods=["delta", "nope"], out=tmp_path, **QUICK)
+    with pytest.raises(SettingsError, match="seeds"):
+        compare(tiny_net(), data, data, methods=["delta"], seeds=0, out=tmp_path, **QUICK)
+    with pytest.raises(SettingsError, match="'seed'"):
+        compare(tiny_net(), data, data, methods=["delta"], out=tmp_path, seed=3, **QUICK)
+    with pytest.raises(SettingsError, match="unknown setting"):
+        compare(tiny_net(), data, data, methods=["delta"], out=tmp_path, iterationz=3, **QUICK)
+    with pytest.raises(SettingsError, match="test set"):
+        compare(tiny_net(), data, None, methods=["delta"], out=tmp_path, **QUICK)
+    assert not any(tmp_path.iterdir())  # nothing written
