@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -37,6 +38,20 @@ class NonFiniteLossError(FloatingPointError):
                          f"the model keeps the weights of iteration {iteration - 1} (try a smaller alpha or lr)")
         self.iteration, self.term, self.value, self.history = iteration, term, value, history
         self.partial_result = None  # filled in by fit()
+
+
+@contextmanager
+def flush_denormals(device: torch.device):
+    """On CPU, flush denormal floats to zero while training or evaluating: tiny values such as w - w*
+    under a strong L2-SP pull otherwise make float ops 10-100x slower on x86 (measured: 4.5 s against
+    0.4 s per step at alpha 0.1). Values below 1.2e-38 become 0, far below anything that matters."""
+    if device.type != "cpu" or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -130,7 +145,8 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
     writer = HistoryWriter(spec.history_path if ctx.is_main else None, history)
     t_start = time.perf_counter()
     try:
-        with progress_bar(spec.iterations, spec.desc, "it", spec.progress and ctx.is_main) as bar:
+        with progress_bar(spec.iterations, spec.desc, "it", spec.progress and ctx.is_main) as bar, \
+                flush_denormals(device):
             bar.update(start.iteration)
             for it in range(start.iteration, spec.iterations):
                 t0 = time.perf_counter()
@@ -228,7 +244,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, progres
     Under torch.distributed each rank passes its shard and the counts are summed."""
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # correct, correct centre crop, images, 10-crop batches
-    with progress_bar(len(loader), desc, "batch", progress and ctx.is_main) as bar:
+    with progress_bar(len(loader), desc, "batch", progress and ctx.is_main) as bar, flush_denormals(device):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             if x.dim() == 5:

@@ -230,3 +230,11 @@ def test_learning_curve_points_do_not_change_training(method):
     for a, b in zip(plain.model.state_dict().values(), curve.model.state_dict().values()):
         assert torch.equal(a, b)
     assert plain.test_top1 == curve.test_top1
+
+
+def test_flush_denormals_on_cpu_only_inside_the_context():
+    from fastdelta.engine import flush_denormals
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    with flush_denormals(torch.device("cpu")):
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() != 0.0
