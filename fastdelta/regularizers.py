@@ -21,10 +21,18 @@ import torch.nn.functional as F
 
 
 def feature_map_distance(target: torch.Tensor, source: torch.Tensor, channel_scale: torch.Tensor,
-                         relu: bool = True) -> torch.Tensor:
+                         relu: bool = True, impl: str = "auto") -> torch.Tensor:
     """0.5 * sum_{b,j} scale_j * ||FM_bj(target) - FM_bj(source)||^2, accumulated in fp32.
 
-    The reference composite that the fused kernels (kernels issue) replace."""
+    Dispatches to the fused kernels (fastdelta.kernels: Triton on CUDA, the native C++ library on CPU);
+    ``impl="reference"`` (setting ``distance_impl``) forces reference_feature_map_distance."""
+    from .kernels.dispatch import fm_distance
+    return fm_distance(target, source, channel_scale, relu, impl=impl)
+
+
+def reference_feature_map_distance(target: torch.Tensor, source: torch.Tensor, channel_scale: torch.Tensor,
+                                   relu: bool = True) -> torch.Tensor:
+    """The plain PyTorch composite that the fused kernels replace (distance_impl="reference")."""
     acc = torch.promote_types(target.dtype, torch.float32)  # bf16/fp16 inputs accumulate in fp32
     t, s = target.to(acc), source.detach().to(acc)
     if relu:
@@ -62,6 +70,7 @@ class Regularizer:
     uses_attention = False
     freezes_extractor = False
     sum_scale = 1.0  # per-batch sums x world size under DDP, so averaged gradients match one process
+    distance_impl = "auto"  # feature-map distance kernel (settings.distance_impl; fit sets it)
 
     def __init__(self, target: nn.Module, source: nn.Module, head_name: str, layers: Sequence[str],
                  alpha: float, beta: float, weight_decay: float, feature_relu: bool = True,
@@ -163,7 +172,7 @@ class Delta(Regularizer):
     def terms(self, target_feats=None, source_feats=None) -> Terms:
         total = self.zero()
         for t, s, scale in zip(target_feats, source_feats, channel_scales(self.weights(), target_feats)):
-            total = total + feature_map_distance(t, s, scale, self.feature_relu)
+            total = total + feature_map_distance(t, s, scale, self.feature_relu, self.distance_impl)
         return Terms(self.alpha * self.sum_scale * total, 0.5 * self.beta * squared_norm(self.head_params))
 
 

@@ -15,3 +15,4 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
 fi
 
 python3 -m pip install -q -e ".[test]"
+python3 kernels/build_native.py --quiet || true  # native CPU kernel; a failed build warns, PyTorch path used
