@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="fastdelta-demo")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("bench", help="benchmarks: `fastdelta bench step` times the training step of every method",
+                       description="Benchmarks (fastdelta/bench.py).")
+    bench_sub = p.add_subparsers(dest="bench", required=True)
+    from .bench import add_arguments as _bench_arguments
+    _bench_arguments(bench_sub.add_parser(
+        "step", help="training step of every method vs the public recipe (JSON + Markdown table)"))
     return parser
 
 
@@ -175,6 +181,14 @@ def main(argv=None) -> int:
     if args.command in ("fit", "attention") and not args.out:
         parser.error("--out is required")
     warnings.simplefilter("default", UserWarning)
+    if args.command == "bench":
+        from .bench import run as run_bench
+        try:
+            run_bench(args)
+        except ValueError as e:
+            print(f"fastdelta: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     import fastdelta
     from .engine import NonFiniteLossError
     try:

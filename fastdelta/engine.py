@@ -26,6 +26,7 @@ from .data.sampling import GlobalBatchSampler, SeededSamples
 from .distributed import DistContext
 from .progress import progress_bar
 from .regularizers import Regularizer
+from .step import FastStep, StepOptions
 from .taps import FeatureTaps
 
 
@@ -102,6 +103,9 @@ class TrainSpec:
     # called after each step with (iterations done, that step's history record); it may add fields to
     # the record (e.g. a periodic test accuracy for learning curves) before it is written
     on_step: Optional[Callable[[int, dict], None]] = None
+    # None: the reference step (eager fp32, hooks, parameter norms in autograd); else the fast step
+    # engine of fastdelta/step.py with these options (precision, channels_last, compile, CUDA graphs)
+    step: Optional[StepOptions] = None
 
 
 @dataclass
@@ -131,13 +135,17 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
         target.requires_grad_(True).train()
     forward = target
     if ctx.active:  # gradients averaged over ranks by DDP; per-batch sums scaled to the global batch
-        forward = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
+        if spec.step is None:  # (the fast step wraps its own forward in DDP)
+            forward = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
         reg.sum_scale = float(ctx.world_size)
-    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
+    stepper = None if spec.step is None else FastStep(target, source, reg, params, spec.step, device, spec.lr,
+                                                      spec.momentum, ctx)
+    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum) if stepper is None else stepper.opt
     if start.optimizer is not None:
         opt.load_state_dict(start.optimizer)
-    target_taps = FeatureTaps(target, reg.layers, forward) if reg.uses_source_features else None
-    source_taps = FeatureTaps(source, reg.layers) if reg.uses_source_features else None
+    reference_taps = stepper is None and reg.uses_source_features
+    target_taps = FeatureTaps(target, reg.layers, forward) if reference_taps else None
+    source_taps = FeatureTaps(source, reg.layers) if reference_taps else None
     history = list(start.history)
     batches = iter(make_train_loader(dataset, spec, start.iteration, ctx))
     if start.rng is not None:  # after the loader drew its seed, as in the uninterrupted run
@@ -156,35 +164,46 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
                 lr = lr_at(it, spec.lr, spec.lr_schedule, spec.lr_step, spec.lr_gamma)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                if target_taps is not None:
-                    logits, t_feats = target_taps(x)
-                    with torch.no_grad():
-                        _, s_feats = source_taps(x)
-                    terms = reg.terms(t_feats, s_feats)
-                else:
-                    logits = forward(x)
-                    terms = reg.terms()
-                ce = F.cross_entropy(logits.float(), y)
-                # every rank checks the same (averaged) values, so all stop together on a NaN
-                values = dict(zip(("ce", "reg", "head"), ctx.all_reduce_sum(
-                    torch.stack([ce, terms.reg, terms.head]).detach().double().cpu()).div(ctx.world_size).tolist()))
-                for name, v in values.items():
-                    if not math.isfinite(v):
-                        raise NonFiniteLossError(it, name, v, history)
-                loss = ce + terms.reg + terms.head
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                # a finite loss can still give an infinite gradient: never apply such an update
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
-                if not math.isfinite(grad_norm):
-                    raise NonFiniteLossError(it, "gradient", grad_norm, history)
-                opt.step()
+                if stepper is not None:  # same terms, checks and record, one host sync (fastdelta/step.py)
+                    out = stepper.forward_backward(x, y, lr)
+                    values, grad_norm, train_acc = out.values, out.grad_norm, out.train_acc
+                    for name, v in values.items():
+                        if not math.isfinite(v):
+                            raise NonFiniteLossError(it, name, v, history)
+                    if not math.isfinite(grad_norm) and not stepper.skips_nonfinite_grads:
+                        raise NonFiniteLossError(it, "gradient", grad_norm, history)
+                    stepper.update()
+                else:  # the reference step: eager fp32, hooks, every term in autograd
+                    if target_taps is not None:
+                        logits, t_feats = target_taps(x)
+                        with torch.no_grad():
+                            _, s_feats = source_taps(x)
+                        terms = reg.terms(t_feats, s_feats)
+                    else:
+                        logits = forward(x)
+                        terms = reg.terms()
+                    ce = F.cross_entropy(logits.float(), y)
+                    # every rank checks the same (averaged) values, so all stop together on a NaN
+                    values = dict(zip(("ce", "reg", "head"), ctx.all_reduce_sum(
+                        torch.stack([ce, terms.reg, terms.head]).detach().double().cpu()).div(ctx.world_size).tolist()))
+                    for name, v in values.items():
+                        if not math.isfinite(v):
+                            raise NonFiniteLossError(it, name, v, history)
+                    loss = ce + terms.reg + terms.head
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    # a finite loss can still give an infinite gradient: never apply such an update
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+                    if not math.isfinite(grad_norm):
+                        raise NonFiniteLossError(it, "gradient", grad_norm, history)
+                    opt.step()
+                    train_acc = (logits.argmax(1) == y).float().mean().item()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t_step = time.perf_counter() - t0
                 history.append({"iteration": it, **values, "loss": values["ce"] + values["reg"] + values["head"],
                                 "grad_norm": grad_norm, "lr": lr,
-                                "train_acc": (logits.argmax(1) == y).float().mean().item(),
+                                "train_acc": train_acc,
                                 "data_s": round(t_data, 5), "step_s": round(t_step, 5),
                                 "elapsed_s": round(time.perf_counter() - t_start, 3)})
                 done = it + 1
@@ -206,6 +225,8 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
         for taps in (target_taps, source_taps):
             if taps is not None:
                 taps.close()
+        if stepper is not None:
+            stepper.close()
         target.requires_grad_(True)
         reg.sum_scale = 1.0
     ctx.barrier()  # rank 0's last checkpoint is on disk before anyone moves on

@@ -23,6 +23,7 @@ from .models import Networks, build_networks, guess_arch
 from .regularizers import L2FE, REGULARIZERS, make_regularizer
 from .result import FitResult
 from .settings import FitSettings, SettingsError, make_settings
+from .step import resolve_step_options
 
 # settings that may differ between a run and its resumption: they do not change the result (the
 # global batches are the same on any number of ranks, so a DDP run may resume on one process)
@@ -122,10 +123,13 @@ def _identity(s: FitSettings, nets: Networks, data, world_size: int) -> dict:
 
 def _check_identity(saved: dict, current: dict, run_dir) -> None:
     diffs = []
+    defaults = FitSettings().to_dict()
     for part in ("settings", "model", "data"):
         a, b = saved.get(part, {}), current.get(part, {})
         diffs += [f"{part}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                  if a.get(k) != b.get(k)]
+                  if a.get(k) != b.get(k)
+                  # a setting added after the checkpoint was written, left at its default, changes nothing
+                  and not (part == "settings" and k not in a and k in defaults and b.get(k) == defaults[k])]
     if diffs:
         raise SettingsError(f"cannot resume {run_dir}: the run was made with other settings: " + "; ".join(diffs[:6]))
 
@@ -179,6 +183,12 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
         timings["attention"] = attention.timings.get("total", 0.0)
     reg = make_regularizer(s.method, nets.target, nets.source, nets.head_name, nets.layers, s.alpha, s.beta,
                            s.weight_decay, s.feature_relu, None if attention is None else attention.weights)
+    reg.distance_impl = s.distance_impl
+    try:
+        step_options = resolve_step_options(device, s.precision, s.compile, s.channels_last, s.cuda_graphs,
+                                            s.step_engine)
+    except ValueError as e:
+        raise SettingsError(str(e)) from e
     run_dir = Path(s.run_dir) if s.run_dir is not None else None
     spec = TrainSpec(s.iterations, s.lr, s.momentum, s.batch_size, s.seed, s.lr_schedule, s.lr_step, s.lr_gamma,
                      s.num_workers, s.progress, f"train {s.method}",
@@ -187,8 +197,9 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
                      history_path=None if run_dir is None else run_dir / "history.jsonl",
                      payload_extra={"identity": identity,
                                     "attention": None if attention is None else attention.to_dict()},
-                     on_step=_curve_evaluator(nets.target, data.test, s, device, ctx))
+                     on_step=_curve_evaluator(nets.target, data.test, s, device, ctx), step=step_options)
     settings_record = {**s.to_dict(), "device_used": str(device), "world_size": ctx.world_size,
+                       "step_used": step_options.describe() if step_options is not None else {"step_engine": "reference"},
                        "resumed_from_iteration": start.iteration if s.resume else None}
     data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped]}
     info = _model_info(nets)

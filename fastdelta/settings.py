@@ -16,6 +16,10 @@ AUGMENTATIONS = ("default", "improved")
 LR_SCHEDULES = ("step", "exp")
 ATTENTION_IMPLS = ("prefix", "masked_forward", "first_order")
 ATTENTION_DTYPES = ("fp32", "bf16")
+DISTANCE_IMPLS = ("auto", "triton", "native", "reference")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+STEP_ENGINES = ("auto", "reference", "fast")
 
 
 class SettingsError(ValueError):
@@ -48,6 +52,14 @@ class FitSettings:
     attention_chunk: Optional[int] = None       # masked copies per suffix pass; None: from free memory
     attention_cache: Optional[str] = "auto"     # folder; "auto": $FASTDELTA_CACHE or ~/.cache/fastdelta; None: off
     attention: Optional[object] = None          # precomputed ChannelAttention or path to channel_attention.json
+    distance_impl: str = "auto"                 # feature-map distance: "auto" (fused kernel), "triton", "native", "reference"
+    # training-step engine (fastdelta/step.py); "auto": bf16 + channels_last + torch.compile on CUDA, and on
+    # CPU fp32 eager contiguous = the reference step (today's behaviour and speed)
+    precision: str = "auto"        # "auto" | "fp32" | "bf16" | "fp16" (autocast; fp16 with a GradScaler)
+    compile: object = "auto"       # "auto" | True | False | a torch.compile mode (COMPILE_MODES)
+    channels_last: object = "auto" # "auto" | True | False
+    cuda_graphs: bool = False      # CUDA graphs through torch.compile mode "reduce-overhead" (CUDA only)
+    step_engine: str = "auto"      # "reference" (eager fp32 hooks) | "fast" | "auto" (fast unless all fp32/eager)
     seed: int = 0
     device: str = "auto"
     num_workers: Optional[int] = None
@@ -98,6 +110,8 @@ class FitSettings:
             raise SettingsError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
         if self.attention_dtype not in ATTENTION_DTYPES:
             raise SettingsError(f"attention_dtype={self.attention_dtype!r}: expected one of {ATTENTION_DTYPES}")
+        if self.distance_impl not in DISTANCE_IMPLS:
+            raise SettingsError(f"distance_impl={self.distance_impl!r}: expected one of {DISTANCE_IMPLS}")
         if self.attention_chunk is not None and (not isinstance(self.attention_chunk, int) or self.attention_chunk < 1):
             raise SettingsError(f"attention_chunk={self.attention_chunk!r}: must be an integer >= 1 or None")
         if not (self.attention_temperature > 0):
@@ -114,6 +128,23 @@ class FitSettings:
             raise SettingsError(f"attention_max_images={self.attention_max_images!r}: must be >= 1 or None")
         if self.resize is not None and self.crop is not None and self.crop > self.resize:
             raise SettingsError(f"crop={self.crop} is larger than resize={self.resize}")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"precision={self.precision!r}: expected one of {PRECISIONS}")
+        if not (isinstance(self.compile, bool) or self.compile == "auto" or self.compile in COMPILE_MODES):
+            raise SettingsError(f"compile={self.compile!r}: expected 'auto', True, False or one of {COMPILE_MODES}")
+        if not (isinstance(self.channels_last, bool) or self.channels_last == "auto"):
+            raise SettingsError(f"channels_last={self.channels_last!r}: expected 'auto', True or False")
+        if not isinstance(self.cuda_graphs, bool):
+            raise SettingsError(f"cuda_graphs={self.cuda_graphs!r}: expected True or False")
+        if self.cuda_graphs and self.compile is False:
+            raise SettingsError("cuda_graphs=True works through torch.compile (mode 'reduce-overhead'); "
+                                "it cannot be combined with compile=False")
+        if self.step_engine not in STEP_ENGINES:
+            raise SettingsError(f"step_engine={self.step_engine!r}: expected one of {STEP_ENGINES}")
+        if self.step_engine == "reference" and (self.precision in ("bf16", "fp16") or self.channels_last is True
+                                                or self.cuda_graphs or not (self.compile in ("auto", False))):
+            raise SettingsError("step_engine='reference' is the eager fp32 step: it takes no precision, "
+                                "channels_last, compile or cuda_graphs setting")
         if self.layers is not None and (isinstance(self.layers, str) or not all(isinstance(l, str) for l in self.layers)):
             raise SettingsError(f"layers={self.layers!r}: expected a list of module names")
 

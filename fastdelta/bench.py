@@ -1,0 +1,401 @@
+"""`fastdelta bench step` / benchmarks/bench_step.py: the training step of every method, timed side by side
+with the public recipe (eager fp32, forward hooks, full source forward, L2-SP as a Python loop).
+
+Synthetic tensors (this measures the model step, not data loading). For each model, method and engine:
+ms/step, img/s, time to first step (building the step and compiling it included), peak GPU memory.
+Writes `bench_step.json` (updated after every row, so a cut-off run keeps what it measured) and
+`bench_step.md` (a table with the ratios the issue asks for: fastdelta / public recipe per method,
+each method's step / the L2 step of the same engine).
+
+The public recipe here is a copy of what `../shared/anchors/public_recipe_gpu.py` re-implements
+(kept in this package: nothing is imported from outside it).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .models import build_networks
+from .regularizers import make_regularizer
+from .settings import METHODS
+from .step import FastStep, resolve_step_options
+
+GPU_MODELS = ["resnet50", "resnet101", "efficientnet_lite0"]
+
+
+# ---------------------------------------------------------------------------------------- public recipe
+class PublicStep:
+    """The public code's step: eager fp32, forward hooks on both networks, the full source forward,
+    L2 as SGD weight decay, L2-SP(ATT) as a Python loop over the parameters, DELTA's distance on raw taps."""
+
+    def __init__(self, nets, method: str, attention, lr=0.01, momentum=0.9, alpha=0.01, beta=0.01, wd=1e-4):
+        self.method, self.alpha, self.beta = method, alpha, beta
+        self.src, self.tgt = nets.source, nets.target
+        self.head = nets.head_name
+        self.src.eval()
+        if method == "l2_fe":
+            self.tgt.eval().requires_grad_(False)
+            self.tgt.get_submodule(self.head).requires_grad_(True)
+            params = list(self.tgt.get_submodule(self.head).parameters())
+        else:
+            self.tgt.train().requires_grad_(True)
+            params = list(self.tgt.parameters())
+        self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd if method in ("l2", "l2_fe") else 0)
+        self.src_w = {n: p.detach().clone() for n, p in self.src.named_parameters()}
+        self.fs, self.ft = [], []
+        for model, store in ((self.src, self.fs), (self.tgt, self.ft)):
+            for name in nets.layers:
+                model.get_submodule(name).register_forward_hook(lambda m, i, o, store=store: store.append(o))
+        self.cws = attention if method == "delta" else [torch.full_like(a, 1.0 / a.numel()) for a in attention]
+        self.filter_w = {}
+        if method == "l2_sp_att":
+            for layer, a in zip(nets.layers, attention):
+                self.filter_w[layer + ".weight"] = a.numel() * a
+
+    def _att_reg(self):
+        reg = 0.
+        for cw, a, b in zip(self.cws, self.fs, self.ft):
+            bb, c, h, w = a.shape
+            d = torch.norm(b.reshape(bb, c, -1) - a.reshape(bb, c, -1).detach(), 2, 2)
+            reg = reg + 0.5 * torch.sum(c * cw * d ** 2 / (h * w))
+        return reg
+
+    def step(self, x, y):
+        self.fs.clear()
+        self.ft.clear()
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.tgt(x), y)
+        if self.method in ("l2_sp", "l2_sp_att"):
+            sp = 0.
+            for n, p in self.tgt.named_parameters():
+                if not n.startswith(self.head + "."):
+                    d2 = (p - self.src_w[n]).pow(2)
+                    if n in self.filter_w:
+                        d2 = d2.reshape(d2.shape[0], -1) * self.filter_w[n][:, None]
+                    sp = sp + 0.5 * d2.sum()
+            loss = loss + self.alpha * sp
+        if self.method in ("delta", "delta_no_att"):
+            with torch.no_grad():
+                self.src(x)
+            loss = loss + self.alpha * self._att_reg()
+        if self.method not in ("l2", "l2_fe"):
+            loss = loss + self.beta * 0.5 * sum(p.pow(2).sum() for p in self.tgt.get_submodule(self.head).parameters())
+        loss.backward()
+        self.opt.step()
+        self.fs.clear()
+        self.ft.clear()
+
+
+# ---------------------------------------------------------------------------------------- tiny CPU model
+class SmokeNet(nn.Module):
+    """A small CNN (conv-BN-ReLU stages) for the CPU smoke configuration."""
+
+    def __init__(self, num_classes=10, width=8):
+        super().__init__()
+        def stage(i, o, s):
+            return nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+        self.stem = stage(3, width, 2)
+        self.layer1 = stage(width, width, 1)
+        self.layer2 = stage(width, 2 * width, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+SMOKE_LAYERS = ["layer1.0", "layer2.0"]
+
+
+# ---------------------------------------------------------------------------------------- measurement
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cleanup(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _networks(model: str, num_classes: int, device, seed=0):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: speed does not depend on them
+        if model == "smoke":
+            nets = build_networks(SmokeNet(), num_classes, None, SMOKE_LAYERS, seed)
+        else:
+            nets = build_networks(model, num_classes, "random", None, seed)
+    nets.source.to(device)
+    nets.target.to(device)
+    return nets
+
+
+def _attention(nets, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for layer in nets.layers:
+        with torch.no_grad():
+            c = _out_channels(nets.source, layer)
+        out.append(torch.softmax(torch.randn(c, generator=g) / 5, 0).to(device))
+    return out
+
+
+def _out_channels(model, layer):
+    m = model.get_submodule(layer)
+    convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+    return (m if isinstance(m, nn.Conv2d) else convs[-1]).out_channels
+
+
+def measure(model: str, method: str, engine: str, batch: int, size: int, num_classes: int, device,
+            warmup: int, iters: int, options=None, profile_steps: int = 0, profile_dir: Optional[Path] = None) -> dict:
+    """One row: build, first step (timed, compile included), warm-up, timed steps, peak memory."""
+    _cleanup(device)
+    nets = _networks(model, num_classes, device)
+    attention = _attention(nets, device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    if engine == "public":
+        runner = PublicStep(nets, method, attention)
+        step = lambda: runner.step(x, y)
+    else:
+        reg = make_regularizer(method, nets.target, nets.source, nets.head_name, nets.layers, 0.01, 0.01, 1e-4,
+                               True, attention if method in ("delta", "l2_sp_att") else None)
+        params = reg.trainable_parameters(nets.target)
+        if reg.freezes_extractor:  # as train_loop sets up L2-FE
+            nets.target.requires_grad_(False).eval()
+            for p in params:
+                p.requires_grad_(True)
+        else:
+            nets.target.requires_grad_(True).train()
+        runner = FastStep(nets.target, nets.source, reg, params, options, device, 0.01, 0.9)
+        step = lambda: runner.step(x, y, 0.01)
+    step()
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync(device)
+    ms = (time.perf_counter() - t1) * 1000 / iters
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    row = {"model": model, "method": method, "engine": engine, "batch": batch, "size": size,
+           "ms_per_step": round(ms, 3), "img_per_s": round(batch * 1000 / ms, 1), "first_step_s": round(first, 2),
+           "peak_gib": None if peak is None else round(peak, 3)}
+    if options is not None:
+        row["options"] = options.describe()
+    if profile_steps and profile_dir is not None:
+        row["profile"] = _profile(step, device, profile_steps,
+                                  Path(profile_dir) / f"profile_{model}_{method}_{engine}.txt".replace("[", "_").replace("]", ""))
+    del runner, step, nets
+    torch._dynamo.reset()
+    _cleanup(device)
+    return row
+
+
+def _profile(step, device, steps: int, path: Path) -> str:
+    """torch.profiler over a few steps: the top kernels / ops by self time, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=25))
+    return path.name
+
+
+def environment(device) -> dict:
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "cpu_count": os.cpu_count()}
+    try:
+        import torchvision
+        env["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    try:
+        import timm
+        env["timm"] = timm.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version(),
+                   driver_capability=".".join(map(str, torch.cuda.get_device_capability(device))))
+    try:
+        from .kernels.dispatch import describe
+        env["distance_kernels"] = describe()
+    except Exception:  # noqa: BLE001 - the kernels module is optional here
+        pass
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        env["git_commit"] = None
+    return env
+
+
+def markdown(result: dict) -> str:
+    """The table of the issue: per model and method, public vs fastdelta img/s and ratios."""
+    rows = result["rows"]
+    env = result["environment"]
+    lines = [f"# bench_step: {env.get('gpu', env['device'])}, torch {env['torch']}, {env['date']}", "",
+             f"batch {result['config']['batch']}, {result['config']['size']}x{result['config']['size']}, "
+             f"synthetic tensors, {result['config']['iters']} timed steps after {result['config']['warmup']} "
+             "warm-up steps. ratio = fastdelta img/s / public img/s; vs L2 = the method's ms/step / the same "
+             "engine's L2 ms/step.", ""]
+    fast_engines = sorted({r["engine"] for r in rows if r["engine"] != "public"})
+    head = ["model", "method", "public img/s", "public ms", "public first s", "public peak GiB"]
+    for e in fast_engines:
+        head += [f"{e} img/s", f"{e} ms", "ratio", "vs L2", "first s", "peak GiB"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    key = {(r["model"], r["method"], r["engine"]): r for r in rows if "error" not in r}
+    errors = [r for r in rows if "error" in r]
+    fmt = lambda v, f="{:,.1f}": "-" if v is None else f.format(v)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model):
+            pub = key.get((model, method, "public"))
+            cells = [model, method, fmt(pub and pub["img_per_s"]), fmt(pub and pub["ms_per_step"], "{:.2f}"),
+                     fmt(pub and pub["first_step_s"]), fmt(pub and pub["peak_gib"], "{:.2f}")]
+            for e in fast_engines:
+                r = key.get((model, method, e))
+                l2 = key.get((model, "l2", e))
+                ratio = r["img_per_s"] / pub["img_per_s"] if r and pub else None
+                vs_l2 = r["ms_per_step"] / l2["ms_per_step"] if r and l2 else None
+                cells += [fmt(r and r["img_per_s"]), fmt(r and r["ms_per_step"], "{:.2f}"), fmt(ratio, "{:.2f}x"),
+                          fmt(vs_l2, "{:.2f}x"), fmt(r and r["first_step_s"]), fmt(r and r["peak_gib"], "{:.2f}")]
+            lines.append("| " + " | ".join(cells) + " |")
+    if errors:
+        lines += ["", "Failed rows:", ""] + [f"- {r['model']} {r['method']} {r['engine']}: {r['error']}" for r in errors]
+    lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items())]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny CPU configuration (a small CNN, batch 4, 32x32, few steps): a CI smoke test")
+    p.add_argument("--models", default=None,
+                   help=f"comma separated (default {','.join(GPU_MODELS)}; 'smoke' = the tiny CNN)")
+    p.add_argument("--methods", default="all", help=f"comma separated from {', '.join(METHODS)}, or all")
+    p.add_argument("--engines", default="public,fastdelta", help="public and/or fastdelta")
+    p.add_argument("--batch", type=int, default=None, help="default 64 (smoke: 4)")
+    p.add_argument("--size", type=int, default=None, help="default 224 (smoke: 32)")
+    p.add_argument("--num-classes", type=int, default=120)
+    p.add_argument("--warmup", type=int, default=None, help="default 5 (smoke: 1)")
+    p.add_argument("--iters", type=int, default=None, help="default 20 (smoke: 2)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", default="auto", help="auto, off, or a torch.compile mode (fastdelta engine)")
+    p.add_argument("--compile-modes", default=None,
+                   help="measure the fastdelta engine once per mode, e.g. default,max-autotune-no-cudagraphs,"
+                        "reduce-overhead (overrides --compile)")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--cuda-graphs", action="store_true", help="fastdelta: CUDA graphs (compile 'reduce-overhead')")
+    p.add_argument("--out", default="bench-step", help="folder for bench_step.json and bench_step.md")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of an existing OUT/bench_step.json (same model/method/engine: replaced), "
+                        "so a configuration can be measured in several runs")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many steps per row: top kernels to OUT/profile_*.txt")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: start no new row after this (rows measured so far are written)")
+
+
+def run(args) -> dict:
+    from .engine import pick_device
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    smoke = args.smoke
+    models = args.models.split(",") if args.models else (["smoke"] if smoke else GPU_MODELS)
+    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"--methods: unknown {bad}; valid: {', '.join(METHODS)}")
+    batch = args.batch or (4 if smoke else 64)
+    size = args.size or (32 if smoke else 224)
+    warmup = args.warmup if args.warmup is not None else (1 if smoke else 5)
+    iters = args.iters or (2 if smoke else 20)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    cl = {"auto": "auto", "on": True, "off": False}[args.channels_last]
+    fast = []  # (engine label, StepOptions)
+    if "fastdelta" in engines:
+        modes = args.compile_modes.split(",") if args.compile_modes else [args.compile]
+        for mode in modes:
+            opts = resolve_step_options(device, args.precision, mode, cl, args.cuda_graphs, "fast")
+            label = "fastdelta" if len(modes) == 1 else f"fastdelta[{mode}]"
+            fast.append((label, opts))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if args.append and (out / "bench_step.json").is_file():
+        previous = json.loads((out / "bench_step.json").read_text())
+    t_start = time.perf_counter()
+    result = {"config": {"models": models, "methods": methods, "batch": batch, "size": size, "warmup": warmup,
+                         "iters": iters, "num_classes": args.num_classes, "smoke": smoke,
+                         "fastdelta_options": {label: o.describe() for label, o in fast}},
+              "environment": environment(device), "rows": []}
+    if previous is not None:
+        result["previous_environments"] = previous.get("previous_environments", []) + [previous["environment"]]
+        result["rows"] = previous["rows"]
+
+    def save():
+        (out / "bench_step.json").write_text(json.dumps(result, indent=1))
+        (out / "bench_step.md").write_text(markdown(result))
+
+    for model in models:
+        for method in methods:
+            runs = ([("public", None)] if "public" in engines else []) + fast
+            for label, opts in runs:
+                if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+                    print(f"time budget of {args.time_budget:.0f} s spent: {model} {method} {label} not measured",
+                          flush=True)
+                    continue
+                try:
+                    row = measure(model, method, "public" if label == "public" else label, batch, size,
+                                  args.num_classes, device, warmup, iters, opts, args.profile, out)
+                except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
+                    row = {"model": model, "method": method, "engine": label, "error": f"{type(e).__name__}: {e}"[:500]}
+                    torch._dynamo.reset()
+                    _cleanup(device)
+                result["rows"] = [r for r in result["rows"] if (r["model"], r["method"], r["engine"]) !=
+                                  (row["model"], row["method"], row["engine"])] + [row]
+                print(json.dumps(row), flush=True)
+                save()
+    save()
+    print(markdown(result), flush=True)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = argparse.ArgumentParser(prog="bench_step", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))

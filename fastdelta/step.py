@@ -1,0 +1,224 @@
+"""The fast training step, one engine for all six methods (issue 5).
+
+`FastStep.forward_backward(x, y, lr)` then `FastStep.update()` does what the reference step of
+`engine.train_loop` does (same loss, same history values, same non-finite rules), faster:
+
+- precision: bf16 autocast (default on CUDA), fp16 autocast + GradScaler, or fp32 (the reference);
+  loss terms are accumulated in fp32 either way;
+- channels_last activations and weights (default on CUDA);
+- the target's taps come from a torch.fx extractor sharing the target's modules (no hooks), the source
+  is `source_net.SourceFeatures` (frozen, truncated after the last tap, BN folded where exact);
+- the loss function (target forward, source forward, CE, feature-map term) is compiled with
+  torch.compile(fullgraph=True) -- no graph break (tests/test_step.py checks it on CPU); the backward is
+  compiled by AOTAutograd; CUDA graphs through mode "reduce-overhead" (`cuda_graphs=True`);
+- parameter-norm terms (L2, L2-SP, L2-SP(ATT), the head's beta/wd term of L2/L2-SP/L2-FE) are not in
+  the graph: `optim.PullSGD` adds their gradient after the backward with foreach ops and reports their
+  value; the momentum update is torch SGD, fused on CUDA, foreach on CPU;
+- one host synchronisation per step: ce, reg, head, gradient norm and correct count in one copy, read
+  before the update so a non-finite step is never applied (fp16: GradScaler skips it instead).
+
+`resolve_step_options` maps the settings (`precision`, `compile`, `channels_last`, `cuda_graphs`,
+`step_engine`) to a `StepOptions`, or to None for the reference step. On CPU "auto" everywhere gives
+None: today's eager fp32 step, unchanged.
+"""
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .distributed import DistContext
+from .optim import PullSGD, grad_norm, parameter_pulls
+from .regularizers import Regularizer
+from .settings import COMPILE_MODES, PRECISIONS, STEP_ENGINES
+from .source_net import TargetFeatures, source_features
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the compile mode "auto" takes on CUDA; bench_step.py --compile-modes measures the others
+DEFAULT_COMPILE_MODE = "default"
+
+
+@dataclass
+class StepOptions:
+    precision: str = "fp32"          # "fp32" | "bf16" | "fp16"
+    channels_last: bool = False
+    compile: Optional[str] = None    # None: eager; else a torch.compile mode
+    cuda_graphs: bool = False        # compile mode "reduce-overhead" (CUDA graph trees)
+    fold_source_bn: bool = True      # fold the source's BN into its convs (never a tapped conv)
+    fullgraph: bool = True           # compile with fullgraph=True (any graph break is an error)
+    backend: str = "inductor"        # torch.compile backend ("eager"/"aot_eager": cheap checks in tests)
+
+    def describe(self) -> dict:
+        return {"step_engine": "fast", **asdict(self)}
+
+
+def compile_mode(value) -> Optional[str]:
+    """A settings value of `compile` as a torch.compile mode, or None for eager."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("off", "none", "false", "eager")):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in ("on", "true")):
+        return DEFAULT_COMPILE_MODE
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ValueError(f"compile={value!r}: expected 'auto', True/False or one of {COMPILE_MODES}")
+
+
+def resolve_step_options(device: torch.device, precision: str = "auto", compile="auto", channels_last="auto",
+                         cuda_graphs: bool = False, step_engine: str = "auto") -> Optional[StepOptions]:
+    """StepOptions for the fast engine, or None for the reference step (eager fp32 with hooks).
+
+    "auto": bf16 (fp16 where the card has no bf16) + channels_last + torch.compile on CUDA; on CPU
+    fp32, eager, contiguous -- and then the reference step, today's behaviour and speed."""
+    cuda = torch.device(device).type == "cuda"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    if step_engine not in STEP_ENGINES:
+        raise ValueError(f"step_engine={step_engine!r}: expected one of {STEP_ENGINES}")
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    cl = cuda if channels_last == "auto" else bool(channels_last)
+    mode = (DEFAULT_COMPILE_MODE if cuda else None) if compile == "auto" else compile_mode(compile)
+    if cuda_graphs:
+        if not cuda:
+            raise ValueError("cuda_graphs=True needs a CUDA device")
+        if compile is False or (compile != "auto" and mode is None):
+            raise ValueError("cuda_graphs=True works through torch.compile (mode 'reduce-overhead'): do not set compile=False")
+        mode = "reduce-overhead"
+    plain = precision == "fp32" and not cl and mode is None
+    if step_engine == "reference" or (step_engine == "auto" and plain):
+        if not plain:
+            raise ValueError("step_engine='reference' is the eager fp32 step: precision, channels_last, compile "
+                             "and cuda_graphs must be fp32/False")
+        return None
+    return StepOptions(precision, cl, mode, bool(cuda_graphs))
+
+
+@dataclass
+class StepOutput:
+    values: Dict[str, float]   # ce, reg, head: averaged over ranks
+    grad_norm: float
+    train_acc: float
+
+
+class FastStep:
+    """The compiled step for one (target, source, method); owns the optimizer (`opt`)."""
+
+    def __init__(self, target: nn.Module, source: nn.Module, reg: Regularizer, params: Sequence[nn.Parameter],
+                 options: StepOptions, device: torch.device, lr: float, momentum: float,
+                 ctx: DistContext = DistContext()):
+        self.target, self.reg, self.options, self.device, self.ctx = target, reg, options, torch.device(device), ctx
+        self.params = list(params)
+        self.dtype = DTYPES[options.precision]
+        self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+        if options.channels_last:
+            target.to(memory_format=torch.channels_last)  # in place: the Parameter objects stay the same
+        self.features = reg.uses_source_features
+        if self.features:
+            self.model = TargetFeatures(target, reg.layers)
+            self.source = source_features(source, reg.layers, options.fold_source_bn).to(self.device)
+            if options.channels_last:
+                self.source.to(memory_format=torch.channels_last)
+        else:
+            self.model, self.source = target, None
+        if ctx.active:  # gradients averaged over ranks by DDP
+            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.pulls = parameter_pulls(reg, self.params)
+        cuda = self.device.type == "cuda"
+        self.opt = PullSGD(self.params, lr, momentum, self.pulls, foreach=None if cuda else True,
+                           fused=True if cuda else None)
+        self.scaler = None
+        if options.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            self.opt.scaler = self.scaler
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        self.loss_fn = self._loss
+        if options.compile is not None:
+            mode = options.compile if options.backend == "inductor" else None  # modes are inductor's
+            # dynamo caches compiled code per code object: a private copy of `_loss` per FastStep, so several
+            # steps in one process (methods run one after another) never share, or exhaust, one cache
+            fn = FastStep._loss
+            own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                     fn.__closure__)
+            self.loss_fn = torch.compile(types.MethodType(own, self), mode=mode, backend=options.backend,
+                                         fullgraph=options.fullgraph and not ctx.active)  # DDP splits graphs
+
+    @property
+    def skips_nonfinite_grads(self) -> bool:
+        """fp16: an infinite gradient is the GradScaler's signal to lower the scale and skip the step."""
+        return self.scaler is not None
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor):
+        zero = torch.zeros((), device=x.device)
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+            if self.features:
+                logits, t_feats = self.model(x)
+                with torch.no_grad():
+                    s_feats = self.source(x)
+                terms = self.reg.terms(t_feats, s_feats)
+                reg, head = terms.reg.float(), terms.head.float()
+            else:
+                logits = self.model(x)
+                reg, head = zero, zero  # parameter-norm terms: applied by the optimizer (PullSGD)
+        ce = F.cross_entropy(logits.float(), y)
+        correct = (logits.detach().argmax(1) == y).sum()
+        return ce + reg + head, torch.stack([ce.detach(), reg.detach(), head.detach()]), correct
+
+    def sync_mode(self) -> None:
+        """The fx extractor follows the target's train/eval mode (a callback may have evaluated it)."""
+        if self.features:
+            net = self.model.module.net if isinstance(self.model, DDP) else self.model.net
+            if net.training != self.target.training:
+                net.train(self.target.training)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
+        """Loss, gradients (pulls included) and the logged values; nothing is updated yet."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.sync_mode()
+        x = x.contiguous(memory_format=self.memory_format)
+        self.opt.zero_grad(set_to_none=True)
+        loss, terms, correct = self.loss_fn(x, y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        pulled = self.opt.pull_()
+        extra = torch.stack([pulled.get("reg", terms.new_zeros(())), pulled.get("head", terms.new_zeros(()))])
+        terms = terms + torch.cat([terms.new_zeros(1), extra.to(terms.device)])
+        gn = grad_norm(self.params).to(terms.device)
+        if self.ctx.active:
+            terms = terms.double()
+            self.ctx.all_reduce_sum(terms)
+            terms = terms / self.ctx.world_size
+        host = torch.cat([terms.double(), gn.double().reshape(1), correct.double().reshape(1)]).cpu().tolist()
+        ce, reg, head, gnorm, n_correct = host
+        return StepOutput({"ce": ce, "reg": reg, "head": head}, gnorm, n_correct / len(y))
+
+    def update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # skipped when unscale_ found an inf/NaN gradient
+            self.scaler.update()
+        else:
+            self.opt.step()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
+        """forward_backward + update, raising FloatingPointError on a non-finite term (benchmarks)."""
+        out = self.forward_backward(x, y, lr)
+        bad = [k for k, v in out.values.items() if not math.isfinite(v)]
+        if bad or (not math.isfinite(out.grad_norm) and not self.skips_nonfinite_grads):
+            raise FloatingPointError(f"non-finite {bad or 'gradient'}")
+        self.update()
+        return out
+
+    def close(self) -> None:
+        """The target's parameters back to the contiguous layout the caller gave."""
+        if self.options.channels_last:
+            self.target.to(memory_format=torch.contiguous_format)

@@ -1,0 +1,219 @@
+"""The fast step engine: options, equality with the reference step, no graph break, precisions,
+checkpoint/resume, DDP, and the step benchmark's CPU smoke configuration."""
+import importlib.util
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastdelta
+from fastdelta.attention import ChannelAttention
+from fastdelta.engine import NonFiniteLossError
+from fastdelta.regularizers import make_regularizer
+from fastdelta.settings import SettingsError, make_settings
+from fastdelta.step import FastStep, StepOptions, resolve_step_options
+from tiny import TINY_LAYERS, arrays, tiny_net
+
+QUICK = dict(layers=TINY_LAYERS, batch_size=4, resize=16, crop=12, progress=False, attention_cache=None,
+             attention_head_epochs=1, eval_batch_size=8)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+def _attention():
+    g = torch.Generator().manual_seed(3)
+    return ChannelAttention(TINY_LAYERS, [torch.rand(8, generator=g, dtype=torch.float64),
+                                          torch.rand(16, generator=g, dtype=torch.float64)])
+
+
+def test_options_auto_is_the_reference_step_on_cpu_and_fast_on_cuda():
+    assert resolve_step_options(CPU) is None  # today's eager fp32 step, unchanged
+    assert resolve_step_options(CPU, step_engine="fast") == StepOptions("fp32", False, None, False)
+    cuda = resolve_step_options(torch.device("cuda"), precision="bf16")  # resolving needs no GPU
+    assert (cuda.precision, cuda.channels_last, cuda.compile) == ("bf16", True, "default")
+    assert resolve_step_options(CPU, precision="bf16").precision == "bf16"
+    assert resolve_step_options(CPU, compile="max-autotune-no-cudagraphs").compile == "max-autotune-no-cudagraphs"
+    assert resolve_step_options(torch.device("cuda"), "bf16", cuda_graphs=True).compile == "reduce-overhead"
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_step_options(CPU, cuda_graphs=True)
+    with pytest.raises(ValueError, match="reference"):
+        resolve_step_options(CPU, precision="bf16", step_engine="reference")
+    with pytest.raises(ValueError, match="compile"):
+        resolve_step_options(CPU, compile="fastest")
+
+
+@pytest.mark.parametrize("bad,match", [(dict(precision="fp8"), "precision"), (dict(compile="fast"), "compile"),
+                                       (dict(channels_last="yes"), "channels_last"),
+                                       (dict(cuda_graphs=True, compile=False), "cuda_graphs"),
+                                       (dict(step_engine="turbo"), "step_engine"),
+                                       (dict(step_engine="reference", precision="bf16"), "reference")])
+def test_settings_validation(bad, match):
+    with pytest.raises(SettingsError, match=match):
+        make_settings("delta", **bad)
+
+
+@pytest.mark.parametrize("method", ["delta", "delta_no_att"])
+def test_fast_eager_fp32_delta_matches_the_reference_step(method):
+    """fx taps, truncated BN-folded source: the same training as hooks on the full source."""
+    kw = dict(QUICK, iterations=5, alpha=0.05, attention=_attention() if method == "delta" else None)
+    ref = fastdelta.fit(tiny_net(), arrays(), None, method=method, step_engine="reference", **kw)
+    fast = fastdelta.fit(tiny_net(), arrays(), None, method=method, step_engine="fast", **kw)
+    for (k, a), b in zip(ref.model.state_dict().items(), fast.model.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (k, (a - b).abs().max())
+    for h1, h2 in zip(ref.history, fast.history):
+        for key in ("ce", "reg", "head", "loss", "grad_norm", "train_acc"):
+            assert h2[key] == pytest.approx(h1[key], rel=1e-4, abs=1e-7), key
+        assert set(h1) == set(h2)
+
+
+def _stepper(method, options, bn=True):
+    torch.manual_seed(0)
+    source = tiny_net(bn=bn).eval().requires_grad_(False)
+    target = tiny_net(bn=bn)
+    target.fc = torch.nn.Linear(16, 3)
+    att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
+    reg = make_regularizer(method, target, source, "fc", TINY_LAYERS, 0.01, 0.01, 1e-4,
+                           attention=att if method in ("delta", "l2_sp_att") else None)
+    params = reg.trainable_parameters(target)
+    if reg.freezes_extractor:
+        target.requires_grad_(False).eval()
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        target.train()
+    return FastStep(target, source, reg, params, options, CPU, 0.01, 0.9)
+
+
+@pytest.mark.parametrize("method", ["l2_fe", "l2", "l2_sp", "l2_sp_att", "delta_no_att", "delta"])
+def test_the_compiled_region_has_no_graph_break(method):
+    step = _stepper(method, StepOptions(precision="bf16", channels_last=True))
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 0])
+    explanation = torch._dynamo.explain(step._loss)(x, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
+
+
+def test_fullgraph_compiled_step_trains_like_the_eager_step():
+    """torch.compile(fullgraph=True) through AOTAutograd (forward + backward traced, no codegen: fast on
+    CPU); the inductor backend compiles the same graph (FASTDELTA_SLOW_TESTS=1 runs it too)."""
+    x = torch.randn(4, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 0])
+    backends = ["aot_eager"] + (["inductor"] if os.environ.get("FASTDELTA_SLOW_TESTS") else [])
+    eager = _stepper("delta", StepOptions())
+    outs = [eager.step(x, y, 0.01) for _ in range(3)]
+    for backend in backends:
+        torch._dynamo.reset()
+        compiled = _stepper("delta", StepOptions(compile="default", backend=backend, fullgraph=True))
+        outs_c = [compiled.step(x, y, 0.01) for _ in range(3)]
+        for a, b in zip(outs, outs_c):
+            assert b.values["reg"] == pytest.approx(a.values["reg"], rel=1e-4)
+            assert b.values["ce"] == pytest.approx(a.values["ce"], rel=1e-4)
+        for p, q in zip(eager.target.parameters(), compiled.target.parameters()):
+            assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_steps_built_one_after_another_do_not_share_a_compile_cache(monkeypatch):
+    """fit() runs methods one after another in one process: each FastStep compiles its own copy of the
+    step, so dynamo's per-code recompile limit is never reached (it would fall back to eager)."""
+    cfg = torch._dynamo.config
+    monkeypatch.setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 1)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    for _ in range(3):
+        _stepper("l2_sp", StepOptions(compile="default", backend="eager")).step(x, y, 0.01)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+    torch._dynamo.reset()
+
+
+def test_bf16_channels_last_and_fp16_gradscaler_train_on_cpu(tmp_path):
+    res = fastdelta.fit(tiny_net(), arrays(), None, method="delta", precision="bf16", channels_last=True,
+                        attention=_attention(), **{**QUICK, "iterations": 3})
+    assert res.settings["step_used"]["precision"] == "bf16" and res.settings["step_used"]["channels_last"]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) and h["reg"] > 0 for h in res.history)
+    assert all(p.is_contiguous() for p in res.model.parameters())  # the caller's layout is given back
+    res = fastdelta.fit(tiny_net(), arrays(), None, method="l2_sp", precision="fp16", run_dir=str(tmp_path),
+                        checkpoint_every=2, **{**QUICK, "iterations": 2})
+    assert res.settings["step_used"]["precision"] == "fp16"
+    from fastdelta.checkpoint import load_latest
+    ckpt = load_latest(tmp_path / "checkpoints")
+    assert "grad_scaler" in ckpt["optimizer"]
+
+
+def test_non_finite_loss_stops_the_fast_step_with_the_last_good_weights():
+    with pytest.raises(NonFiniteLossError) as info:
+        fastdelta.fit(tiny_net(), arrays(), None, method="l2_sp", step_engine="fast",
+                      **{**QUICK, "iterations": 50, "lr": 1e6})
+    e = info.value
+    assert len(e.history) == e.iteration
+    assert all(torch.isfinite(p).all() for p in e.partial_result.model.parameters())
+
+
+def test_fast_step_resume_is_exact_and_curves_still_work(tmp_path):
+    kw = dict(method="delta", iterations=6, checkpoint_every=2, step_engine="fast", eval_every=3, eval_images=4,
+              attention=_attention(), **QUICK)
+    full = fastdelta.fit(tiny_net(), arrays(), arrays(1), run_dir=str(tmp_path / "a"), **kw)
+    os.remove(tmp_path / "a" / "checkpoints" / "ckpt-00000006.pt")  # as if killed after iteration 4
+    resumed = fastdelta.fit(tiny_net(), arrays(), arrays(1), run_dir=str(tmp_path / "a"), resume=True, **kw)
+    assert resumed.settings["resumed_from_iteration"] == 4
+    for (k, v), w in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert [h.get("test_top1") is not None for h in full.history] == [False, False, True, False, False, True]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_KW = dict(method="delta", iterations=4, step_engine="fast", seed=0, **{**QUICK, "attention_head_epochs": 1})
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    res = fastdelta.fit(tiny_net(bn=False), arrays(), None, distributed=True, attention=_attention(), **DDP_KW)
+    torch.save({"model": res.model.state_dict(), "history": res.history}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_fast_step_under_ddp_matches_one_process(tmp_path):
+    torch.set_num_threads(1)
+    single = fastdelta.fit(tiny_net(bn=False), arrays(), None, attention=_attention(), **DDP_KW)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k, v in single.model.state_dict().items():
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+        assert torch.allclose(r0["model"][k], v, rtol=1e-5, atol=1e-6), k
+    for h1, h2 in zip(single.history, r0["history"]):
+        assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-5)
+
+
+def test_bench_step_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_step", os.path.join(ROOT, "benchmarks", "bench_step.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    result = mod.main(["--smoke", "--out", str(tmp_path)])
+    rows = result["rows"]
+    assert [r for r in rows if "error" in r] == []
+    assert {(r["method"], r["engine"]) for r in rows} == {(m, e) for m in fastdelta.settings.METHODS
+                                                          for e in ("public", "fastdelta")}
+    assert all(r["ms_per_step"] > 0 and r["first_step_s"] >= 0 for r in rows)
+    assert json.load(open(tmp_path / "bench_step.json"))["environment"]["torch"] == torch.__version__
+    table = (tmp_path / "bench_step.md").read_text()
+    assert "| smoke | delta |" in table and "ratio" in table
+    from fastdelta.cli import main as cli_main  # `fastdelta bench step` is the same code
+    assert cli_main(["bench", "step", "--smoke", "--methods", "l2", "--engines", "fastdelta", "--profile", "1",
+                     "--out", str(tmp_path / "cli")]) == 0
+    rows = json.load(open(tmp_path / "cli" / "bench_step.json"))["rows"]
+    assert len(rows) == 1 and (tmp_path / "cli" / rows[0]["profile"]).read_text().strip()
