@@ -27,8 +27,15 @@ class DistContext:
         return self.rank == 0
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; a CPU tensor (metrics, counts) under NCCL travels via this rank's GPU,
+        as NCCL only reduces CUDA tensors."""
         if self.active:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            if t.device.type == "cpu" and dist.get_backend() == "nccl":
+                on_gpu = t.to(f"cuda:{self.local_rank}")
+                dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+                t.copy_(on_gpu.cpu())
+            else:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
     def barrier(self) -> None:
