@@ -106,6 +106,9 @@ class TrainSpec:
     # None: the reference step (eager fp32, hooks, parameter norms in autograd); else the fast step
     # engine of fastdelta/step.py with these options (precision, channels_last, compile, CUDA graphs)
     step: Optional[StepOptions] = None
+    # None: the torchvision DataLoader below; else (start_iteration, ctx) -> endless iterable of (x, y)
+    # batches, e.g. a DALI pipeline (fastdelta/data/dali.py) with the same batches and crops
+    loader: Optional[Callable] = None
 
 
 @dataclass
@@ -118,6 +121,8 @@ class StartState:
 
 
 def make_train_loader(dataset: Dataset, spec: TrainSpec, start_iteration: int, ctx: DistContext) -> DataLoader:
+    if spec.loader is not None:
+        return spec.loader(start_iteration, ctx)
     sampler = GlobalBatchSampler(len(dataset), spec.batch_size, spec.seed, start_iteration, ctx.rank, ctx.world_size)
     return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=resolve_workers(spec.num_workers))
 

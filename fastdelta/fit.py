@@ -17,6 +17,7 @@ from .attention import ChannelAttention, channel_loss_increase
 from .attention_cache import attention_key, cache_dir, load_cached, store
 from .checkpoint import CheckpointError, load_latest
 from .data import resolve_data
+from .data.backend import choose_backend
 from .distributed import DistContext, device_for, init_distributed
 from .engine import NonFiniteLossError, StartState, TrainSpec, evaluate, make_loader, train_loop
 from .models import Networks, build_networks, guess_arch
@@ -28,7 +29,7 @@ from .step import resolve_step_options
 # settings that may differ between a run and its resumption: they do not change the result (the
 # global batches are the same on any number of ranks, so a DDP run may resume on one process)
 RESUMABLE_DIFFERENCES = {"progress", "device", "num_workers", "eval_batch_size", "resume", "run_dir",
-                         "checkpoint_every", "attention", "extra", "distributed"}
+                         "checkpoint_every", "attention", "extra", "distributed", "data_prefetch"}
 
 
 def seed_everything(seed: int) -> None:
@@ -161,6 +162,27 @@ def _curve_evaluator(model: nn.Module, test, s: FitSettings, device, ctx: DistCo
     return on_step
 
 
+def _dali_kwargs(s: FitSettings, device) -> dict:
+    return dict(augmentation=s.augmentation, resize=s.resize, crop=s.crop, prefetch=s.data_prefetch,
+                device_id=(device.index or 0) if device.type == "cuda" else None)
+
+
+def _dali_train_factory(data, s: FitSettings, device, step_options):
+    """(start_iteration, ctx) -> DALI training loader: the torchvision path's batches, crops and flips."""
+    def make(start_iteration: int, ctx: DistContext):
+        from .data.dali import dali_train_loader
+        return dali_train_loader(data.train.samples, s.batch_size, s.seed, start_iteration, ctx.rank,
+                                 ctx.world_size, channels_last=bool(step_options and step_options.channels_last),
+                                 **_dali_kwargs(s, device))
+    return make
+
+
+def _dali_eval_loader(test, s: FitSettings, device, ctx: DistContext):
+    from .data.dali import dali_eval_loader
+    samples = test.samples[ctx.rank::ctx.world_size] if ctx.active else test.samples
+    return dali_eval_loader(samples, s.eval_batch_size, **_dali_kwargs(s, device))
+
+
 def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", weights=None, **settings) -> FitResult:
     """Fine-tune `model` on `train` with one of the paper's methods and evaluate on `test`.
 
@@ -190,6 +212,7 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
     except ValueError as e:
         raise SettingsError(str(e)) from e
     run_dir = Path(s.run_dir) if s.run_dir is not None else None
+    backend = choose_backend(s.data_backend, device, data.train, data.test)
     spec = TrainSpec(s.iterations, s.lr, s.momentum, s.batch_size, s.seed, s.lr_schedule, s.lr_step, s.lr_gamma,
                      s.num_workers, s.progress, f"train {s.method}",
                      checkpoint_dir=None if run_dir is None else run_dir / "checkpoints",
@@ -197,11 +220,13 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
                      history_path=None if run_dir is None else run_dir / "history.jsonl",
                      payload_extra={"identity": identity,
                                     "attention": None if attention is None else attention.to_dict()},
-                     on_step=_curve_evaluator(nets.target, data.test, s, device, ctx), step=step_options)
+                     on_step=_curve_evaluator(nets.target, data.test, s, device, ctx), step=step_options,
+                     loader=_dali_train_factory(data, s, device, step_options) if backend.name == "dali" else None)
     settings_record = {**s.to_dict(), "device_used": str(device), "world_size": ctx.world_size,
                        "step_used": step_options.describe() if step_options is not None else {"step_engine": "reference"},
                        "resumed_from_iteration": start.iteration if s.resume else None}
-    data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped]}
+    data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped],
+                   "backend": backend.to_dict()}
     info = _model_info(nets)
     t0 = time.perf_counter()
     try:
@@ -219,7 +244,8 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
     test_metrics = {}
     if data.test is not None:
         t0 = time.perf_counter()
-        test_loader = make_loader(_shard(data.test, ctx), s.eval_batch_size, False, s.seed, s.num_workers)
+        test_loader = (_dali_eval_loader(data.test, s, device, ctx) if backend.name == "dali" else
+                       make_loader(_shard(data.test, ctx), s.eval_batch_size, False, s.seed, s.num_workers))
         test_metrics = evaluate(nets.target, test_loader, device, s.progress, f"test {s.method}", ctx)
         timings["test"] = round(time.perf_counter() - t0, 3)
     timings["total"] = round(time.perf_counter() - t_all, 3)

@@ -20,6 +20,7 @@ DISTANCE_IMPLS = ("auto", "triton", "native", "reference")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STEP_ENGINES = ("auto", "reference", "fast")
+DATA_BACKENDS = ("auto", "dali", "torchvision")
 
 
 class SettingsError(ValueError):
@@ -67,6 +68,8 @@ class FitSettings:
     eval_every: int = 0            # > 0: test top-1 every so many iterations, in the history (learning curves)
     eval_images: Optional[int] = None  # test images for those curve points (None: all); the final test uses all
     strict_data: bool = False      # a bad image file is fatal instead of skipped
+    data_backend: str = "auto"     # "auto" (DALI on CUDA when installed, else torchvision) | "dali" | "torchvision"
+    data_prefetch: int = 2         # DALI prefetch queue depth (batches prepared ahead)
     progress: bool = True
     distributed: bool = False      # under torchrun: DDP over all ranks, batch_size and lr are global
     run_dir: Optional[str] = None  # checkpoints (run_dir/checkpoints) and a streamed history.jsonl
@@ -139,6 +142,10 @@ class FitSettings:
         if self.cuda_graphs and self.compile is False:
             raise SettingsError("cuda_graphs=True works through torch.compile (mode 'reduce-overhead'); "
                                 "it cannot be combined with compile=False")
+        if self.data_backend not in DATA_BACKENDS:
+            raise SettingsError(f"data_backend={self.data_backend!r}: expected one of {DATA_BACKENDS}")
+        if not isinstance(self.data_prefetch, int) or self.data_prefetch < 1:
+            raise SettingsError(f"data_prefetch={self.data_prefetch!r}: must be an integer >= 1")
         if self.step_engine not in STEP_ENGINES:
             raise SettingsError(f"step_engine={self.step_engine!r}: expected one of {STEP_ENGINES}")
         if self.step_engine == "reference" and (self.precision in ("bf16", "fp16") or self.channels_last is True

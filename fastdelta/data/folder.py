@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import DataError
+from .manifest import Manifest
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
@@ -140,14 +141,18 @@ def scan_image_folder(
         unit="img",
         disable=True if len(candidates) < _PROGRESS_MIN_FILES else None,  # None: off when not a TTY
     )
-    for path, label in progress:
-        reason = check_image(path, max_pixels)
-        if reason is None:
-            samples.append((path, label))
-        elif strict:
-            raise DataError(f"bad image file {path}: {reason}")
-        else:
-            skipped.append((path, reason))
+    manifest = Manifest(root, max_pixels)  # verdicts cached by (path, size, mtime): decode each file once
+    try:
+        for path, label in progress:
+            reason = manifest.check(path, check_image)
+            if reason is None:
+                samples.append((path, label))
+            elif strict:
+                raise DataError(f"bad image file {path}: {reason}")
+            else:
+                skipped.append((path, reason))
+    finally:
+        manifest.save()
 
     if not samples:
         detail = f" ({len(skipped)} unreadable files skipped)" if skipped else ""
