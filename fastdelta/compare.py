@@ -414,7 +414,7 @@ def compare(model, train, test=None, methods: Sequence[str] = METHODS, seeds: in
                                  for r in runs if r["curve"]},
                    "attention": None if att is None else {
                        "file": "channel_attention.json", "images": att.images, "impl": att.impl,
-                       "seconds": att.timings.get("total"), "shared_by_seeds": True},
+                       "seconds": att.timings.get("total"), "shared_by_seeds": True, "head": att.head},
                    "environment": _environment(), "wall_s": round(time.perf_counter() - t_start, 1)})
     return finish_report(report, out)
 

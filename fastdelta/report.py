@@ -63,6 +63,21 @@ def claims(report: dict) -> Dict[str, dict]:
     return out
 
 
+def _attention_warning(report: dict) -> list:
+    """Attention is measured against the L2-FE head: a head near chance makes every weight noise."""
+    head = (report.get("attention") or {}).get("head") or {}
+    ce, classes = head.get("final_ce"), report["data"].get("num_classes")
+    if ce is None or not classes:
+        return []
+    chance = float(np.log(classes))
+    text = (f"Attention: the L2-FE head it is measured against ended at cross-entropy {ce:.3f} after "
+            f"{head.get('iterations')} iterations (chance: ln {classes} = {chance:.3f}).")
+    if ce > 0.9 * chance:
+        text += (" **That is near chance: the frozen source features barely separate these classes at this "
+                 "size, so the attention weights (DELTA, L2-SP(ATT)) are close to noise.**")
+    return [text, ""]
+
+
 def markdown(report: dict, figures) -> str:
     m, d, s, cs = report["model"], report["data"], report["settings"], report["compare"]
     table = report["table"]
@@ -94,6 +109,7 @@ def markdown(report: dict, figures) -> str:
         seeds = ", ".join(f"{v:.2f}" for v in t["values"]) + (f" ({t['diverged']} diverged)" if t["diverged"] else "")
         lines.append(f"| {LABELS[meth]} | {c.get('alpha', '-')} | {c.get('beta', '-')} | {cell} | {seeds} |{extra}")
     lines += ["", "(L2 and L2-FE use weight decay %g; alpha/beta apply to the other methods.)" % s["weight_decay"], ""]
+    lines += _attention_warning(report)
     lines += ["## The paper's claims on this data", ""]
     for name, c in report["claims"].items():
         verdict = {True: "holds", False: "does not hold", None: "not decided by a number"}[c["holds"]]

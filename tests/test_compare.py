@@ -78,6 +78,7 @@ def test_every_file_and_the_schema(twice):
     assert set(saved["claims"]) == {"accuracy", "smoother_curve", "unactivated_filters_move", "attention_regions"}
     md = (out / "report.md").read_text()
     assert "| DELTA |" in md and "**" in md and "fig5_filter_distance.png" in md
+    assert "Attention: the L2-FE head it is measured against ended at cross-entropy" in md
 
 
 def test_figures_are_pngs_with_content(twice):
