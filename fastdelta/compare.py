@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -32,9 +31,10 @@ import numpy as np
 import torch
 
 from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
-                       pick_low_activation_filters, pick_map_layer, tap_maps)
+                       min_max, pick_low_activation_filters, pick_map_layer, tap_maps)
 from .data import resolve_data
 from .data.errors import DataError
+from .demo import environment
 from .engine import NonFiniteLossError
 from .ioutil import atomic_write_text
 from .models import build_networks, guess_arch
@@ -269,8 +269,9 @@ def materialise(dataset, classes, batch_size: int = 256) -> _TensorSet:
 
 @torch.no_grad()
 def fast_top1(model, test: _TensorSet, batch_size: int = 256) -> float:
-    """Top-1 on a held tensor split: channels_last and denormals flushed to zero (2x faster on CPU,
-    same argmax up to float rounding); the model is left in eval mode and channels_last."""
+    """Top-1 on a held tensor split: channels_last and denormals flushed to zero (faster on CPU, same
+    argmax up to float rounding; tests/test_compare.py checks it against engine.evaluate and float64);
+    the model is left in eval mode and channels_last."""
     device = next(model.parameters()).device
     model.eval().to(memory_format=torch.channels_last)
     flushed = torch.set_flush_denormal(True)
@@ -325,12 +326,7 @@ class _MapProbe:
     @staticmethod
     def _display(x: torch.Tensor) -> list:
         """The normalised input as a [0, 1] grey image (channel mean), for the figure."""
-        return np.round(min_max_np(x.float().mean(0).numpy()), 3).tolist()
-
-
-def min_max_np(a: np.ndarray) -> np.ndarray:
-    lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return np.round(min_max(x.float().mean(0)), 3).tolist()
 
 
 def compare(model, train, test=None, methods: Sequence[str] = METHODS, seeds: int = 3, search: str = "alpha",
@@ -415,7 +411,7 @@ def compare(model, train, test=None, methods: Sequence[str] = METHODS, seeds: in
                    "attention": None if att is None else {
                        "file": "channel_attention.json", "images": att.images, "impl": att.impl,
                        "seconds": att.timings.get("total"), "shared_by_seeds": True, "head": att.head},
-                   "environment": _environment(), "wall_s": round(time.perf_counter() - t_start, 1)})
+                   "environment": environment(), "wall_s": round(time.perf_counter() - t_start, 1)})
     return finish_report(report, out)
 
 
@@ -431,9 +427,3 @@ def _chosen(cs: CompareSettings, search_record, s) -> Dict[str, dict]:
         else:
             chosen[m] = {"alpha": (cs.alphas or {}).get(m, s.alpha), "beta": (cs.betas or {}).get(m, s.beta)}
     return chosen
-
-
-def _environment() -> dict:
-    gpu = torch.cuda.is_available()
-    return {"device": torch.cuda.get_device_name(0) if gpu else f"cpu ({os.cpu_count()} cores)",
-            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}

@@ -92,7 +92,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                "data": {"name": "Fashion-MNIST (Debian dataset-fashion-mnist)", "train_images": int(len(y_tr)),
                         "per_class": cfg.per_class, "test_images": int(len(y_te)), "classes": FASHION_MNIST_CLASSES},
                "config": asdict(cfg), "results": rows, "wall_s": round(time.perf_counter() - t_start, 1),
-               "environment": _environment()}
+               "environment": environment()}
     atomic_write_text(out / "demo_result.json", json.dumps(summary, indent=1))
     _plot(rows, out / "demo_result.png", summary)
     log(format_table(rows))
@@ -100,7 +100,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     return summary
 
 
-def _environment() -> dict:
+def environment() -> dict:
+    """Device, torch, python and date: recorded with every result file."""
     import os
     import platform
 

@@ -44,8 +44,9 @@ class NonFiniteLossError(FloatingPointError):
 @contextmanager
 def flush_denormals(device: torch.device):
     """On CPU, flush denormal floats to zero while training or evaluating: tiny values such as w - w*
-    under a strong L2-SP pull otherwise make float ops 10-100x slower on x86 (measured: 4.5 s against
-    0.4 s per step at alpha 0.1). Values below 1.2e-38 become 0, far below anything that matters."""
+    under a strong L2-SP pull otherwise make float ops many times slower on x86. Values below 1.2e-38
+    become 0, far below anything that matters. torch sets this per thread (the calling one), so OpenMP
+    worker threads created earlier may keep denormals."""
     if device.type != "cpu" or not torch.set_flush_denormal(True):
         yield
         return
@@ -101,7 +102,8 @@ class TrainSpec:
     history_path: Optional[Path] = None    # streamed history.jsonl (one line per iteration, flushed)
     payload_extra: dict = field(default_factory=dict)  # stored in every checkpoint (identity, attention)
     # called after each step with (iterations done, that step's history record); it may add fields to
-    # the record (e.g. a periodic test accuracy for learning curves) before it is written
+    # the record (e.g. a periodic test accuracy for learning curves) before it is written, and must leave
+    # the model's train/eval mode as it found it
     on_step: Optional[Callable[[int, dict], None]] = None
     # None: the reference step (eager fp32, hooks, parameter norms in autograd); else the fast step
     # engine of fastdelta/step.py with these options (precision, channels_last, compile, CUDA graphs)
@@ -214,7 +216,6 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
                 done = it + 1
                 if spec.on_step is not None:
                     spec.on_step(done, history[-1])
-                    target.train(not reg.freezes_extractor)  # the callback may have evaluated the model
                 writer.append(history[-1])
                 if spec.checkpoint_dir is not None and spec.checkpoint_every > 0 and (
                         done % spec.checkpoint_every == 0 or done == spec.iterations) and ctx.is_main:

@@ -157,7 +157,9 @@ def _curve_evaluator(model: nn.Module, test, s: FitSettings, device, ctx: DistCo
 
     def on_step(done: int, record: dict) -> None:
         if done % s.eval_every == 0 or done == s.iterations:
+            was_training = model.training  # evaluate() leaves eval mode; L2-FE trains in eval mode
             record["test_top1"] = evaluate(model, loader, device, False, "curve", ctx)["top1"]
+            model.train(was_training)
             record["test_images"] = len(subset)
     return on_step
 

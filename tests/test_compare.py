@@ -1,5 +1,6 @@
 """`fastdelta compare` on a tiny generated dataset: every file, the documented schema, valid figures,
 the same numbers for the same seed, and clear errors for bad settings."""
+import copy
 import json
 import struct
 import zlib
@@ -120,3 +121,22 @@ def test_bad_settings_fail_before_any_run(tmp_path):
     with pytest.raises(SettingsError, match="test set"):
         compare(tiny_net(), data, None, methods=["delta"], out=tmp_path, **QUICK)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_fast_top1_matches_the_reference_evaluation():
+    """The channels_last, denormal-flushing evaluation gives the same top-1 as engine.evaluate, and its
+    logits match a float64 forward (eval mode) to float32 rounding."""
+    import torch
+    from fastdelta.compare import _TensorSet, fast_top1
+    from fastdelta.engine import evaluate, make_loader
+    net = tiny_net(num_classes=3).eval()
+    x = torch.randn(37, 3, 12, 12)
+    y = torch.randint(0, 3, (37,))
+    data = _TensorSet(x, y, ["a", "b", "c"])
+    ref = evaluate(net, make_loader(data, 8, False, 0, 0), torch.device("cpu"), progress=False)["top1"]
+    with torch.no_grad():
+        logits64 = copy.deepcopy(net).double()(x.double())
+    assert fast_top1(net, data, batch_size=8) == ref
+    with torch.no_grad():
+        fast_logits = net(x.contiguous(memory_format=torch.channels_last))  # net is channels_last now
+    assert torch.allclose(fast_logits.double(), logits64, rtol=1e-5, atol=1e-5)

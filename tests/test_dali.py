@@ -22,6 +22,7 @@ from fastdelta.data.backend import choose_backend
 from fastdelta.data.dali import dali_import_error, resized_size, train_crop
 from fastdelta.data.manifest import Manifest
 from fastdelta.data.sampling import GlobalBatchSampler, SeededSamples
+from test_data import BAD_KINDS, write_bad_file
 
 DALI_MISSING = dali_import_error()
 needs_dali = pytest.mark.skipif(DALI_MISSING is not None, reason=f"DALI tests need NVIDIA DALI: {DALI_MISSING}")
@@ -198,29 +199,14 @@ def test_sharding_covers_every_image_once_per_epoch(tmp_path, world_size):
 # ---------------------------------------------------------------- bad files and the manifest
 
 
-def _write_bad(path, kind):
-    if kind == "corrupt":
-        path.write_bytes(bytes(range(256)) * 8)
-    elif kind == "truncated":
-        buf = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(buf, "JPEG")
-        path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    elif kind == "zero_byte":
-        path.write_bytes(b"")
-    elif kind == "non_image":
-        path.write_text("not an image\n")
-    elif kind == "too_large":
-        Image.new("RGB", (200, 200), "white").save(path, "JPEG")
-
-
-BAD = ["corrupt", "truncated", "zero_byte", "non_image", "too_large"]
+BAD = BAD_KINDS
 
 
 @pytest.mark.parametrize("kind", BAD)
 def test_bad_files_skipped_listed_and_strict(tmp_path, kind):
     root = make_folder(tmp_path / "d", per_class=2)
     bad = root / "bee" / f"bad_{kind}.jpg"
-    _write_bad(bad, kind)
+    write_bad_file(bad, kind, large_side=200)
     index = scan_image_folder(root, max_pixels=20_000)
     assert [p for p, _ in index.skipped] == [str(bad)] and len(index.samples) == 6
     assert ("too large" in index.skipped[0][1]) == (kind == "too_large")
@@ -235,7 +221,7 @@ def test_bad_files_skipped_listed_and_strict(tmp_path, kind):
 def test_manifest_caches_by_path_size_mtime(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "d", per_class=2)
     bad = root / "ant" / "bad.jpg"
-    _write_bad(bad, "corrupt")
+    write_bad_file(bad, "corrupt")
     calls = []
     import fastdelta.data.folder as folder_mod
     real = folder_mod.check_image

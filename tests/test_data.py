@@ -58,7 +58,7 @@ def noise_jpeg_bytes(size=64) -> bytes:
     return buf.getvalue()
 
 
-def write_bad_file(path: Path, kind: str) -> None:
+def write_bad_file(path: Path, kind: str, large_side: int = 100) -> None:
     if kind == "corrupt":
         path.write_bytes(bytes(range(256)) * 8)
     elif kind == "truncated":
@@ -69,7 +69,7 @@ def write_bad_file(path: Path, kind: str) -> None:
     elif kind == "text":
         path.write_text("this is not an image\n")
     elif kind == "too_large":
-        Image.new("RGB", (100, 100), "white").save(path, "JPEG")
+        Image.new("RGB", (large_side, large_side), "white").save(path, "JPEG")
     else:
         raise AssertionError(kind)
 
