@@ -33,3 +33,27 @@ def test_compare_attention(tmp_path):
     ChannelAttention(["a", "b"], [raw[0].flip(0), raw[1]]).save(tmp_path / "y.json")
     rows = load("compare_attention").compare(str(tmp_path / "x.json"), str(tmp_path / "y.json"))
     assert [(r["spearman"], r["top10_overlap"]) for r in rows] == [(-1.0, 0.0), (1.0, 1.0)]
+
+
+def test_reproduction_summary_from_reports(tmp_path):
+    """--summary-only rebuilds the combined README from per-size reports (sizes run as separate processes)."""
+    def report(delta_mean):
+        table = {m: {"mean": v, "std": 1.0} for m, v in
+                 [("l2_fe", 12.0), ("l2", 60.0), ("l2_sp", 61.0), ("l2_sp_att", 59.0), ("delta_no_att", None),
+                  ("delta", delta_mean)]}
+        return {"environment": {"device": "cpu (2 cores)", "torch": "x", "date": "2026-11-26"},
+                "settings": {"crop": 64, "resize": 73, "iterations": 100, "batch_size": 32},
+                "table": table, "best": max((t["mean"], m) for m, t in table.items() if t["mean"] is not None)[1],
+                "chosen": {"delta": {"alpha": 0.01}},
+                "claims": {"accuracy": {"holds": delta_mean > 61.0, "text": "t"}}}
+    for n, delta in [(10, 70.0), (30, 50.0)]:
+        (tmp_path / f"per_class_{n}").mkdir()
+        (tmp_path / f"per_class_{n}" / "report.json").write_text(json.dumps(report(delta)))
+    load("reproduce_fashion_mnist").main(["--out", str(tmp_path), "--sizes", "10,30,100", "--summary-only",
+                                          "--command", "the commands"])
+    text = (tmp_path / "README.md").read_text()
+    assert "Command: `the commands`" in text and "64x64 crops (resize 73)" in text
+    assert "| method | 10/class | 30/class |" in text  # 100/class has no report: no column
+    assert "| DELTA | **70.00 ± 1.00** (α 0.01) | 50.00 ± 1.00 (α 0.01) |" in text
+    assert "DELTA 70.0 > L2-SP 61.0 > L2 60.0 > L2-SP(ATT) 59.0 > L2-FE 12.0; diverged: DELTA w/o ATT" in text
+    assert "**accuracy: holds.**" in text and "**accuracy: does not hold.**" in text
