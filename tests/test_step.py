@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +218,36 @@ def test_bench_step_smoke(tmp_path):
                      "--out", str(tmp_path / "cli")]) == 0
     rows = json.load(open(tmp_path / "cli" / "bench_step.json"))["rows"]
     assert len(rows) == 1 and (tmp_path / "cli" / rows[0]["profile"]).read_text().strip()
+
+
+def test_bench_warm_first_step_reruns_compiled_rows_in_a_fresh_process(tmp_path, monkeypatch):
+    """--warm-first-step: one subprocess times the compiled rows' first step again; its figures are merged.
+    (The real thing compiles twice with inductor: run by hand, figures in the issue-5 note.)"""
+    import argparse
+    import subprocess
+    from fastdelta import bench
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--smoke", "--compile", "default", "--warm-first-step"])
+    timing = {"batch": 4, "size": 32, "ms_per_step": 10.0, "img_per_s": 400.0, "peak_gib": None}
+    compiled = dict(timing, model="smoke", method="delta", engine="fastdelta", first_step_s=40.0,
+                    options={"compile": "default"})
+    rows = [compiled, dict(timing, model="smoke", method="delta", engine="public", first_step_s=1.0),
+            dict(timing, model="smoke", method="l2", engine="fastdelta", first_step_s=1.0, options={"compile": None})]
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        warm = dict(compiled, first_step_s=3.0, compile_cache={"fxgraph_hit": 2})
+        (out / "bench_step.json").write_text(json.dumps({"rows": [warm]}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    bench.warm_first_steps(args, rows)
+    assert len(calls) == 1 and calls[0][1:5] == ["-m", "fastdelta", "bench", "step"]
+    cmd = calls[0]
+    assert cmd[cmd.index("--methods") + 1] == "delta" and cmd[cmd.index("--compile") + 1] == "default"
+    assert compiled["first_step_warm_s"] == 3.0 and compiled["compile_cache_warm"] == {"fxgraph_hit": 2}
+    assert "first_step_warm_s" not in rows[1] and "first_step_warm_s" not in rows[2]
+    assert "| warm first s |" in bench.markdown({"rows": rows, "environment": {"device": "cpu", "torch": "x", "date": "d"},
+                                                "config": {"batch": 4, "size": 32, "iters": 1, "warmup": 0}})
