@@ -140,3 +140,28 @@ def test_fast_top1_matches_the_reference_evaluation():
     with torch.no_grad():
         fast_logits = net(x.contiguous(memory_format=torch.channels_last))  # net is channels_last now
     assert torch.allclose(fast_logits.double(), logits64, rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_runs_channels_last_on_cpu_and_restores_the_layout():
+    """engine.evaluate switches a CPU model to channels_last for its forwards (faster) and back after;
+    a model that was channels_last already stays so; the top-1 equals a float64 forward's."""
+    import torch
+    from fastdelta.compare import _TensorSet
+    from fastdelta.engine import evaluate, make_loader
+    net = tiny_net(num_classes=3).eval()
+    x = torch.randn(37, 3, 12, 12)
+    y = torch.randint(0, 3, (37,))
+    with torch.no_grad():
+        ref = 100.0 * (copy.deepcopy(net).double()(x.double()).argmax(1) == y).sum().item() / 37
+    loader = make_loader(_TensorSet(x, y, ["a", "b", "c"]), 8, False, 0, 0)
+    seen = []
+    hook = net.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    convs = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous() for p in convs)
+    assert evaluate(net, loader, torch.device("cpu"), progress=False)["top1"] == ref
+    assert seen and all(seen)  # every forward got channels_last input
+    assert all(p.is_contiguous() for p in convs)  # layout restored
+    net.to(memory_format=torch.channels_last)
+    assert evaluate(net, loader, torch.device("cpu"), progress=False)["top1"] == ref
+    assert all(not p.is_contiguous() for p in convs)  # still channels_last
+    hook.remove()
