@@ -57,3 +57,12 @@ def test_reproduction_summary_from_reports(tmp_path):
     assert "| DELTA | **70.00 ± 1.00** (α 0.01) | 50.00 ± 1.00 (α 0.01) |" in text
     assert "DELTA 70.0 > L2-SP 61.0 > L2 60.0 > L2-SP(ATT) 59.0 > L2-FE 12.0; diverged: DELTA w/o ATT" in text
     assert "**accuracy: holds.**" in text and "**accuracy: does not hold.**" in text
+
+
+def test_bench_cpu_layout_smoke(tmp_path):
+    out = tmp_path / "layout.json"
+    result = load("bench_cpu_layout").main(["--size", "32", "--batch", "4", "--eval-batch", "8", "--repeats", "1",
+                                            "--out", str(out)])
+    assert set(result["rows"]) == {"train_l2", "train_delta", "eval_forward"}
+    assert all(r["contiguous_ms"] > 0 and r["channels_last_ms"] > 0 for r in result["rows"].values())
+    assert json.load(open(out))["rows"] == result["rows"]
