@@ -124,8 +124,8 @@ def test_bad_settings_fail_before_any_run(tmp_path):
 
 
 def test_fast_top1_matches_the_reference_evaluation():
-    """The channels_last, denormal-flushing evaluation gives the same top-1 as engine.evaluate, and its
-    logits match a float64 forward (eval mode) to float32 rounding."""
+    """fast_top1 (held tensors sliced into engine.evaluate) gives the same top-1 as evaluate over a DataLoader, and
+    channels_last logits match a float64 forward (eval mode) to float32 rounding."""
     import torch
     from fastdelta.compare import _TensorSet, fast_top1
     from fastdelta.engine import evaluate, make_loader
@@ -138,7 +138,7 @@ def test_fast_top1_matches_the_reference_evaluation():
         logits64 = copy.deepcopy(net).double()(x.double())
     assert fast_top1(net, data, batch_size=8) == ref
     with torch.no_grad():
-        fast_logits = net(x.contiguous(memory_format=torch.channels_last))  # net is channels_last now
+        fast_logits = net(x.contiguous(memory_format=torch.channels_last))  # the layout evaluate uses on CPU
     assert torch.allclose(fast_logits.double(), logits64, rtol=1e-5, atol=1e-5)
 
 

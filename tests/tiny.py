@@ -66,3 +66,17 @@ def arrays(n_per_class=4, classes=3, size=16, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, (n_per_class * classes, size, size, 3), dtype=np.uint8)
     return x, np.repeat(np.arange(classes), n_per_class)
+
+
+def fit_killed_and_resumed(run_dir, **kw):
+    """fastdelta.fit to the end, then again with resume=True after deleting the last checkpoint (as if
+    the process was killed just before writing it); asserts the resumed run is bitwise the full one."""
+    import os
+    import fastdelta
+    full = fastdelta.fit(tiny_net(), arrays(), arrays(1), run_dir=str(run_dir), **kw)
+    os.remove(os.path.join(run_dir, "checkpoints", f"ckpt-{kw['iterations']:08d}.pt"))
+    resumed = fastdelta.fit(tiny_net(), arrays(), arrays(1), run_dir=str(run_dir), resume=True, **kw)
+    for (k, v), w in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    return full, resumed

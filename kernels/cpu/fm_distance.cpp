@@ -40,6 +40,13 @@ template <> inline c10::BFloat16 to_out<c10::BFloat16, float>(float x) {
   return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
+// d loss / d t for one element, already weighted by w = grad_out * scale_c: w * (relu(t) - relu(s)) * (t > 0),
+// or w * (t - s) without the ReLU. relu'(t) = (t > 0); a NaN t keeps its NaN gradient, as in torch.
+template <typename A> inline A grad_at(A x, A z, A w, bool relu) {
+  if (!relu) return w * (x - z);
+  return x <= A(0) ? A(0) : w * (relu_nan(x) - relu_nan(z));
+}
+
 enum class Layout { NCHW, NHWC };
 
 Layout layout_of(const at::Tensor& t, const at::Tensor& s) {
@@ -155,17 +162,8 @@ at::Tensor bwd_impl(const at::Tensor& grad_out, const at::Tensor& t, const at::T
       const T* a = tp + k * P;
       const T* z = sp + k * P;
       T* o = out + k * P;
-      if (relu) {
 #pragma omp simd
-        for (int64_t i = 0; i < P; ++i) {
-          const A x = A(a[i]);
-          const A d = relu_nan(x) - relu_nan(A(z[i]));
-          o[i] = to_out<T>(x <= A(0) ? A(0) : w * d);  // relu'(t) = (t > 0); NaN t keeps its NaN gradient like torch
-        }
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < P; ++i) o[i] = to_out<T>(w * (A(a[i]) - A(z[i])));
-      }
+      for (int64_t i = 0; i < P; ++i) o[i] = to_out<T>(grad_at(A(a[i]), A(z[i]), w, relu));
     }
   } else {
 #pragma omp parallel for schedule(static)
@@ -174,17 +172,8 @@ at::Tensor bwd_impl(const at::Tensor& grad_out, const at::Tensor& t, const at::T
       const T* a = tp + r * C;
       const T* z = sp + r * C;
       T* o = out + r * C;
-      if (relu) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const A x = A(a[c]);
-          const A d = relu_nan(x) - relu_nan(A(z[c]));
-          o[c] = to_out<T>(x <= A(0) ? A(0) : gr * A(wp[c]) * d);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = to_out<T>(gr * A(wp[c]) * (A(a[c]) - A(z[c])));
-      }
+      for (int64_t c = 0; c < C; ++c) o[c] = to_out<T>(grad_at(A(a[c]), A(z[c]), gr * A(wp[c]), relu));
     }
   }
   return grad;
