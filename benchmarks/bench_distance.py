@@ -160,10 +160,10 @@ def cpu_rows(args):
              "eager_composite": lambda t, s, w: reference_feature_map_distance(t, s, w, True)}
     rows = []
     for layer, shape in args.shape_items:
-        for dname in args.cpu_dtypes:
-            t, s, w = inputs(args.cpu_batch, shape, DTYPES[dname], device, False)
-            row = {"layer": layer, "shape": [args.cpu_batch, *shape], "dtype": dname, "layout": "nchw",
-                   "fwd_bwd_ms": {}, "fwd_ms": {}}
+        for dname, cl in [(d, cl) for d in args.cpu_dtypes for cl in args.layouts]:
+            t, s, w = inputs(args.cpu_batch, shape, DTYPES[dname], device, cl)
+            row = {"layer": layer, "shape": [args.cpu_batch, *shape], "dtype": dname,
+                   "layout": "channels_last" if cl else "nchw", "fwd_bwd_ms": {}, "fwd_ms": {}}
             # interleaved rounds, best of each (a shared CPU's interference only ever adds time)
             for _ in range(args.cpu_repeats):
                 for name, fn in impls.items():

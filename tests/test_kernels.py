@@ -437,7 +437,7 @@ def test_bench_distance_smoke(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "d.json"
-    res = mod.main(["--device", "cpu", "--shapes", "8x4x4,3x5x7", "--cpu-batch", "2", "--cpu-repeats", "1",
+    res = mod.main(["--device", "cpu", "--shapes", "8x4x4,3x5x7", "--cpu-batch", "2", "--cpu-repeats", "1", "--layouts", "nchw",
                     "--out", str(out)])
     saved = json.load(open(out))
     assert saved["torch"] == torch.__version__ and "cpu" in saved
