@@ -1,4 +1,4 @@
-"""The project's reproduction of the paper's comparison on real data (issue 8).
+"""The project's reproduction of the paper's comparison on real data.
 
 ImageNet EfficientNet-Lite0 (shipped weights) -> Fashion-MNIST with 10, 30 and 100 training images
 per class (fixed subset, subset seed 0), the full 10,000-image test set, all six methods, three
@@ -7,6 +7,9 @@ One `fastdelta.compare` per size into OUT/per_class_N/ (a size whose report.json
 so an interrupted reproduction continues), then OUT/README.md with the combined Table 1 analog.
 
     python3 benchmarks/reproduce_fashion_mnist.py --out benchmarks/results/reproduction_fashion_mnist_cpu
+
+`--recipe` and `--set NAME=VALUE` (any fastdelta.fit setting, repeatable) pick the conventions; the
+README names the ones used.
 """
 import argparse
 import json
@@ -18,7 +21,7 @@ from fastdelta.compare import CompareSettings, compare
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.figures import LABELS
 from fastdelta.ioutil import atomic_write_text
-from fastdelta.settings import METHODS
+from fastdelta.settings import METHODS, describe_conventions
 
 
 def main(argv=None):
@@ -32,6 +35,9 @@ def main(argv=None):
     p.add_argument("--search", default="alpha", choices=["alpha", "grid", "none"])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--curve-images", type=int, default=1000, help="test images per learning-curve point")
+    p.add_argument("--recipe", default="public", help="fit recipe: public or paper")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="another fit setting (JSON value, or a plain string), e.g. feature_map=relu_conv")
     p.add_argument("--summary-only", action="store_true",
                    help="only rewrite OUT/README.md from the per-size reports already in OUT (e.g. after "
                         "running the sizes as separate processes)")
@@ -44,7 +50,8 @@ def main(argv=None):
         return
     x_test, y_test = load_fashion_mnist("test")
     settings = dict(iterations=a.iterations, batch_size=a.batch_size, lr=0.01, beta=0.01,
-                    resize=round(a.image_size * 256 / 224), crop=a.image_size, attention_head_epochs=10)
+                    resize=round(a.image_size * 256 / 224), crop=a.image_size, attention_head_epochs=10,
+                    recipe=a.recipe, **dict(parse_setting(v) for v in a.set))
     for n in sizes:
         folder = out / f"per_class_{n}"
         if (folder / "report.json").is_file():
@@ -59,23 +66,37 @@ def main(argv=None):
     write_summary(out, sizes, " ".join(sys.argv))
 
 
-def write_summary(out: Path, sizes, command: str) -> None:
+def parse_setting(text: str):
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {text!r}: expected NAME=VALUE")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+TITLE = "ImageNet EfficientNet-Lite0 -> Fashion-MNIST"
+
+
+def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=()) -> None:
     reports = {n: json.loads((out / f"per_class_{n}" / "report.json").read_text()) for n in sizes
                if (out / f"per_class_{n}" / "report.json").is_file()}
     if not reports:
         return
     any_r = next(iter(reports.values()))
     run = any_r["settings"]  # crop, iterations and batch are one per reproduction (the same command)
-    lines = ["# Reproduction: ImageNet EfficientNet-Lite0 -> Fashion-MNIST, six methods, three seeds", "",
-             f"Command: `{command}`", "",
+    lines = [f"# Reproduction: {title}, six methods, three seeds", "",
+             f"Command: `{command}`", "", *preamble,
              f"- device {any_r['environment']['device']}, torch {any_r['environment']['torch']}, "
              f"{any_r['environment']['date']}",
              f"- CPU-feasible size: {run['crop']}x{run['crop']} crops (resize {run['resize']}), "
              f"{run['iterations']} iterations of batch {run['batch_size']} per run (the paper: 224 px, 9,000 iterations of 64)",
+             f"- conventions: {describe_conventions(run)}",
              "- alpha per method and size chosen on a validation split (20% of each class's training images, "
-             "seed 0) over 0.0001, 0.001, 0.01, 0.1, 0.2 with beta 0.01; the test set (all 10,000 images) "
-             "only measures", "",
-             "## Table 1 analog: test top-1 (%), mean ± std over seeds 0, 1, 2", "",
+             "seed 0) over 0.0001, 0.001, 0.01, 0.1, 0.2 with beta 0.01; the test set "
+             f"({test_images(any_r)} images) only measures", "",
+             "## Table 1 analog: test top-1 (%), mean ± std over seeds", "",
              "| method | " + " | ".join(f"{n}/class" for n in reports) + " |",
              "|---|" + "---|" * len(reports)]
     for m in [m for m in METHODS if all(m in r["table"] for r in reports.values())]:
@@ -99,6 +120,11 @@ def write_summary(out: Path, sizes, command: str) -> None:
             lines.append(f"- **{name.replace('_', ' ')}: {verdict}.** {c['text']}")
         lines.append("")
     atomic_write_text(out / "README.md", "\n".join(lines))
+
+
+def test_images(report: dict) -> str:
+    n = report.get("data", {}).get("test", {}).get("num_samples")
+    return "all the test" if n is None else f"all {n:,}"
 
 
 def ranking(table: dict) -> str:

@@ -61,7 +61,7 @@ class PublicStep:
         for model, store in ((self.src, self.fs), (self.tgt, self.ft)):
             for name in nets.layers:
                 model.get_submodule(name).register_forward_hook(lambda m, i, o, store=store: store.append(o))
-        self.cws = attention if method == "delta" else [torch.full_like(a, 1.0 / a.numel()) for a in attention]
+        self.cws = attention if method == "delta" else None  # delta_no_att: the public fea_map, 0.5 sum ||d||^2
         self.filter_w = {}
         if method == "l2_sp_att":
             for layer, a in zip(nets.layers, attention):
@@ -69,10 +69,11 @@ class PublicStep:
 
     def _att_reg(self):
         reg = 0.
-        for cw, a, b in zip(self.cws, self.fs, self.ft):
+        for i, (a, b) in enumerate(zip(self.fs, self.ft)):
             bb, c, h, w = a.shape
             d = torch.norm(b.reshape(bb, c, -1) - a.reshape(bb, c, -1).detach(), 2, 2)
-            reg = reg + 0.5 * torch.sum(c * cw * d ** 2 / (h * w))
+            reg = reg + (0.5 * torch.sum(d ** 2) if self.cws is None else
+                         0.5 * torch.sum(c * self.cws[i] * d ** 2 / (h * w)))
         return reg
 
     def step(self, x, y):
@@ -180,7 +181,7 @@ def measure(model: str, method: str, engine: str, batch: int, size: int, num_cla
         step = lambda: runner.step(x, y)
     else:
         reg = make_regularizer(method, nets.target, nets.source, nets.head_name, nets.layers, 0.01, 0.01, 1e-4,
-                               True, attention if method in ("delta", "l2_sp_att") else None)
+                               "conv", attention if method in ("delta", "l2_sp_att") else None)
         params = reg.trainable_parameters(nets.target)
         if reg.freezes_extractor:  # as train_loop sets up L2-FE
             nets.target.requires_grad_(False).eval()

@@ -8,7 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .settings import METHODS
+from .settings import (DEFAULT_RECIPE, DELTA_NO_ATT_SCALES, FEATURE_MAPS, FEATURE_SCALES, HEAD_BN_MODES, METHODS,
+                       RECIPES, SOURCE_BN_MODES)
 
 
 def _csv(value: str):
@@ -20,6 +21,23 @@ def _floats(value: str):
         return [float(v) for v in _csv(value)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma separated numbers, got {value!r}") from None
+
+
+def _images(value: str):
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images or 'all', got {value!r}") from None
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("yes", "true", "1"):
+        return True
+    if value.lower() in ("no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
@@ -35,10 +53,28 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=int, default=None, help="default 256 (320 for inception_v3)")
     p.add_argument("--crop", type=int, default=None, help="default 224 (299 for inception_v3)")
     p.add_argument("--augmentation", choices=["default", "improved"], default="default")
-    p.add_argument("--raw-features", action="store_true",
-                   help="regularise raw tap outputs (public code) instead of ReLU feature maps (paper)")
+    p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
+                   help="conventions where the paper and its public code differ: public (default) or paper; "
+                        "the five options below override single ones")
+    p.add_argument("--feature-map", choices=FEATURE_MAPS, default=None,
+                   help="conv: raw conv output (public code); activation: ReLU after the conv's BN (paper); "
+                        "relu_conv: ReLU of the pre-BN conv output (neither)")
+    p.add_argument("--delta-no-att-scale", choices=DELTA_NO_ATT_SCALES, default=None,
+                   help="delta_no_att: sum (public fea_map, 0.5 sum ||d||^2) or uniform_attention (/ h w)")
+    p.add_argument("--attention-head-bn", choices=HEAD_BN_MODES, default=None,
+                   help="attention head training: train (BN statistics adapt, public) or frozen (eval mode)")
+    p.add_argument("--attention-max-images", type=_images, default=None,
+                   help="images for the attention: a number or 'all' (public: 128, paper: all)")
+    p.add_argument("--attention-augmented", type=_bool, default=None,
+                   help="yes: those images with the training augmentation (public); no: centre crop (paper)")
+    p.add_argument("--source-bn", choices=SOURCE_BN_MODES, default="running",
+                   help="source maps with running BN statistics (public, paper) or the batch's own (not in the paper)")
+    p.add_argument("--feature-scale", choices=FEATURE_SCALES, default="none",
+                   help="source_energy: each layer's term divided by the source maps' energy (not in the paper)")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (tllib)")
+    p.add_argument("--backbone-lr-mult", type=float, default=1.0,
+                   help="lr of the pre-trained layers = lr x this (tllib: 0.1)")
     p.add_argument("--temperature", type=float, default=5.0, help="attention softmax temperature")
-    p.add_argument("--attention-max-images", type=int, default=None, help="default: all training images")
     p.add_argument("--attention-impl", choices=["prefix", "masked_forward", "first_order"], default="prefix",
                    help="exact: prefix (default, fast) or masked_forward (literal); first_order: Taylor estimate")
     p.add_argument("--attention-dtype", choices=["fp32", "bf16"], default="fp32")
@@ -54,7 +90,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 
 def _settings(a) -> dict:
     return dict(weights=a.weights, layers=a.layers, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
-                resize=a.resize, crop=a.crop, augmentation=a.augmentation, feature_relu=not a.raw_features,
+                resize=a.resize, crop=a.crop, augmentation=a.augmentation, recipe=a.recipe, feature_map=a.feature_map,
+                delta_no_att_scale=a.delta_no_att_scale, attention_head_bn=a.attention_head_bn,
+                attention_augmented=a.attention_augmented, source_bn=a.source_bn, feature_scale=a.feature_scale,
+                nesterov=a.nesterov, backbone_lr_mult=a.backbone_lr_mult,
                 attention_temperature=a.temperature, attention_max_images=a.attention_max_images,
                 attention_impl=a.attention_impl, attention_dtype=a.attention_dtype,
                 attention_cache=None if a.attention_cache == "off" else a.attention_cache, seed=a.seed, device=a.device, num_workers=a.workers,
@@ -130,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.01)
     p.add_argument("--head-epochs", type=int, default=10)
     p.add_argument("--attention-impl", choices=["prefix", "masked_forward", "first_order"], default="prefix")
+    p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="fastdelta-demo")
     p.add_argument("--no-progress", action="store_true")
@@ -220,7 +260,7 @@ def main(argv=None) -> int:
             run_demo(DemoConfig(args.methods, args.per_class, args.test_images, args.image_size, args.iterations,
                                 args.batch_size, args.lr, args.alpha_feature, args.alpha_sp, args.beta,
                                 args.head_epochs, args.seed, args.out, not args.no_progress,
-                                args.attention_impl))
+                                args.attention_impl, args.recipe))
     except NonFiniteLossError as e:
         if e.partial_result is not None and args.command == "fit" and _is_main():
             e.partial_result.save(args.out)

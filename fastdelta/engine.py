@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -111,6 +111,9 @@ class TrainSpec:
     # None: the torchvision DataLoader below; else (start_iteration, ctx) -> endless iterable of (x, y)
     # batches, e.g. a DALI pipeline (fastdelta/data/dali.py) with the same batches and crops
     loader: Optional[Callable] = None
+    nesterov: bool = False
+    backbone_lr_mult: float = 1.0          # lr of the non-head parameters = lr * this
+    extractor_bn: str = "frozen"           # L2-FE: "frozen" (eval mode) or "train" (BN statistics adapt)
 
 
 @dataclass
@@ -129,13 +132,29 @@ def make_train_loader(dataset: Dataset, spec: TrainSpec, start_iteration: int, c
     return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=resolve_workers(spec.num_workers))
 
 
+def param_groups(reg: Regularizer, params: Sequence[torch.Tensor], backbone_lr_mult: float = 1.0) -> List[dict]:
+    """SGD parameter groups: one, or with backbone_lr_mult != 1 the head's and the rest's (its "lr_mult")."""
+    params = list(params)
+    if backbone_lr_mult == 1.0:
+        return [{"params": params, "lr_mult": 1.0}]
+    head = {id(p) for p in reg.head_params}
+    groups = [{"params": [p for p in params if id(p) in head], "lr_mult": 1.0},
+              {"params": [p for p in params if id(p) not in head], "lr_mult": float(backbone_lr_mult)}]
+    return [g for g in groups if g["params"]]
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
 def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: Dataset, spec: TrainSpec,
                device: torch.device, ctx: DistContext = DistContext(), start: Optional[StartState] = None) -> List[dict]:
     """Train `target` in place from `start` (default: iteration 0); returns the whole history."""
     start = start or StartState()
     params = reg.trainable_parameters(target)
-    if reg.freezes_extractor:  # L2-FE: the extractor is fixed, BN statistics included
-        target.requires_grad_(False).eval()
+    if reg.freezes_extractor:  # L2-FE: the extractor's weights are fixed (its BN statistics too, unless "train")
+        target.requires_grad_(False).train(spec.extractor_bn == "train")
         for p in params:
             p.requires_grad_(True)
     else:
@@ -145,14 +164,17 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
         if spec.step is None:  # (the fast step wraps its own forward in DDP)
             forward = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
         reg.sum_scale = float(ctx.world_size)
-    stepper = None if spec.step is None else FastStep(target, source, reg, params, spec.step, device, spec.lr,
-                                                      spec.momentum, ctx)
-    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum) if stepper is None else stepper.opt
+    groups = param_groups(reg, params, spec.backbone_lr_mult)
+    stepper = None if spec.step is None else FastStep(target, source, reg, groups, spec.step, device, spec.lr,
+                                                      spec.momentum, ctx, spec.nesterov)
+    opt = (torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
+           if stepper is None else stepper.opt)
     if start.optimizer is not None:
         opt.load_state_dict(start.optimizer)
     reference_taps = stepper is None and reg.uses_source_features
-    target_taps = FeatureTaps(target, reg.layers, forward) if reference_taps else None
-    source_taps = FeatureTaps(source, reg.layers) if reference_taps else None
+    rectify = reg.feature_map == "activation"  # a BN output can be changed in place later: keep ReLU of it
+    target_taps = FeatureTaps(target, reg.taps, forward, rectify, reg.tap_follows) if reference_taps else None
+    source_taps = FeatureTaps(source, reg.taps, None, rectify) if reference_taps else None
     history = list(start.history)
     batches = iter(make_train_loader(dataset, spec, start.iteration, ctx))
     if start.rng is not None:  # after the loader drew its seed, as in the uninterrupted run
@@ -169,8 +191,7 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 t_data = time.perf_counter() - t0
                 lr = lr_at(it, spec.lr, spec.lr_schedule, spec.lr_step, spec.lr_gamma)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                set_lr(opt, lr)
                 if stepper is not None:  # same terms, checks and record, one host sync (fastdelta/step.py)
                     out = stepper.forward_backward(x, y, lr)
                     values, grad_norm, train_acc = out.values, out.grad_norm, out.train_acc

@@ -22,6 +22,9 @@ from .distributed import DistContext, device_for, init_distributed
 from .engine import NonFiniteLossError, StartState, TrainSpec, evaluate, make_loader, train_loop
 from .models import Networks, build_networks, guess_arch
 from .regularizers import L2FE, REGULARIZERS, make_regularizer
+from .source_net import batch_statistics_copy
+from .taps import FeatureTaps
+from .data.sampling import FixedAugmentation
 from .result import FitResult
 from .settings import FitSettings, SettingsError, make_settings
 from .step import resolve_step_options
@@ -73,8 +76,9 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
     sum each channel's loss increase over the images (split across ranks, sums all-reduced).
     A result cached for the same weights, images and settings is read instead (single process)."""
     t0 = time.perf_counter()
-    n = len(data.train_eval) if s.attention_max_images is None else min(s.attention_max_images, len(data.train_eval))
-    images = _shard(Subset(data.train_eval, range(n)), ctx)
+    n = len(data.train_eval) if s.attention_max_images == "all" else min(s.attention_max_images, len(data.train_eval))
+    pool = FixedAugmentation(data.train, s.seed) if s.attention_augmented else data.train_eval
+    images = _shard(Subset(pool, range(n)), ctx)
     loader = make_loader(images, max(1, min(s.eval_batch_size, len(images))), False, s.seed, s.num_workers)
     batches = list(loader)
     cache = None if ctx.active else cache_dir(s.attention_cache)
@@ -87,10 +91,13 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
             cached.timings = {**cached.timings, "cache_hit": True, "total": round(time.perf_counter() - t0, 3)}
             return cached
     fe = Networks(nets.source, copy.deepcopy(nets.target), nets.arch, nets.head_name, nets.layers, nets.weights)
-    head_iters = max(1, s.attention_head_epochs * max(1, len(data.train) // s.batch_size))
+    batch = min(s.attention_head_batch_size or s.batch_size, len(data.train))
+    batch -= batch % ctx.world_size
+    head_iters = max(1, s.attention_head_epochs * max(1, len(data.train) // batch))
     reg = L2FE(fe.target, fe.source, fe.head_name, fe.layers, s.alpha, s.beta, s.weight_decay)
-    spec = TrainSpec(head_iters, s.lr, s.momentum, s.batch_size, s.seed, "exp", max(1, round(head_iters * 0.6)),
-                     0.1, s.num_workers, s.progress and ctx.is_main, "attention: L2-FE head")
+    spec = TrainSpec(head_iters, s.lr, s.momentum, batch, s.seed, "exp", max(1, round(head_iters * 0.6)),
+                     0.1, s.num_workers, s.progress and ctx.is_main, "attention: L2-FE head",
+                     extractor_bn=s.attention_head_bn)
     head_history = train_loop(fe.target, fe.source, reg, data.train, spec, device)
     t_head = time.perf_counter() - t0
     batches = [(x.to(device), y.to(device)) for x, y in batches]
@@ -101,12 +108,32 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
     att = ChannelAttention(list(nets.layers), raws, s.attention_temperature, n, ran,
                            {"head_training": round(t_head, 3), **{f"layer:{k}": v for k, v in per_layer.items()},
                             "total": round(time.perf_counter() - t0, 3)},
-                           {"iterations": head_iters, "lr": s.lr, "schedule": "exp to 0.1x at 60%",
+                           {"iterations": head_iters, "batch_size": batch, "lr": s.lr, "schedule": "exp to 0.1x at 60%",
+                            "bn": s.attention_head_bn, "images_augmented": s.attention_augmented,
                             "final_ce": head_history[-1]["ce"]},
                            torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)")
     if key is not None:
         store(cache, key, att)
     return att
+
+
+# training images (centre crop) over which feature_scale="source_energy" measures the source maps
+ENERGY_IMAGES = 256
+
+
+@torch.no_grad()
+def source_energy(reg, source: nn.Module, data, s: FitSettings, device) -> list:
+    """Per regularised layer, E_l: the regulariser's distance between the source maps and zero, per
+    image, over the first ENERGY_IMAGES training images (centre crop); the same on every rank."""
+    n = min(ENERGY_IMAGES, len(data.train_eval))
+    loader = make_loader(Subset(data.train_eval, range(n)), max(1, min(s.eval_batch_size, n)), False, s.seed,
+                         s.num_workers)
+    totals = [0.0] * len(reg.taps)
+    with FeatureTaps(source, reg.taps, rectify=reg.feature_map == "activation") as taps:
+        for x, _ in loader:
+            _, feats = taps(x.to(device))
+            totals = [t + e for t, e in zip(totals, reg.source_energy(feats))]
+    return [t / n for t in totals]
 
 
 def _load_attention(given, nets: Networks, s: FitSettings) -> ChannelAttention:
@@ -206,8 +233,14 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
                      else compute_attention(nets, data, s, device, ctx))
         timings["attention"] = attention.timings.get("total", 0.0)
     reg = make_regularizer(s.method, nets.target, nets.source, nets.head_name, nets.layers, s.alpha, s.beta,
-                           s.weight_decay, s.feature_relu, None if attention is None else attention.weights)
+                           s.weight_decay, s.feature_map, None if attention is None else attention.weights,
+                           s.delta_no_att_scale)
     reg.distance_impl = s.distance_impl
+    feature_source = nets.source if s.source_bn == "running" else batch_statistics_copy(nets.source)
+    energy = None
+    if reg.uses_source_features and s.feature_scale == "source_energy":
+        energy = source_energy(reg, feature_source, data, s, device)
+        reg.layer_scale = [1.0 / e if e > 0 else 1.0 for e in energy]
     try:
         step_options = resolve_step_options(device, s.precision, s.compile, s.channels_last, s.cuda_graphs,
                                             s.step_engine)
@@ -216,7 +249,8 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
     run_dir = Path(s.run_dir) if s.run_dir is not None else None
     backend = choose_backend(s.data_backend, device, data.train, data.test)
     spec = TrainSpec(s.iterations, s.lr, s.momentum, s.batch_size, s.seed, s.lr_schedule, s.lr_step, s.lr_gamma,
-                     s.num_workers, s.progress, f"train {s.method}",
+                     s.num_workers, s.progress, f"train {s.method}", nesterov=s.nesterov,
+                     backbone_lr_mult=s.backbone_lr_mult,
                      checkpoint_dir=None if run_dir is None else run_dir / "checkpoints",
                      checkpoint_every=s.checkpoint_every,
                      history_path=None if run_dir is None else run_dir / "history.jsonl",
@@ -226,13 +260,15 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
                      loader=_dali_train_factory(data, s, device, step_options) if backend.name == "dali" else None)
     settings_record = {**s.to_dict(), "device_used": str(device), "world_size": ctx.world_size,
                        "step_used": step_options.describe() if step_options is not None else {"step_engine": "reference"},
-                       "resumed_from_iteration": start.iteration if s.resume else None}
+                       "resumed_from_iteration": start.iteration if s.resume else None,
+                       "feature_map_taps": dict(zip(nets.layers, reg.taps)),
+                       "source_energy": None if energy is None else dict(zip(nets.layers, energy))}
     data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped],
                    "backend": backend.to_dict()}
     info = _model_info(nets)
     t0 = time.perf_counter()
     try:
-        history = train_loop(nets.target, nets.source, reg, data.train, spec, device, ctx, start)
+        history = train_loop(nets.target, feature_source, reg, data.train, spec, device, ctx, start)
     except NonFiniteLossError as e:
         timings["train"] = round(time.perf_counter() - t0, 3)
         e.partial_result = FitResult(nets.target, s.method, settings_record, info, data_record, e.history,

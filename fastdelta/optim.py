@@ -68,8 +68,8 @@ class PullSGD(torch.optim.SGD):
     The GradScaler of an fp16 run (if any) is kept in `scaler` and saved with the optimizer state."""
 
     def __init__(self, params, lr: float, momentum: float, pulls: Sequence[Pull] = (),
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None):
-        super().__init__(params, lr=lr, momentum=momentum, foreach=foreach, fused=fused)
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, nesterov: bool = False):
+        super().__init__(params, lr=lr, momentum=momentum, foreach=foreach, fused=fused, nesterov=nesterov)
         self.pulls = list(pulls)
         self.scaler = None
 

@@ -1,14 +1,19 @@
 """The six methods of the DELTA paper as loss terms.
 
-Every method's loss is  CE + reg + head, where (DESIGN.md §1-2):
+Every method's loss is  CE + reg + head, where (the paper's eq. 6-8, scaled as its public code):
 
 - l2_fe        : extractor frozen;   reg = 0;                              head = wd/2 ||w_head||^2
 - l2           : plain fine-tune;    reg = wd/2 ||w_shared||^2;             head = wd/2 ||w_head||^2
 - l2_sp        : reg = alpha/2 ||w_shared - w*||^2;                         head = beta/2 ||w_head||^2
 - l2_sp_att    : L2-SP with each regularised conv filter's distance weighted by c * W_j
-- delta_no_att : reg = alpha * sum_l 0.5 sum_j ||FM_lj(w) - FM_lj(w*)||^2 / (h w)  (uniform W_j = 1/c)
+- delta_no_att : reg = alpha * sum_l 0.5 sum_j ||FM_lj(w) - FM_lj(w*)||^2         (delta_no_att_scale "sum":
+                 the public code's fea_map), or DELTA's term with W_j = 1/c, i.e. divided by h w
+                 ("uniform_attention")
 - delta        : reg = alpha * sum_l 0.5 sum_j c W_lj ||FM_lj(w) - FM_lj(w*)||^2 / (h w)
-(feature-map distances summed over the batch, as in the public code; FM = ReLU(tap) by default).
+(feature-map distances summed over the batch, as in the public code; FM per `feature_map`, see
+fastdelta/taps.py). With feature_scale "source_energy" (not in the paper) each layer's term is
+divided by E_l, the mean per image of the same term between the source maps and zero, so that
+alpha weighs a relative distance whatever the network's activation scale.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .taps import rectifies, tap_modules
 
 
 def feature_map_distance(target: torch.Tensor, source: torch.Tensor, channel_scale: torch.Tensor,
@@ -41,11 +48,16 @@ def reference_feature_map_distance(target: torch.Tensor, source: torch.Tensor, c
     return 0.5 * (per_channel * channel_scale.to(acc)).sum()
 
 
-def channel_scales(attention_weights: Optional[Sequence[torch.Tensor]], feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """scale_j = c * W_j / (h w); W uniform (1/c) without attention."""
+def channel_scales(attention_weights: Optional[Sequence[torch.Tensor]], feats: Sequence[torch.Tensor],
+                   uniform: str = "uniform_attention") -> List[torch.Tensor]:
+    """scale_j = c * W_j / (h w); without attention W uniform (1/c) ("uniform_attention"), or
+    scale_j = 1 ("sum": the public code's fea_map, no division by h w)."""
     scales = []
     for i, f in enumerate(feats):
         _, c, h, w = f.shape
+        if attention_weights is None and uniform == "sum":
+            scales.append(torch.ones(c, device=f.device))
+            continue
         W = torch.full((c,), 1.0 / c, device=f.device) if attention_weights is None else attention_weights[i]
         if W.numel() != c:
             raise ValueError(f"attention for tap {i} has {W.numel()} weights but the layer has {c} channels")
@@ -73,10 +85,15 @@ class Regularizer:
     distance_impl = "auto"  # feature-map distance kernel (settings.distance_impl; fit sets it)
 
     def __init__(self, target: nn.Module, source: nn.Module, head_name: str, layers: Sequence[str],
-                 alpha: float, beta: float, weight_decay: float, feature_relu: bool = True,
-                 attention: Optional[Sequence[torch.Tensor]] = None):
-        self.alpha, self.beta, self.weight_decay, self.feature_relu = alpha, beta, weight_decay, feature_relu
+                 alpha: float, beta: float, weight_decay: float, feature_map: str = "conv",
+                 attention: Optional[Sequence[torch.Tensor]] = None, delta_no_att_scale: str = "sum"):
+        self.alpha, self.beta, self.weight_decay = alpha, beta, weight_decay
         self.layers = list(layers)
+        self.feature_map, self.delta_no_att_scale = feature_map, delta_no_att_scale
+        self.relu = rectifies(feature_map)
+        self.taps = tap_modules(target, self.layers, feature_map)  # the modules whose outputs are read
+        self.tap_follows = {t: l for t, l in zip(self.taps, self.layers) if t != l}
+        self.layer_scale: Optional[List[float]] = None  # feature_scale "source_energy": 1 / E_l per layer
         prefix = head_name + "."
         self.head_params = [p for n, p in target.named_parameters() if n.startswith(prefix)]
         self.shared = [(n, p) for n, p in target.named_parameters() if not n.startswith(prefix)]
@@ -169,11 +186,25 @@ class Delta(Regularizer):
     def weights(self):
         return self.attention
 
+    def scales(self, feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Per layer, the channel weights of the distance (layer_scale included)."""
+        scales = channel_scales(self.weights(), feats, self.delta_no_att_scale)
+        if self.layer_scale is not None:
+            scales = [s * k for s, k in zip(scales, self.layer_scale)]
+        return scales
+
     def terms(self, target_feats=None, source_feats=None) -> Terms:
         total = self.zero()
-        for t, s, scale in zip(target_feats, source_feats, channel_scales(self.weights(), target_feats)):
-            total = total + feature_map_distance(t, s, scale, self.feature_relu, self.distance_impl)
+        for t, s, scale in zip(target_feats, source_feats, self.scales(target_feats)):
+            total = total + feature_map_distance(t, s, scale, self.relu, self.distance_impl)
         return Terms(self.alpha * self.sum_scale * total, 0.5 * self.beta * squared_norm(self.head_params))
+
+    @torch.no_grad()
+    def source_energy(self, source_feats: Sequence[torch.Tensor]) -> List[float]:
+        """Per layer, the distance between these source maps and zero, summed over their images (fp64)."""
+        return [float(reference_feature_map_distance(f.double(), torch.zeros_like(f, dtype=torch.float64),
+                                                     scale.double(), self.relu))
+                for f, scale in zip(source_feats, channel_scales(self.weights(), source_feats, self.delta_no_att_scale))]
 
 
 class DeltaNoAtt(Delta):

@@ -9,6 +9,7 @@ import numpy as np
 
 from .figures import LABELS, all_figures
 from .ioutil import atomic_write_text
+from .settings import describe_conventions
 
 
 def _fmt(mean: Optional[float], std: Optional[float], n: int) -> str:
@@ -89,6 +90,7 @@ def markdown(report: dict, figures) -> str:
              f"- every run: {s['iterations']} iterations of batch {s['batch_size']}, lr {s['lr']} "
              f"(x{s['lr_gamma']} at {s['lr_step']}), momentum {s['momentum']}, "
              f"regularised layers {', '.join(m['layers'])}",
+             f"- conventions: {describe_conventions(s)}",
              f"- seeds 0..{cs['seeds'] - 1} (same data order for every method of a seed); alpha/beta "
              + ("given" if report["search"] is None else
                 f"chosen by {cs['search']} search on a validation split of {report['search']['split']['val']} "

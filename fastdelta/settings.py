@@ -1,8 +1,9 @@
 """Fit settings: one dataclass with the paper's defaults, validated up front.
 
-Defaults follow the DELTA paper and its public code (see DESIGN.md §2): SGD momentum 0.9,
+Defaults follow the DELTA paper and its public code (github.com/lixingjian/DELTA): SGD momentum 0.9,
 lr 0.01 (0.001 for Inception-V3), batch 64, 9,000 iterations with lr/10 at 6,000,
 alpha = beta = 0.01, weight decay 1e-4 for the plain fine-tune, attention softmax(z / 5).
+Where the paper's text and the public code differ, `recipe` picks one side (RECIPES).
 """
 from __future__ import annotations
 
@@ -21,6 +22,29 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STEP_ENGINES = ("auto", "reference", "fast")
 DATA_BACKENDS = ("auto", "dali", "torchvision")
+# what a regularised layer contributes as its feature map FM (fastdelta/taps.py)
+FEATURE_MAPS = ("conv", "relu_conv", "activation")
+DELTA_NO_ATT_SCALES = ("sum", "uniform_attention")
+HEAD_BN_MODES = ("train", "frozen")
+SOURCE_BN_MODES = ("running", "batch")
+FEATURE_SCALES = ("none", "source_energy")
+
+# Conventions that the paper's text and its public code (github.com/lixingjian/DELTA, train.py and
+# channel_eval.py) settle differently. A setting left at None takes the value of the run's `recipe`.
+RECIPES = {
+    # the public code: raw conv output before BN; DELTA w/o ATT = 0.5 sum_j ||d_j||^2 (`fea_map`); the
+    # attention head trained with the model in train() mode (BN statistics adapt), batch 32, and the
+    # channel ablation measured on 4 augmented training batches of 32
+    "public": dict(feature_map="conv", delta_no_att_scale="sum", attention_head_bn="train",
+                   attention_head_batch_size=32, attention_max_images=128, attention_augmented=True),
+    # the article's text: the rectified output of each filter (in a BN network: ReLU after its BN),
+    # DELTA w/o ATT = DELTA with uniform attention, Algorithm 1 over every training image (centre crop)
+    # with the source feature extractor frozen, BN statistics included
+    "paper": dict(feature_map="activation", delta_no_att_scale="uniform_attention", attention_head_bn="frozen",
+                  attention_head_batch_size=None, attention_max_images="all", attention_augmented=False),
+}
+DEFAULT_RECIPE = "public"
+RECIPE_SETTINGS = tuple(RECIPES[DEFAULT_RECIPE])
 
 
 class SettingsError(ValueError):
@@ -35,6 +59,8 @@ class FitSettings:
     weight_decay: float = 1e-4     # the plain L2 / L2-FE methods' weight decay
     lr: Optional[float] = None     # None: 0.01, or 0.001 for Inception-V3
     momentum: float = 0.9
+    nesterov: bool = False
+    backbone_lr_mult: float = 1.0  # lr of every non-head parameter = lr * this (tllib: 0.1)
     batch_size: int = 64
     iterations: int = 9000
     lr_schedule: str = "step"      # "step": lr * gamma at lr_step; "exp": lr * gamma ** (t / lr_step)
@@ -43,11 +69,24 @@ class FitSettings:
     augmentation: str = "default"  # "default" (resize square, crop) or "improved" (keep aspect, 10-crop test)
     resize: Optional[int] = None   # None: 256 (320 for Inception-V3)
     crop: Optional[int] = None     # None: 224 (299 for Inception-V3)
-    feature_relu: bool = True      # paper: ReLU on feature maps; public code: raw conv output
+    # "public" or "paper" (RECIPES): the conventions below that are left at None
+    recipe: str = DEFAULT_RECIPE
+    # FM of a regularised conv: "conv" (its raw output, public code), "relu_conv" (ReLU of the raw,
+    # pre-BN output: in neither), "activation" (ReLU of the BN that follows it: the paper's rectified map)
+    feature_map: Optional[str] = None
+    # DELTA w/o ATT: "sum" = 0.5 sum_j ||d_j||^2 (public fea_map), "uniform_attention" = DELTA's term with W_j = 1/c
+    delta_no_att_scale: Optional[str] = None
+    # not in the paper: "batch" computes the source maps with the batch's own BN statistics (running ones untouched)
+    source_bn: str = "running"
+    # not in the paper: "source_energy" divides each layer's term by the source maps' energy per image
+    feature_scale: str = "none"
     layers: Optional[Sequence[str]] = None  # None: per-architecture defaults
     attention_temperature: float = 5.0
-    attention_max_images: Optional[int] = None  # None: all training images (Algorithm 1)
+    attention_max_images: object = None         # images for Algorithm 1: an int, or "all"; None: the recipe's
+    attention_augmented: Optional[bool] = None  # those images with the training augmentation (public) or centre crop
     attention_head_epochs: int = 10             # public code: 10 epochs of L2-FE head training
+    attention_head_bn: Optional[str] = None     # head training: "train" (BN statistics adapt) or "frozen" (eval mode)
+    attention_head_batch_size: Optional[int] = None  # None with the recipe's None: batch_size
     attention_impl: str = "prefix"              # exact: "prefix" (fast) or "masked_forward"; "first_order" estimate
     attention_dtype: str = "fp32"               # "bf16": autocast for the ablation passes (GPU speed)
     attention_chunk: Optional[int] = None       # masked copies per suffix pass; None: from free memory
@@ -80,6 +119,10 @@ class FitSettings:
     def resolved(self, arch: str | None = None) -> "FitSettings":
         """A copy with architecture-dependent defaults filled in, after validation."""
         s = dataclasses.replace(self)
+        if s.recipe in RECIPES:
+            for name, value in RECIPES[s.recipe].items():
+                if getattr(s, name) is None:
+                    setattr(s, name, value)
         inception = arch == "inception_v3"
         if s.lr is None:
             s.lr = 0.001 if inception else 0.01
@@ -99,6 +142,8 @@ class FitSettings:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise SettingsError(f"{name}={v!r}: must be a finite number >= 0")
+        if self.momentum >= 1:
+            raise SettingsError(f"momentum={self.momentum!r}: must be < 1 (SGD momentum diverges at 1 and above)")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise SettingsError(f"lr={self.lr!r}: must be > 0")
         for name in ("batch_size", "iterations", "eval_batch_size", "attention_head_epochs"):
@@ -127,8 +172,29 @@ class FitSettings:
             raise SettingsError(f"checkpoint_every={self.checkpoint_every!r}: must be an integer >= 0")
         if self.resume and self.run_dir is None:
             raise SettingsError("resume=True needs run_dir (the folder of the run to continue)")
-        if self.attention_max_images is not None and self.attention_max_images < 1:
-            raise SettingsError(f"attention_max_images={self.attention_max_images!r}: must be >= 1 or None")
+        n = self.attention_max_images
+        if not (n is None or n == "all" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
+            raise SettingsError(f"attention_max_images={n!r}: must be an integer >= 1, 'all' or None (the recipe's)")
+        if self.recipe not in RECIPES:
+            raise SettingsError(f"recipe={self.recipe!r}: expected one of {tuple(RECIPES)}")
+        for name, allowed in (("feature_map", FEATURE_MAPS), ("delta_no_att_scale", DELTA_NO_ATT_SCALES),
+                              ("attention_head_bn", HEAD_BN_MODES), ("source_bn", SOURCE_BN_MODES),
+                              ("feature_scale", FEATURE_SCALES)):
+            v = getattr(self, name)
+            if not (v in allowed or (v is None and name in RECIPE_SETTINGS)):
+                raise SettingsError(f"{name}={v!r}: expected one of {allowed}")
+        for name in ("attention_augmented", "nesterov"):
+            v = getattr(self, name)
+            if not (isinstance(v, bool) or (v is None and name in RECIPE_SETTINGS)):
+                raise SettingsError(f"{name}={v!r}: expected True or False")
+        v = self.attention_head_batch_size
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise SettingsError(f"attention_head_batch_size={v!r}: must be an integer >= 1 or None")
+        if not (isinstance(self.backbone_lr_mult, (int, float)) and math.isfinite(self.backbone_lr_mult)
+                and self.backbone_lr_mult >= 0):
+            raise SettingsError(f"backbone_lr_mult={self.backbone_lr_mult!r}: must be a finite number >= 0")
+        if self.nesterov and self.momentum == 0:
+            raise SettingsError("nesterov=True needs momentum > 0")
         if self.resize is not None and self.crop is not None and self.crop > self.resize:
             raise SettingsError(f"crop={self.crop} is larger than resize={self.resize}")
         if self.precision not in PRECISIONS:
@@ -163,9 +229,40 @@ class FitSettings:
         return d
 
 
+FEATURE_MAP_NAMES = {"conv": "raw conv output, before BN (public code)",
+                     "relu_conv": "ReLU of the raw pre-BN conv output (neither paper nor public code)",
+                     "activation": "ReLU after the conv's BN (the paper's rectified map)"}
+
+
+def describe_conventions(settings: dict) -> str:
+    """One line naming the conventions a run used (resolved settings as a dict), for reports."""
+    g = settings.get
+    if "feature_relu" in settings and "feature_map" not in settings:  # written before recipes existed
+        form = "relu_conv" if settings["feature_relu"] else "conv"
+        return (f"feature maps: {FEATURE_MAP_NAMES[form]}; DELTA w/o ATT: uniform attention (/ h w); attention "
+                f"head BN frozen, attention on {g('attention_max_images') or 'all'} centre-crop images")
+    n = g("attention_max_images")
+    parts = [f"recipe {g('recipe')}", f"feature maps: {FEATURE_MAP_NAMES.get(g('feature_map'), g('feature_map'))}",
+             f"DELTA w/o ATT: {'0.5 sum ||d||^2 (public fea_map)' if g('delta_no_att_scale') == 'sum' else 'uniform attention (/ h w)'}",
+             f"attention head BN {g('attention_head_bn')}, attention on {'all' if n == 'all' else f'up to {n}'} "
+             f"{'augmented' if g('attention_augmented') else 'centre-crop'} images"]
+    if g("source_bn", "running") != "running":
+        parts.append("source maps with batch BN statistics (not in the paper)")
+    if g("feature_scale", "none") != "none":
+        parts.append("each layer's term divided by the source maps' energy (not in the paper)")
+    if g("backbone_lr_mult", 1.0) != 1.0:
+        parts.append(f"backbone lr x{g('backbone_lr_mult')}")
+    if g("nesterov"):
+        parts.append("Nesterov momentum")
+    return "; ".join(parts)
+
+
 def make_settings(method: str = "delta", **overrides) -> FitSettings:
     """FitSettings from keyword arguments; an unknown keyword is an error naming it."""
     names = {f.name for f in dataclasses.fields(FitSettings)}
+    if "feature_relu" in overrides:
+        raise SettingsError("feature_relu was replaced by feature_map: feature_relu=True is "
+                            "feature_map='relu_conv', feature_relu=False is feature_map='conv' (the public code)")
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise SettingsError(f"unknown setting(s) {unknown}; valid settings: {sorted(names)}")

@@ -1,7 +1,7 @@
 """A cheap source network: the frozen w* network reduced to what DELTA needs from it.
 
 The source network only ever runs in eval mode without gradients, to give the feature maps of the
-regularised layers. So (DESIGN.md §4, issue 5):
+regularised layers. So:
 
 - it is traced with torch.fx and **truncated after the last regularised layer** (the graph keeps only
   the nodes the taps depend on; the head and the last stages never run);
@@ -123,7 +123,8 @@ def _is_inplace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 class SourceFeatures(nn.Module):
     """The source network truncated after its last regularised layer, BN folded where exact, frozen."""
 
-    def __init__(self, source: nn.Module, layers: Sequence[str], fold_bn: bool = True):
+    def __init__(self, source: nn.Module, layers: Sequence[str], fold_bn: bool = True, rectified: bool = False):
+        """rectified: the taps are only used through ReLU, so a later in-place nn.ReLU on them changes nothing."""
         super().__init__()
         self.layers = list(layers)
         net = copy.deepcopy(source).eval().requires_grad_(False)
@@ -134,7 +135,8 @@ class SourceFeatures(nn.Module):
         out = next(n for n in gm.graph.nodes if n.op == "output")
         outputs = dict(out.args[0])
         taps = [outputs[l] for l in self.layers]
-        mutated = [l for l, n in zip(self.layers, taps) if any(_is_inplace(gm, u) for u in n.users)]
+        harmless = (lambda u: rectified and u.op == "call_module" and type(gm.get_submodule(u.target)) is nn.ReLU)
+        mutated = [l for l, n in zip(self.layers, taps) if any(_is_inplace(gm, u) and not harmless(u) for u in n.users)]
         if mutated:  # the full forward changes these taps in place later: truncating would not
             raise NotImplementedError(f"taps {mutated} are modified in place by a later operation")
         out.args = ({l: outputs[l] for l in self.layers},)
@@ -155,12 +157,13 @@ class SourceFeatures(nn.Module):
 class HookedSource(nn.Module):
     """Fallback for networks torch.fx cannot trace: full forward of a frozen copy with hooks."""
 
-    def __init__(self, source: nn.Module, layers: Sequence[str]):
+    def __init__(self, source: nn.Module, layers: Sequence[str], rectified: bool = False):
         super().__init__()
         self.net = copy.deepcopy(source).eval().requires_grad_(False)
         self.layers = list(layers)
         self.folded: List[str] = []
-        self._taps = FeatureTaps(self.net, self.layers)
+        # a BN output tap (the "activation" form) may be changed in place later: keep ReLU of it at once
+        self._taps = FeatureTaps(self.net, self.layers, rectify=rectified)
         self.train(False)
 
     def forward(self, x):
@@ -170,12 +173,13 @@ class HookedSource(nn.Module):
         return super().train(False)
 
 
-def source_features(source: nn.Module, layers: Sequence[str], fold_bn: bool = True) -> nn.Module:
+def source_features(source: nn.Module, layers: Sequence[str], fold_bn: bool = True,
+                    rectified: bool = False) -> nn.Module:
     """SourceFeatures when the network traces with torch.fx, else HookedSource."""
     try:
-        return SourceFeatures(source, layers, fold_bn)
+        return SourceFeatures(source, layers, fold_bn, rectified)
     except Exception:  # noqa: BLE001 - any tracing failure falls back to hooks
-        return HookedSource(source, layers)
+        return HookedSource(source, layers, rectified)
 
 
 class TargetFeatures(nn.Module):
@@ -194,3 +198,15 @@ class TargetFeatures(nn.Module):
     def forward(self, x):
         out = self.net(x)
         return out["__logits__"], [out[l] for l in self.layers]
+
+
+def batch_statistics_copy(source: nn.Module) -> nn.Module:
+    """A frozen copy of `source` whose BN layers normalise with each batch's own statistics, in eval
+    mode too, and hold no running statistics to update (setting source_bn="batch", not in the paper):
+    the source maps of a batch then see the same normalisation as the target's in train mode."""
+    net = copy.deepcopy(source).eval().requires_grad_(False)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return net

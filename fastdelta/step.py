@@ -1,4 +1,4 @@
-"""The fast training step, one engine for all six methods (issue 5).
+"""The fast training step, one engine for all six methods.
 
 `FastStep.forward_backward(x, y, lr)` then `FastStep.update()` does what the reference step of
 `engine.train_loop` does (same loss, same history values, same non-finite rules), faster:
@@ -109,19 +109,24 @@ class StepOutput:
 class FastStep:
     """The compiled step for one (target, source, method); owns the optimizer (`opt`)."""
 
-    def __init__(self, target: nn.Module, source: nn.Module, reg: Regularizer, params: Sequence[nn.Parameter],
+    def __init__(self, target: nn.Module, source: nn.Module, reg: Regularizer, params: Sequence,
                  options: StepOptions, device: torch.device, lr: float, momentum: float,
-                 ctx: DistContext = DistContext()):
+                 ctx: DistContext = DistContext(), nesterov: bool = False):
+        """`params`: the trainable parameters, or SGD parameter groups (dicts with "params" and "lr_mult")."""
         self.target, self.reg, self.options, self.device, self.ctx = target, reg, options, torch.device(device), ctx
-        self.params = list(params)
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups, "lr_mult": 1.0}]
+        self.params = [p for g in groups for p in g["params"]]
         self.dtype = DTYPES[options.precision]
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         if options.channels_last:
             target.to(memory_format=torch.channels_last)  # in place: the Parameter objects stay the same
         self.features = reg.uses_source_features
         if self.features:
-            self.model = TargetFeatures(target, reg.layers)
-            self.source = source_features(source, reg.layers, options.fold_source_bn).to(self.device)
+            self.model = TargetFeatures(target, reg.taps)
+            self.source = source_features(source, reg.taps, options.fold_source_bn,
+                                          reg.feature_map == "activation").to(self.device)
             if options.channels_last:
                 self.source.to(memory_format=torch.channels_last)
         else:
@@ -130,8 +135,8 @@ class FastStep:
             self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.pulls = parameter_pulls(reg, self.params)
         cuda = self.device.type == "cuda"
-        self.opt = PullSGD(self.params, lr, momentum, self.pulls, foreach=None if cuda else True,
-                           fused=True if cuda else None)
+        self.opt = PullSGD(groups, lr, momentum, self.pulls, foreach=None if cuda else True,
+                           fused=True if cuda else None, nesterov=nesterov)
         self.scaler = None
         if options.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
@@ -180,7 +185,7 @@ class FastStep:
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
         """Loss, gradients (pulls included) and the logged values; nothing is updated yet."""
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         self.sync_mode()
         x = x.contiguous(memory_format=self.memory_format)
         self.opt.zero_grad(set_to_none=True)

@@ -90,7 +90,9 @@ def test_save_writes_every_file_and_reloads(tmp_path):
     assert names == ["channel_attention.json", "history.jsonl", "history.png", "model.pt", "result.json"]
     result = json.load(open(tmp_path / "result.json"))
     assert result["method"] == "delta" and result["test"]["top1"] == res.test_top1
-    assert result["settings"]["feature_relu"] is True and result["model"]["layers"] == TINY_LAYERS
+    assert result["settings"]["feature_map"] == "conv" and result["settings"]["recipe"] == "public"
+    assert result["settings"]["feature_map_taps"] == {l: l for l in TINY_LAYERS}
+    assert result["model"]["layers"] == TINY_LAYERS
     assert len(open(tmp_path / "history.jsonl").readlines()) == 3
     att = json.load(open(tmp_path / "channel_attention.json"))
     assert [len(v) for v in att["public_layout"]] == [8, 16]

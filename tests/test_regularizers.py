@@ -23,8 +23,13 @@ def nets(seed=0):
     return source, target.train()
 
 
-def reference_terms(method, source, target, x, weights, relu):
-    """Float64, from the formulas of DESIGN.md §1-2, on float64 copies of the networks."""
+# the module each form reads in the tiny net (a BN output that `out += x` later changes in place)
+TAPPED = {"conv": {l: l for l in TINY_LAYERS}, "relu_conv": {l: l for l in TINY_LAYERS},
+          "activation": {"block.conv_b": "block.bn_b", "conv2": "bn2"}}
+
+
+def reference_terms(method, source, target, x, weights, feature_map="conv", no_att_scale="sum"):
+    """Float64, from the formulas (the paper's eq. 6-8 as scaled by its public code), on float64 copies."""
     s64, t64 = copy.deepcopy(source).double(), copy.deepcopy(target).double()
     shared = {n: p for n, p in t64.named_parameters() if not n.startswith("fc.")}
     src = dict(s64.named_parameters())
@@ -43,47 +48,87 @@ def reference_terms(method, source, target, x, weights, relu):
                 d2 = d2 * (len(w) * w).view(-1, *([1] * (d2.dim() - 1)))
             total = total + d2.sum()
         return 0.5 * ALPHA * total, 0.5 * BETA * head
-    # delta / delta_no_att: 0.5 * sum_j c W_j ||FM_j(w) - FM_j(w*)||^2 / (h w), summed over the batch
+    # delta: 0.5 * sum_j c W_j ||FM_j(w) - FM_j(w*)||^2 / (h w), summed over the batch;
+    # delta_no_att: 0.5 * sum_j ||FM_j(w) - FM_j(w*)||^2 ("sum") or the delta formula with W_j = 1/c
     ft, fs = {}, {}
     for model, store in ((t64, ft), (s64, fs)):
-        hooks = [model.get_submodule(l).register_forward_hook(lambda m, i, o, l=l, st=store: st.__setitem__(l, o))
-                 for l in TINY_LAYERS]
+        hooks = [model.get_submodule(TAPPED[feature_map][l]).register_forward_hook(
+            lambda m, i, o, l=l, st=store: st.__setitem__(l, o.clone())) for l in TINY_LAYERS]
         model(x.double())
         for h in hooks:
             h.remove()
     total = 0.0
     for i, l in enumerate(TINY_LAYERS):
-        a, b = (F.relu(ft[l]), F.relu(fs[l])) if relu else (ft[l], fs[l])
+        a, b = (F.relu(ft[l]), F.relu(fs[l])) if feature_map != "conv" else (ft[l], fs[l])
         _, c, h, w = a.shape
-        W = torch.full((c,), 1.0 / c, dtype=torch.float64) if method == "delta_no_att" else weights[i].double()
         for j in range(c):
-            total = total + 0.5 * c * W[j] * (a[:, j] - b[:, j]).pow(2).sum() / (h * w)
+            d2 = (a[:, j] - b[:, j]).pow(2).sum()
+            if method == "delta_no_att" and no_att_scale == "sum":
+                total = total + 0.5 * d2
+            else:
+                W = 1.0 / c if method == "delta_no_att" else weights[i].double()[j]
+                total = total + 0.5 * c * W * d2 / (h * w)
     return ALPHA * total, 0.5 * BETA * head
 
 
-@pytest.mark.parametrize("relu", [True, False])
+def regularizer_terms(reg, source, target, x):
+    if not reg.uses_source_features:
+        return reg.terms()
+    rectify = reg.feature_map == "activation"
+    with FeatureTaps(target, reg.taps, rectify=rectify, follows=reg.tap_follows) as tt, \
+            FeatureTaps(source, reg.taps, rectify=rectify) as ts:
+        _, t_feats = tt(x)
+        _, s_feats = ts(x)
+    return reg.terms(t_feats, s_feats)
+
+
+@pytest.mark.parametrize("feature_map", ["conv", "relu_conv", "activation"])
 @pytest.mark.parametrize("method", sorted(REGULARIZERS))
-def test_terms_match_float64_reference(method, relu):
+def test_terms_match_float64_reference(method, feature_map):
     torch.manual_seed(3)
     source, target = nets()
     x = torch.randn(4, 3, 12, 12)
     weights = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
-    reg = make_regularizer(method, target, source, "fc", TINY_LAYERS, ALPHA, BETA, WD, relu,
-                           weights if REGULARIZERS[method].uses_attention else None)
-    if reg.uses_source_features:
-        with FeatureTaps(target, TINY_LAYERS) as tt, FeatureTaps(source, TINY_LAYERS) as ts:
-            _, t_feats = tt(x)
+    for no_att_scale in (["sum", "uniform_attention"] if method == "delta_no_att" else ["sum"]):
+        reg = make_regularizer(method, target, source, "fc", TINY_LAYERS, ALPHA, BETA, WD, feature_map,
+                               weights if REGULARIZERS[method].uses_attention else None, no_att_scale)
+        terms = regularizer_terms(reg, source, target, x)
+        ref_reg, ref_head = reference_terms(method, source, target, x, weights, feature_map, no_att_scale)
+        ref_reg = torch.as_tensor(ref_reg, dtype=torch.float64)
+        assert float(torch.as_tensor(ref_head).detach()) > 0
+        if method != "l2_fe":
+            assert float(ref_reg.detach()) > 0  # a zero reference would make the comparison vacuous
+        assert torch.allclose(terms.reg.double(), ref_reg, rtol=2e-5, atol=1e-9), (no_att_scale, terms.reg, ref_reg)
+        assert torch.allclose(terms.head.double(), torch.as_tensor(ref_head, dtype=torch.float64), rtol=2e-5)
+
+
+def test_feature_map_forms_read_different_tensors():
+    """The three forms give three different terms (the activation form is not the conv form renamed)."""
+    torch.manual_seed(4)
+    source, target = nets()
+    x = torch.randn(4, 3, 12, 12)
+    values = {form: float(regularizer_terms(make_regularizer("delta_no_att", target, source, "fc", TINY_LAYERS,
+                                                             1.0, 0.0, 0.0, form), source, target, x).reg)
+              for form in ("conv", "relu_conv", "activation")}
+    assert len({round(v, 6) for v in values.values()}) == 3, values
+
+
+def test_source_energy_float64():
+    """E_l = the term between source maps and zero, per image; with layer_scale = 1/E_l the source
+    maps against zero give exactly one per layer per image."""
+    torch.manual_seed(5)
+    source, target = nets()
+    x = torch.randn(3, 3, 12, 12)
+    for form in ("conv", "activation"):
+        reg = make_regularizer("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, form)
+        with FeatureTaps(source, reg.taps, rectify=form == "activation") as ts:
             _, s_feats = ts(x)
-        terms = reg.terms(t_feats, s_feats)
-    else:
-        terms = reg.terms()
-    ref_reg, ref_head = reference_terms(method, source, target, x, weights, relu)
-    ref_reg = torch.as_tensor(ref_reg, dtype=torch.float64)
-    assert float(torch.as_tensor(ref_head).detach()) > 0
-    if method != "l2_fe":
-        assert float(ref_reg.detach()) > 0  # a zero reference would make the comparison vacuous
-    assert torch.allclose(terms.reg.double(), ref_reg, rtol=2e-5, atol=1e-9), (terms.reg, ref_reg)
-    assert torch.allclose(terms.head.double(), torch.as_tensor(ref_head, dtype=torch.float64), rtol=2e-5)
+        energy = [e / 3 for e in reg.source_energy(s_feats)]
+        a = F.relu(s_feats[1].double()) if form != "conv" else s_feats[1].double()
+        assert energy[1] == pytest.approx(float(0.5 * a.pow(2).sum() / 3), rel=1e-12)
+        reg.layer_scale = [1.0 / e for e in energy]
+        zeros = [torch.zeros_like(f) for f in s_feats]
+        assert float(reg.terms(zeros, s_feats).reg) == pytest.approx(len(TINY_LAYERS) * 3, rel=1e-5)
 
 
 def test_feature_distance_gradient_float64():
@@ -97,12 +142,14 @@ def test_feature_distance_gradient_float64():
     assert torch.allclose(t.grad, expected.to(t.grad.dtype), atol=1e-6)
 
 
-def test_delta_without_attention_is_uniform_attention():
+def test_delta_without_attention_uniform_form_is_uniform_attention():
     source, target = nets()
     x = torch.randn(2, 3, 12, 12)
     with FeatureTaps(target, TINY_LAYERS) as tt, FeatureTaps(source, TINY_LAYERS) as ts:
         t_feats, s_feats = tt(x)[1], ts(x)[1]
     uniform = [torch.full((8,), 1 / 8), torch.full((16,), 1 / 16)]
-    a = make_regularizer("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0).terms(t_feats, s_feats)
-    b = make_regularizer("delta", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, True, uniform).terms(t_feats, s_feats)
+    a = make_regularizer("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "relu_conv", None,
+                         "uniform_attention").terms(t_feats, s_feats)
+    b = make_regularizer("delta", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "relu_conv",
+                         uniform).terms(t_feats, s_feats)
     assert torch.allclose(a.reg, b.reg)

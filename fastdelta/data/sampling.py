@@ -69,3 +69,17 @@ class SeededSamples(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.dataset[index]
+
+
+class FixedAugmentation(Dataset):
+    """dataset[i] with a random augmentation that is the same on every call: drawn from a seed of
+    (seed, i) only (e.g. the augmented images the public code's attention measures)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.samples, self.seed = SeededSamples(dataset), seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[(index, sample_seed(self.seed, -1, index))]

@@ -1,0 +1,133 @@
+"""DELTA where the paper expects it to pay off: a source trained on a large related task, few-shot transfer.
+
+Source task: Fashion-MNIST classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat), all 30,000
+training images. fastdelta itself trains the source: ImageNet EfficientNet-Lite0 fine-tuned with L2
+(stage `source`; its command, test accuracy and the SHA-256 of its weights go to OUT/source/source.json).
+Target task: the other five classes (Sandal, Shirt, Sneaker, Bag, Ankle boot), disjoint from the
+source, from the same domain, with 10 / 30 / 100 training images per class (subset seed 0) and all
+5,000 test images of those classes; all six methods, three seeds, alpha chosen on a validation split
+(stage `target`, one `fastdelta.compare` per size into OUT/<name>/per_class_N, where <name> says
+which recipe and options ran). A size whose report exists is skipped, so an interrupted run continues.
+
+    python3 benchmarks/reproduce_related_source.py source --out OUT
+    python3 benchmarks/reproduce_related_source.py target --out OUT --recipe public --sizes 10,30,100
+    python3 benchmarks/reproduce_related_source.py target --out OUT --recipe paper --summary-only
+"""
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce_fashion_mnist import parse_setting, write_summary  # noqa: E402
+
+import fastdelta  # noqa: E402
+from fastdelta.compare import CompareSettings, compare  # noqa: E402
+from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
+from fastdelta.demo import environment  # noqa: E402
+from fastdelta.ioutil import atomic_write_text  # noqa: E402
+
+SOURCE_CLASSES = (0, 1, 2, 3, 4)
+TARGET_CLASSES = (5, 6, 7, 8, 9)
+
+
+def classes_subset(split: str, classes) -> tuple:
+    """The images of `classes`, relabelled 0..len(classes)-1 in that order."""
+    x, y = load_fashion_mnist(split)
+    keep = np.isin(y, classes)
+    relabel = {c: i for i, c in enumerate(classes)}
+    return x[keep], np.array([relabel[int(v)] for v in y[keep]], dtype=np.int64)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train_source(a) -> None:
+    folder = Path(a.out) / "source"
+    if (folder / "source.json").is_file():
+        print("source exists:", json.loads((folder / "source.json").read_text())["weights_sha256"])
+        return
+    t0 = time.perf_counter()
+    res = fastdelta.fit("efficientnet_lite0", classes_subset("train", SOURCE_CLASSES),
+                        classes_subset("test", SOURCE_CLASSES), method="l2", weights="imagenet",
+                        iterations=a.iterations, batch_size=a.batch_size, lr=0.01,
+                        resize=round(a.image_size * 256 / 224), crop=a.image_size, seed=0,
+                        run_dir=str(folder), checkpoint_every=0, progress=not a.no_progress)
+    record = {"command": " ".join(sys.argv), "classes": [FASHION_MNIST_CLASSES[c] for c in SOURCE_CLASSES],
+              "train_images": res.data["train"]["num_samples"], "test_top1": res.test_top1,
+              "weights": str(folder / "model.pt"), "weights_sha256": sha256(folder / "model.pt"),
+              "settings": {k: res.settings[k] for k in ("iterations", "batch_size", "lr", "resize", "crop", "method")},
+              "seconds": round(time.perf_counter() - t0, 1), "environment": environment()}
+    atomic_write_text(folder / "source.json", json.dumps(record, indent=1))
+    print(f"source: test top-1 {res.test_top1:.2f}% on classes {SOURCE_CLASSES}, sha256 {record['weights_sha256']}")
+
+
+def run_target(a) -> None:
+    source = json.loads((Path(a.out) / "source" / "source.json").read_text())
+    weights = Path(a.out) / "source" / "model.pt"
+    if sha256(weights) != source["weights_sha256"]:
+        raise SystemExit(f"{weights} does not match the SHA-256 recorded in source.json")
+    extra = dict(parse_setting(v) for v in a.set)
+    name = a.name or "_".join([a.recipe] + [f"{k}-{v}" for k, v in sorted(extra.items())])
+    out = Path(a.out) / name
+    sizes = [int(s) for s in a.sizes.split(",")]
+    preamble = [f"- source: ImageNet EfficientNet-Lite0 fine-tuned by fastdelta (L2) on all "
+                f"{source['train_images']:,} training images of {', '.join(source['classes'])}: "
+                f"test top-1 {source['test_top1']:.2f}% on those classes; weights SHA-256 "
+                f"`{source['weights_sha256']}`, command `{source['command']}`",
+                f"- target: {', '.join(FASHION_MNIST_CLASSES[c] for c in TARGET_CLASSES)} (disjoint classes, "
+                "same domain), per-class training subsets drawn with subset seed 0", ""]
+    if not a.summary_only:
+        x_test, y_test = classes_subset("test", TARGET_CLASSES)
+        x_all, y_all = classes_subset("train", TARGET_CLASSES)
+        settings = dict(iterations=a.iterations, batch_size=a.batch_size, lr=0.01, beta=0.01,
+                        resize=round(a.image_size * 256 / 224), crop=a.image_size, attention_head_epochs=10,
+                        recipe=a.recipe, **extra)
+        for n in sizes:
+            folder = out / f"per_class_{n}"
+            if (folder / "report.json").is_file():
+                print(f"{name}/per_class_{n}: report exists, skipped")
+                continue
+            t0 = time.perf_counter()
+            compare("efficientnet_lite0", few_shot_subset(x_all, y_all, n, 0), (x_test, y_test),
+                    methods=a.methods.split(","), seeds=a.seeds, search="alpha", out=folder, weights=str(weights),
+                    compare_settings=CompareSettings(curve_points=10, curve_images=a.curve_images),
+                    progress=not a.no_progress, **settings)
+            print(f"{name}/per_class_{n}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    write_summary(out, sizes, " ".join(sys.argv),
+                  "related source (Fashion-MNIST classes 0-4) -> Fashion-MNIST classes 5-9", preamble)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=["source", "target"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=32, help="crop; resize is image_size * 256/224")
+    p.add_argument("--iterations", type=int, default=None, help="default: 2,000 (source), 300 (target)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--sizes", default="10,30,100")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--methods", default=",".join(fastdelta.METHODS))
+    p.add_argument("--curve-images", type=int, default=1000)
+    p.add_argument("--recipe", default="public")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="another fit setting")
+    p.add_argument("--name", default=None, help="folder name of this target run (default: recipe + settings)")
+    p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.iterations is None:
+        a.iterations = 2000 if a.stage == "source" else 300
+    train_source(a) if a.stage == "source" else run_target(a)
+
+
+if __name__ == "__main__":
+    main()
