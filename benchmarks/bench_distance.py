@@ -5,8 +5,8 @@ DELTA taps (layer1.2.conv3 256x56x56, layer2.3.conv3 512x28x28, layer3.22.conv3 
 layer4.2.conv3 2048x7x7):
 
 - GPU (default batch 64, bf16 and fp32, NCHW and channels_last): the fused custom op (Triton), its
-  deterministic variant, the Liger-style autograd.Function that writes grad_t in forward ("fused_save_grad"),
-  the eager composite (fastdelta.regularizers.reference_feature_map_distance) and the same composite under
+  deterministic variant,
+  the eager composite (fastdelta.kernels.reference_distance) and the same composite under
   torch.compile. Achieved GB/s counts each byte once (METHOD.md): one read of t and s plus one write of
   grad_t; the card's copy bandwidth is measured in the same run (dst.copy_(src), read + write counted),
   and "x_ideal" = time / (those bytes at copy bandwidth) (issue goal: <= 1.5), with ratios to eager and
@@ -31,7 +31,7 @@ import time
 import torch
 
 from fastdelta.kernels import dispatch, native
-from fastdelta.regularizers import reference_feature_map_distance
+from fastdelta.kernels import reference_distance as reference_feature_map_distance
 
 RESNET101_TAPS = {"layer1.2.conv3": (256, 56, 56), "layer2.3.conv3": (512, 28, 28),
                   "layer3.22.conv3": (1024, 14, 14), "layer4.2.conv3": (2048, 7, 7)}
@@ -110,7 +110,6 @@ def inputs(batch, shape, dtype, device, channels_last):
 
 
 def gpu_rows(args, device):
-    from fastdelta.kernels.triton_distance import triton_fm_distance
     bw = copy_bandwidth(device)
     # one static compilation per shape/dtype/layout (16 by default): lift dynamo's recompile limit (8)
     for name in ("recompile_limit", "cache_size_limit"):
@@ -120,7 +119,6 @@ def gpu_rows(args, device):
     impls = {
         "fused": lambda t, s, w: dispatch.fm_distance(t, s, w, True, impl="triton"),
         "fused_deterministic": lambda t, s, w: dispatch.fm_distance(t, s, w, True, impl="triton", deterministic=True),
-        "fused_save_grad": lambda t, s, w: triton_fm_distance(t, s, w.float(), True, save_grad=True),
         "eager_composite": lambda t, s, w: reference_feature_map_distance(t, s, w, True),
         "compiled_composite": lambda t, s, w: compiled_ref(t, s, w, True),
     }

@@ -22,8 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .kernels import dispatch, reference_distance
 from .taps import rectifies, tap_modules
 
 
@@ -31,21 +31,9 @@ def feature_map_distance(target: torch.Tensor, source: torch.Tensor, channel_sca
                          relu: bool = True, impl: str = "auto") -> torch.Tensor:
     """0.5 * sum_{b,j} scale_j * ||FM_bj(target) - FM_bj(source)||^2, accumulated in fp32.
 
-    Dispatches to the fused kernels (fastdelta.kernels: Triton on CUDA, the native C++ library on CPU);
-    ``impl="reference"`` (setting ``distance_impl``) forces reference_feature_map_distance."""
-    from .kernels.dispatch import fm_distance
-    return fm_distance(target, source, channel_scale, relu, impl=impl)
-
-
-def reference_feature_map_distance(target: torch.Tensor, source: torch.Tensor, channel_scale: torch.Tensor,
-                                   relu: bool = True) -> torch.Tensor:
-    """The plain PyTorch composite that the fused kernels replace (distance_impl="reference")."""
-    acc = torch.promote_types(target.dtype, torch.float32)  # bf16/fp16 inputs accumulate in fp32
-    t, s = target.to(acc), source.detach().to(acc)
-    if relu:
-        t, s = F.relu(t), F.relu(s)
-    per_channel = (t - s).pow(2).sum(dim=(2, 3))  # (B, C)
-    return 0.5 * (per_channel * channel_scale.to(acc)).sum()
+    The fused kernels of fastdelta.kernels (Triton on CUDA, the native C++ library on CPU);
+    ``impl="reference"`` (setting ``distance_impl``) forces the plain PyTorch composite."""
+    return dispatch.fm_distance(target, source, channel_scale, relu, impl=impl)
 
 
 def channel_scales(attention_weights: Optional[Sequence[torch.Tensor]], feats: Sequence[torch.Tensor],
@@ -202,8 +190,8 @@ class Delta(Regularizer):
     @torch.no_grad()
     def source_energy(self, source_feats: Sequence[torch.Tensor]) -> List[float]:
         """Per layer, the distance between these source maps and zero, summed over their images (fp64)."""
-        return [float(reference_feature_map_distance(f.double(), torch.zeros_like(f, dtype=torch.float64),
-                                                     scale.double(), self.relu))
+        return [float(reference_distance(f.double(), torch.zeros_like(f, dtype=torch.float64), scale.double(),
+                                         self.relu))
                 for f, scale in zip(source_feats, channel_scales(self.weights(), source_feats, self.delta_no_att_scale))]
 
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from fastdelta.kernels import dispatch, native
 from fastdelta.kernels import op as kop
-from fastdelta.regularizers import feature_map_distance, make_regularizer, reference_feature_map_distance
+from fastdelta.kernels import reference_distance as reference_feature_map_distance
+from fastdelta.regularizers import feature_map_distance, make_regularizer
 from fastdelta.settings import SettingsError, make_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -333,7 +334,8 @@ def test_broken_native_build_warns_and_falls_back(tmp_path):
     bad = tmp_path / "libfastdelta_native.so"
     bad.write_bytes(b"not a shared object")
     code = ("import warnings, torch\nwarnings.simplefilter('always')\n"
-            "from fastdelta.regularizers import feature_map_distance, reference_feature_map_distance\n"
+            "from fastdelta.kernels import reference_distance as reference_feature_map_distance\n"
+            "from fastdelta.regularizers import feature_map_distance\n"
             "from fastdelta.kernels import native, dispatch\n"
             "t, s, w = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.rand(3)\n"
             "assert not native.available() and dispatch.resolve('auto', t) == 'reference'\n"
@@ -387,27 +389,27 @@ def test_triton_boundary_zero_weights_nan_and_determinism(channels_last):
     for relu in (True, False):
         check(triton_fn, (4, 16, 9, 9), torch.float32, channels_last, relu, device=TRITON_DEV, zeros=True,
               zero_weights=True)
-    from fastdelta.kernels.triton_distance import fm_distance_forward, triton_fm_distance
+    from fastdelta.kernels.dispatch import fm_distance
+    from fastdelta.kernels.triton_distance import fm_distance_forward
     t, s, w = make((3, 40, 9, 9), channels_last=channels_last, device=TRITON_DEV)
-    a = fm_distance_forward(t, s, w, deterministic=True, block=256)[0]
-    b = fm_distance_forward(t, s, w, deterministic=True, block=256)[0]
+    a = fm_distance_forward(t, s, w, deterministic=True, block=256)
+    b = fm_distance_forward(t, s, w, deterministic=True, block=256)
     assert torch.equal(a, b)  # fixed-order reduction: bit-identical
     assert rel(a.sum(), ref64(t, s, w)[0]) < 1e-5
     t2 = t.clone()
     t2[2, 39, 8, 8] = float("nan")
-    assert torch.isnan(fm_distance_forward(t2, s, w, deterministic=False)[0][2])
+    assert torch.isnan(fm_distance_forward(t2, s, w, deterministic=False)[2])
     t2.clamp_(max=-1)
     t2[0, 0, 0, 0] = float("nan")
-    assert torch.isnan(triton_fm_distance(t2, s, w))
-    # the Liger-style autograd.Function, per sample, with the gradient computed in forward
-    for save_grad in (False, True):
-        x = t.detach().clone().requires_grad_()
-        per = triton_fm_distance(x, s, w, per_sample=True, save_grad=save_grad)
-        gout = torch.arange(1.0, 4.0, device=TRITON_DEV)
-        per.backward(gout)
-        x64 = t.detach().double().requires_grad_()
-        (kop.reference_losses(x64, s.double(), w.double()) * gout.double()).sum().backward()
-        assert rel(per, ref64(t, s, w, per_sample=True)[0]) < 1e-5 and rel(x.grad, x64.grad) < 1e-5
+    assert torch.isnan(fm_distance(t2, s, w, impl="triton"))
+    # per sample through the custom op's autograd, a per-sample upstream gradient
+    x = t.detach().clone().requires_grad_()
+    per = fm_distance(x, s, w, impl="triton", per_sample=True)
+    gout = torch.arange(1.0, 4.0, device=TRITON_DEV)
+    per.backward(gout)
+    x64 = t.detach().double().requires_grad_()
+    (kop.reference_losses(x64, s.double(), w.double()) * gout.double()).sum().backward()
+    assert rel(per, ref64(t, s, w, per_sample=True)[0]) < 1e-5 and rel(x.grad, x64.grad) < 1e-5
 
 
 @run_triton

@@ -1,9 +1,12 @@
-"""Fused kernels for the DELTA feature-map distance (issue 3).
+"""Fused kernels for the DELTA feature-map distance, in one place.
 
-- ``dispatch.fm_distance``: the entry point (fastdelta.regularizers.feature_map_distance calls it).
-- ``op``: the torch custom ops fastdelta::fm_distance / fm_distance_backward (torch.compile-able).
-- ``triton_distance``: the Triton kernels + a Liger-style autograd.Function (imported only when used).
+    distance = 0.5 * sum_{b,j} scale_j ||FM_bj(t) - FM_bj(s)||^2,   FM = ReLU or identity
+
+- ``dispatch.fm_distance``: the entry point (picks the kernel for the device; the regularisers call it).
+- ``op``: the torch custom ops fastdelta::fm_distance / fm_distance_backward with their fake and autograd
+  registrations (torch.compile-able), and the plain PyTorch reference they are tested against.
+- ``triton_distance``: the Triton kernels (imported only when used).
 - ``native``: loader of the C++/OpenMP CPU library built from kernels/cpu/fm_distance.cpp.
 """
 from .dispatch import IMPLS, fm_distance, resolve  # noqa: F401
-from . import op  # noqa: F401  (registers the custom ops)
+from .op import reference_distance  # noqa: F401  (importing op registers the custom ops)

@@ -4,7 +4,7 @@
 when the C++ library is built and loads, else "reference"; float64 inputs always take "reference".
 "triton" / "native" force that kernel (an error where it cannot run; "triton" on CPU tensors needs
 TRITON_INTERPRET=1). "reference" forces the plain PyTorch composite
-(fastdelta.regularizers.reference_feature_map_distance), e.g. for debugging: it never calls the custom op.
+(fastdelta.kernels.op.reference_distance), e.g. for debugging: it never calls the custom op.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import importlib.util
 import torch
 
 from . import native
+from .op import reference_distance
 
 IMPLS = ("auto", "triton", "native", "reference")
 _TRITON = importlib.util.find_spec("triton") is not None
@@ -62,11 +63,7 @@ def fm_distance(target: torch.Tensor, source: torch.Tensor, channel_scale: torch
                          f"{tuple(source.shape)}")
     which = resolve(impl, target)
     if which == "reference":
-        if per_sample:
-            from .op import reference_losses
-            return reference_losses(target, source.detach(), channel_scale, relu)
-        from ..regularizers import reference_feature_map_distance
-        return reference_feature_map_distance(target, source, channel_scale, relu)
+        return reference_distance(target, source, channel_scale, relu, per_sample)
     t, s = _dense_pair(target, source.detach())
     scale = channel_scale.detach().to(device=t.device, dtype=torch.float32).contiguous()
     if scale.numel() != t.shape[1]:

@@ -1,4 +1,4 @@
-"""torch custom ops: fastdelta::fm_distance and fastdelta::fm_distance_backward.
+"""torch custom ops: fastdelta::fm_distance and fastdelta::fm_distance_backward, and their reference.
 
 Opaque to torch.compile (a fake implementation gives shapes, dtypes and strides; autograd is registered
 with torch.library.register_autograd), so a compiled training step traces through the fused kernel with
@@ -36,6 +36,14 @@ def reference_losses(t: Tensor, s: Tensor, scale: Tensor, relu: bool = True) -> 
     return 0.5 * ((t - s).pow(2).sum(dim=(2, 3)) * scale.to(acc)).sum(dim=1)
 
 
+def reference_distance(target: Tensor, source: Tensor, scale: Tensor, relu: bool = True,
+                       per_sample: bool = False) -> Tensor:
+    """The plain PyTorch composite the fused kernels replace (differentiable w.r.t. target only):
+    0.5 * sum_{b,j} scale_j ||FM_bj(target) - FM_bj(source)||^2, FM = ReLU or identity; per sample (B,)."""
+    losses = reference_losses(target, source.detach(), scale, relu)
+    return losses if per_sample else losses.sum()
+
+
 def reference_grad(grad_out: Tensor, t: Tensor, s: Tensor, scale: Tensor, relu: bool = True) -> Tensor:
     acc = _acc(t.dtype)
     tf, sf = t.to(acc), s.to(acc)
@@ -60,7 +68,7 @@ def fm_distance(t: Tensor, s: Tensor, scale: Tensor, relu: bool, per_sample: boo
     _check_impl(impl)
     if impl == "triton":
         from .triton_distance import fm_distance_forward
-        loss, _ = fm_distance_forward(t, s, scale, relu, deterministic)
+        loss = fm_distance_forward(t, s, scale, relu, deterministic)
     elif impl == "native":
         loss = native.forward(t, s, scale, relu)  # always fixed-order (deterministic)
     else:

@@ -3,10 +3,8 @@
     loss_b = 0.5 * sum_{j,p} scale_j * (relu(t_bjp) - relu(s_bjp))^2          (per sample; summed: the loss)
     grad_t = grad_out_b * scale_j * (relu(t) - relu(s)) * (t > 0)              (relu=False: t - s, no mask)
 
-One kernel, three uses (constexpr switches): forward (loss only: reads t and s once), backward (reads
-t and s once, writes grad_t once), or forward that also writes the unscaled gradient (the Liger-Kernel
-trick, ``save_grad=True``: fwd+bwd then costs one read of t, s and one write of grad_t, plus an in-place
-``grad * grad_out`` in backward). Layouts: contiguous NCHW or channels_last, read in memory order with
+One kernel, two uses (constexpr switches): forward (loss only: reads t and s once) and backward (reads
+t and s once, writes grad_t once). Autograd is the custom op's (fastdelta.kernels.op). Layouts: contiguous NCHW or channels_last, read in memory order with
 the channel computed from the offset, so neither layout is copied. Any B, C, H*W (masked tails).
 fp32 / bf16 / fp16 inputs, fp32 arithmetic and accumulation; fp64 inputs are computed in fp32.
 
@@ -103,27 +101,23 @@ def _config(t: torch.Tensor, chw: int, block: Optional[int]) -> Tuple[int, int, 
 
 
 def fm_distance_forward(t: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, relu: bool = True,
-                        deterministic: bool = False, write_grad: bool = False,
-                        block: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per-sample losses (B,) fp32 and, with write_grad, the unscaled grad_t (t's dtype and layout)."""
+                        deterministic: bool = False, block: Optional[int] = None) -> torch.Tensor:
+    """Per-sample losses (B,) fp32."""
     B, C, H, W = t.shape
     channels_last = layout_of(t, s)
     chw, hw = C * H * W, H * W
     loss = torch.zeros(B, device=t.device, dtype=torch.float32)
-    grad = torch.empty_like(t) if write_grad else None
     if B == 0 or chw == 0:
-        if grad is not None:
-            grad.zero_()
-        return loss, grad
+        return loss
     block, n_blk, num_warps = _config(t, chw, block)
     buf = loss if not deterministic else torch.empty(B, n_blk, device=t.device, dtype=torch.float32)
     kernel(t)[(B, n_blk)](
-        t, s, scale, buf, grad if write_grad else t, t, chw, hw, C, n_blk,
-        RELU=relu, CHANNELS_LAST=channels_last, COMPUTE_LOSS=True, WRITE_GRAD=write_grad,
+        t, s, scale, buf, t, t, chw, hw, C, n_blk,
+        RELU=relu, CHANNELS_LAST=channels_last, COMPUTE_LOSS=True, WRITE_GRAD=False,
         ATOMIC=not deterministic, HAS_GOUT=False, GOUT_PER_SAMPLE=False, BLOCK=block, num_warps=num_warps)
     if deterministic:
         loss = buf.sum(dim=1)  # fixed-order reduction of the per-block partials
-    return loss, grad
+    return loss
 
 
 def fm_distance_backward(grad_out: torch.Tensor, t: torch.Tensor, s: torch.Tensor, scale: torch.Tensor,
@@ -145,37 +139,3 @@ def fm_distance_backward(grad_out: torch.Tensor, t: torch.Tensor, s: torch.Tenso
         ATOMIC=False, HAS_GOUT=True, GOUT_PER_SAMPLE=gout.numel() != 1,
         BLOCK=block, num_warps=num_warps)
     return grad
-
-
-class TritonFMDistance(torch.autograd.Function):
-    """Liger-Kernel style autograd.Function over the kernels (eager use; torch.compile goes through the
-    custom op in fastdelta.kernels.op). save_grad=True computes grad_t in forward (one pass over t, s)."""
-
-    @staticmethod
-    def forward(ctx, t, s, scale, relu=True, per_sample=False, deterministic=False, save_grad=False):
-        save_grad = save_grad and t.requires_grad
-        loss, grad = fm_distance_forward(t, s, scale, relu, deterministic, write_grad=save_grad)
-        ctx.relu, ctx.save_grad = relu, save_grad
-        ctx.save_for_backward(*((grad,) if save_grad else (t, s, scale)))
-        return loss if per_sample else loss.sum()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.save_grad:
-            if getattr(ctx, "consumed", False):
-                raise RuntimeError("triton_fm_distance(save_grad=True) scales its saved gradient in place: "
-                                   "one backward per forward (use save_grad=False with retain_graph)")
-            ctx.consumed = True
-            (grad,) = ctx.saved_tensors
-            g = grad_out.to(torch.float32)
-            g = g.view(-1, *([1] * (grad.dim() - 1))) if g.dim() == 1 else g
-            grad_t = grad.mul_(g.to(grad.dtype))  # in place: no second t-sized buffer
-        else:
-            t, s, scale = ctx.saved_tensors
-            grad_t = fm_distance_backward(grad_out, t, s, scale, ctx.relu)
-        return grad_t, None, None, None, None, None, None
-
-
-def triton_fm_distance(t, s, scale, relu=True, per_sample=False, deterministic=False, save_grad=False):
-    """Eager entry point: dense t, s (same layout), fp32 contiguous scale of C values."""
-    return TritonFMDistance.apply(t, s.detach(), scale, relu, per_sample, deterministic, save_grad)
