@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .settings import SettingsError
+
 
 @dataclass
 class DistContext:
@@ -61,4 +63,22 @@ def init_distributed(device: str = "auto") -> DistContext:
 def device_for(ctx: DistContext, device: str) -> torch.device:
     if device == "auto":
         return torch.device(f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return _checked_device(device)
+
+
+def _checked_device(device: str) -> torch.device:
+    """torch.device(device), refusing names and GPUs this machine does not have up front: torch
+    itself only fails later, at the first .to(device), with a message that does not name the setting."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SettingsError(f"device={device!r} is not a valid device; use 'auto', 'cpu', 'cuda' or 'cuda:N' "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError(f"device={device!r}: no CUDA device is available on this machine "
+                                "(torch.cuda.is_available() is False); use device='cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SettingsError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                f"device(s), numbered from 0")
+    return dev

@@ -156,14 +156,35 @@ def load_source_weights(model: nn.Module, arch: str, weights, head_name: str) ->
                       UserWarning, stacklevel=3)
         return "random (NOT pre-trained)"
     path = Path(weights)
+    check_and_load(model, _unwrap_checkpoint(_read_weights(path)), head_name, f"file {str(path)!r}")
+    return f"file {path.resolve()}"
+
+
+def _read_weights(path: Path):
+    """torch.load of a weights file, with errors that say what is wrong with the file."""
     if not path.is_file():
         raise ModelError(f"weights file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:  # torch.load's EOFError for this has an empty message
+        raise ModelError(f"weights file {str(path)!r} is empty (0 bytes)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
         raise ModelError(f"weights file {str(path)!r} could not be read: {e}") from e
-    check_and_load(model, _unwrap_checkpoint(obj), head_name, f"file {str(path)!r}")
-    return f"file {path.resolve()}"
+    except Exception as e:
+        raise ModelError(f"weights file {str(path)!r} is not a PyTorch state dict "
+                         f"(torch.load failed: {_load_error_summary(e)})") from e
+
+
+def _load_error_summary(e: Exception) -> str:
+    """The line of a torch.load error that names the problem. Its weights_only errors open with
+    generic advice to retry with weights_only=False, which is wrong for a file that is not a
+    checkpoint at all; the unpickler's own reason follows a 'WeightsUnpickler error:' marker."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def new_head(old: nn.Linear, num_classes: int) -> nn.Linear:

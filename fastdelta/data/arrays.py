@@ -49,6 +49,15 @@ def _images_to_uint8_hwc(x: np.ndarray, name: str) -> np.ndarray:
     raise DataError(f"{name} images: expected {_ACCEPTED_SHAPES}; got shape {tuple(x.shape)} dtype {x.dtype}")
 
 
+def _check_not_one_image(x: np.ndarray, y: np.ndarray, name: str) -> None:
+    """An unbatched (H, W, 3) image would otherwise be read as H grayscale images of width 3."""
+    if x.ndim == 3 and x.shape[-1] in (3, 4) and y.ndim >= 1 and len(y) != x.shape[0]:
+        raise DataError(
+            f"{name} images has shape {tuple(x.shape)} (H, W, C): that looks like one colour image; "
+            f"pass a batch (N, H, W, C), e.g. x[None] for a single image ({len(y)} labels given)"
+        )
+
+
 def _validate_labels(y: np.ndarray, n_images: int, name: str) -> np.ndarray:
     if y.ndim != 1:
         raise DataError(f"{name} labels: expected a 1-D array of class indices, got shape {tuple(y.shape)}")
@@ -71,8 +80,10 @@ class ArrayDataset(torch.utils.data.Dataset):
         x_np = _as_numpy(x)
         if x_np.ndim == 0 or len(x_np) == 0:
             raise DataError(f"{name} images: expected a non-empty array, got shape {tuple(x_np.shape)}")
+        y_np = _as_numpy(y)
+        _check_not_one_image(x_np, y_np, name)
         self.images = np.ascontiguousarray(_images_to_uint8_hwc(x_np, name))
-        self.targets = _validate_labels(_as_numpy(y), len(self.images), name)
+        self.targets = _validate_labels(y_np, len(self.images), name)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -73,13 +73,81 @@ def _list_class_dirs(root: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def _list_image_files(class_dir: Path) -> list[str]:
-    """All image files below `class_dir` (recursively, hidden dirs skipped), sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
-    return sorted(found)
+def _identity(path: str) -> tuple | str:
+    """What makes two paths the same file or directory: (device, inode), else the resolved path."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
+
+
+def _link_skip_reason(link: str) -> str:
+    target = os.path.realpath(link)
+    parent = os.path.realpath(os.path.dirname(link))
+    if parent == target or parent.startswith(target.rstrip(os.sep) + os.sep):
+        return f"symlink loop: directory already scanned as {target}"
+    return f"directory link: {target} is already part of the scan"
+
+
+class _FolderWalk:
+    """Image files below the class folders of `root`, each real directory and real file taken once.
+
+    Symlinked directories are followed, but only after the real tree, and never into a
+    directory that is part of the scan anyway: a link to an ancestor (`ln -s . loop`) would
+    otherwise be re-entered until the OS path limit and multiply every image in it, and a link
+    to the root or another class folder would pull that class's images into this one. Links and
+    hard links to one file count once too, so a duplicate cannot weigh an image twice or put it
+    in two classes. What was left out goes to `skipped` as (path, reason).
+    """
+
+    def __init__(self, root: Path, class_dirs: Sequence[Path]):
+        self.dirs = {_identity(str(d)) for d in [root, *class_dirs]}  # scanned, or claimed by a class
+        self.tops: dict = {}  # identity -> class folder already walked
+        self.files: dict = {}  # identity -> first path seen
+        self.skipped: list[tuple[str, str]] = []
+
+    def image_files(self, class_dir: Path) -> list[str]:
+        """All image files below `class_dir` (recursively, hidden dirs skipped), sorted."""
+        key = _identity(str(class_dir))
+        if key in self.tops:  # a class folder that links to another one
+            self.skipped.append((str(class_dir), f"directory link: already scanned as {self.tops[key]}"))
+            return []
+        self.tops[key] = str(class_dir)
+        links: list[str] = []
+        found = self._unique(self._walk_real(str(class_dir), links))
+        while links:
+            top = links.pop(0)
+            if _identity(top) in self.dirs:
+                self.skipped.append((top, _link_skip_reason(top)))
+            else:
+                found += self._unique(self._walk_real(top, links))
+        return sorted(found)
+
+    def _walk_real(self, top: str, links: list[str]) -> list[str]:
+        """Files under `top` without following links; linked subdirectories are queued in `links`."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(top):
+            self.dirs.add(_identity(dirpath))
+            visible = sorted(d for d in dirnames if not d.startswith("."))
+            linked = {d for d in visible if os.path.islink(os.path.join(dirpath, d))}
+            links.extend(os.path.join(dirpath, d) for d in visible if d in linked)
+            dirnames[:] = [d for d in visible if d not in linked]
+            found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
+        return found
+
+    def _unique(self, paths: list[str]) -> list[str]:
+        """`paths` less files already taken; real files go before links, so the kept path is the file."""
+        kept = []
+        for path in sorted(paths, key=lambda p: (os.path.islink(p), p)):
+            try:
+                key = _identity(path)
+            except OSError:  # broken link: check_image reports it as unreadable
+                kept.append(path)
+                continue
+            if key in self.files:
+                self.skipped.append((path, f"duplicate of {self.files[key]} (same file)"))
+            else:
+                self.files[key] = path
+                kept.append(path)
+        return kept
 
 
 def _check_root(root: Path, role: str) -> None:
@@ -106,6 +174,13 @@ def _resolve_class_order(
     return classes
 
 
+def _skipped_hint(root: Path, names: list[str], skipped: list[tuple[str, str]]) -> str:
+    """Why the files of empty classes were left out, e.g. a class folder linked to another."""
+    dirs = [str(root / n) for n in names]
+    reasons = [f"{p}: {r}" for p, r in skipped if any(p == d or p.startswith(d + os.sep) for d in dirs)]
+    return f" (skipped: {'; '.join(reasons[:3])}{' ...' if len(reasons) > 3 else ''})" if reasons else ""
+
+
 def scan_image_folder(
     root: str | os.PathLike,
     classes: Sequence[str] | None = None,
@@ -128,13 +203,11 @@ def scan_image_folder(
     _check_root(root, role)
     class_names = _resolve_class_order(root, _list_class_dirs(root), classes, role)
 
-    candidates = [
-        (path, label)
-        for label, name in enumerate(class_names)
-        if (root / name).is_dir()
-        for path in _list_image_files(root / name)
-    ]
-    samples, skipped = [], []
+    class_dirs = [(label, root / name) for label, name in enumerate(class_names) if (root / name).is_dir()]
+    # one walk for all classes: a file linked into two classes is kept in the first
+    walk = _FolderWalk(root, [d for _, d in class_dirs])
+    candidates = [(path, label) for label, class_dir in class_dirs for path in walk.image_files(class_dir)]
+    samples, skipped = [], list(walk.skipped)
     progress = tqdm(
         candidates,
         desc=f"checking images in {root}",
@@ -155,14 +228,14 @@ def scan_image_folder(
         manifest.save()
 
     if not samples:
-        detail = f" ({len(skipped)} unreadable files skipped)" if skipped else ""
+        detail = f" ({len(skipped)} files skipped)" if skipped else ""
         raise DataError(f"{role} {root} contains no images{detail}; expected ROOT/<class>/<image>")
     # A class without images would get an output unit that is never trained
     # (or never evaluated), which silently skews results.
     present = {label for _, label in samples}
     missing = [name for label, name in enumerate(class_names) if label not in present]
     if missing:
-        raise DataError(f"{role} {root} has no images for classes {missing}")
+        raise DataError(f"{role} {root} has no images for classes {missing}{_skipped_hint(root, missing, skipped)}")
     return ImageIndex(samples=samples, classes=class_names, skipped=skipped)
 
 

@@ -161,7 +161,23 @@ def _train_classes(part: _Split) -> list[str]:
         return part.classes
     if part.labels is None:
         part.labels = _dataset_labels(part.dataset.dataset, "train")
+    _check_no_label_gaps(part.labels)
     return [str(i) for i in range(int(part.labels.max()) + 1)]
+
+
+def _check_no_label_gaps(labels: np.ndarray) -> None:
+    """Every index in 0..max(label) needs a training sample, as the folder loader requires of every
+    class folder: an index without one would get an output unit that is never trained."""
+    if not len(labels) or labels.min() < 0:
+        return  # empty or negative labels are reported by _check_labels_fit / the dataset itself
+    missing = np.flatnonzero(np.bincount(labels, minlength=int(labels.max()) + 1) == 0).tolist()
+    if missing:
+        shown = f"{missing[:10]}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        raise DataError(
+            f"train labels have no sample for label(s) {shown} in 0..{int(labels.max())}, so those classes "
+            f"would never be trained; relabel the classes to 0..K-1 "
+            f"(e.g. y = np.unique(y, return_inverse=True)[1])"
+        )
 
 
 def _check_labels_fit(part: _Split, classes: list[str], split: str) -> None:
