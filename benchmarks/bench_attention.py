@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from fastdelta.attention import (PrefixReuse, loss_increase_closed_form, loss_increase_first_order,
+from fastdelta.methods.attention import (PrefixReuse, loss_increase_closed_form, loss_increase_first_order,
                                  loss_increase_prefix, spearman)
-from fastdelta.models import DEFAULT_LAYERS
+from fastdelta.networks.models import DEFAULT_LAYERS
 
 
 def sync(device):

@@ -15,9 +15,9 @@ import time
 import torch
 
 from fastdelta.bench import environment
-from fastdelta.models import build_networks
-from fastdelta.regularizers import make_regularizer
-from fastdelta.step import FastStep, StepOptions
+from fastdelta.networks.models import build_networks
+from fastdelta.methods import make_method
+from fastdelta.train.steps import FastStep, StepOptions
 
 
 def make_step(method: str, channels_last: bool, x: torch.Tensor):
@@ -26,7 +26,7 @@ def make_step(method: str, channels_last: bool, x: torch.Tensor):
     if method == "delta":
         attention = [torch.full((nets.target.get_submodule(l).out_channels,), 1.0 / nets.target.get_submodule(l).out_channels)
                      for l in nets.layers]
-    reg = make_regularizer(method, nets.target, nets.source, nets.head_name, nets.layers, 1e-4, 0.01, 1e-4, "conv", attention)
+    reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, 1e-4, 0.01, 1e-4, "conv", attention)
     nets.target.train()
     step = FastStep(nets.target, nets.source, reg, list(nets.target.parameters()), StepOptions("fp32", channels_last),
                     torch.device("cpu"), 0.01, 0.9)

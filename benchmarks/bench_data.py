@@ -9,7 +9,7 @@ batches; writes images/s to --out (JSON).
     torchvision_cpu   DataLoader(SeededSamples(ImageListDataset)), PIL decode, workers = all cores
     torchvision_nvjpeg torchvision.io.decode_jpeg(device="cuda") on the batch + GPU resize/crop/flip/normalise
 
-GPU (issue 6 goal: dali_gpu >= 8,000 img/s with 16 cores):
+GPU (goal: dali_gpu >= 8,000 img/s with 16 cores):
     python3 benchmarks/bench_data.py --images 4000 --batches 100 --out benchmarks/results/bench_data_gpu.json
 CPU smoke test (no GPU: the CUDA rows are reported as skipped):
     python3 benchmarks/bench_data.py --images 24 --batch 8 --batches 2 --warmup 1 --workers 0 --out /tmp/bd.json
@@ -57,8 +57,8 @@ def _time(it, batches: int, warmup: int, sync) -> dict:
 
 def bench_torchvision_cpu(samples, a):
     from fastdelta.data import ImageListDataset, build_transforms
-    from fastdelta.engine import TrainSpec, make_train_loader
-    from fastdelta.distributed import DistContext
+    from fastdelta.train.loop import TrainSpec, make_train_loader
+    from fastdelta.train.distributed import DistContext
     train_tf, _ = build_transforms(a.augmentation)
     spec = TrainSpec(iterations=1, lr=0.1, momentum=0.9, batch_size=a.batch, seed=0, num_workers=a.workers)
     dl = make_train_loader(ImageListDataset(samples, train_tf), spec, 0, DistContext())

@@ -9,7 +9,7 @@ layer4.2.conv3 2048x7x7):
   the eager composite (fastdelta.kernels.reference_distance) and the same composite under
   torch.compile. Achieved GB/s counts each byte once (METHOD.md): one read of t and s plus one write of
   grad_t; the card's copy bandwidth is measured in the same run (dst.copy_(src), read + write counted),
-  and "x_ideal" = time / (those bytes at copy bandwidth) (issue goal: <= 1.5), with ratios to eager and
+  and "x_ideal" = time / (those bytes at copy bandwidth) (goal: <= 1.5), with ratios to eager and
   to compiled (goal: eager >= 3).
 - CPU (default batch 8, fp32 and bf16, NCHW): the native C++/OpenMP kernel vs the eager composite
   (fwd+bwd and fwd only), ratio in the same run; the two are timed in interleaved rounds and the best

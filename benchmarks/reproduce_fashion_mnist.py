@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from fastdelta.compare import CompareSettings, compare
+from fastdelta.compare.comparison import CompareSettings, compare
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.figures import LABELS
+from fastdelta.compare.figures import label
 from fastdelta.ioutil import atomic_write_text
 from fastdelta.settings import METHODS, describe_conventions
 
@@ -108,7 +108,7 @@ def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=(
                 c = f"**{c}**"
             alpha = r["chosen"].get(m, {}).get("alpha")
             cells.append(c + (f" (α {alpha:g})" if alpha is not None else ""))
-        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     lines += ["", "## The paper's claims, per size", ""]
     for n, r in reports.items():
         lines.append(f"### {n} images per class ([report](per_class_{n}/report.md))")
@@ -130,8 +130,8 @@ def test_images(report: dict) -> str:
 def ranking(table: dict) -> str:
     """'L2-SP 65.1 > L2 62.3 > ...' by mean, diverged methods last."""
     done = sorted((t["mean"], m) for m, t in table.items() if t["mean"] is not None)[::-1]
-    text = " > ".join(f"{LABELS[m]} {mean:.1f}" for mean, m in done)
-    failed = [LABELS[m] for m, t in table.items() if t["mean"] is None]
+    text = " > ".join(f"{label(m)} {mean:.1f}" for mean, m in done)
+    failed = [label(m) for m, t in table.items() if t["mean"] is None]
     return text + (f"; diverged: {', '.join(failed)}" if failed else "")
 
 

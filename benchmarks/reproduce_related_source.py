@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_fashion_mnist import parse_setting, write_summary  # noqa: E402
 
 import fastdelta  # noqa: E402
-from fastdelta.compare import CompareSettings, compare  # noqa: E402
+from fastdelta.compare.comparison import CompareSettings, compare  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
 from fastdelta.demo import environment  # noqa: E402
 from fastdelta.ioutil import atomic_write_text  # noqa: E402

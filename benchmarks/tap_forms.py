@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 import fastdelta
-from fastdelta.checkpoint import read_checkpoint
+from fastdelta.train.checkpoint import read_checkpoint
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.demo import environment
 from fastdelta.ioutil import atomic_write_text
-from fastdelta.models import build_networks
-from fastdelta.regularizers import make_regularizer
+from fastdelta.networks.models import build_networks
+from fastdelta.methods import make_method
 from fastdelta.settings import FEATURE_MAPS
-from fastdelta.taps import FeatureTaps
+from fastdelta.methods.taps import FeatureTaps
 
 FORM_METHODS = ("delta", "delta_no_att")
 
@@ -76,7 +76,7 @@ def diagnose(run_dir: Path, result, settings: dict, x) -> dict:
     """Largest c * W_j per layer and the top channel's share of the term at every checkpoint."""
     nets = build_networks("efficientnet_lite0", 10, "imagenet", None, settings["seed"])
     att = None if result.attention is None else result.attention.weights
-    reg = make_regularizer(result.method, nets.target, nets.source, nets.head_name, nets.layers, 1.0, 0.0, 0.0,
+    reg = make_method(result.method, nets.target, nets.source, nets.head_name, nets.layers, 1.0, 0.0, 0.0,
                            settings["feature_map"], att if result.method == "delta" else None,
                            settings["delta_no_att_scale"])
     states = [(0, None)] + [(int(p.stem.split("-")[1]), p) for p in sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))]

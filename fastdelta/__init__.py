@@ -1,11 +1,16 @@
 """fastdelta: DELTA transfer learning (feature maps with supervised attention) and its baselines."""
-from .attention import ChannelAttention, normalize_attention
-from .engine import NonFiniteLossError
+from .blocks import FeatureMapRegularizer, SourcePull, channel_attention
+from .compare import CompareSettings, compare
 from .fit import attention, fit
-from .models import DEFAULT_LAYERS, ModelError
+from .methods import METHODS, Method, register
+from .methods.attention import ChannelAttention, normalize_attention
+from .networks.models import DEFAULT_LAYERS, ModelError
 from .result import FitResult
-from .settings import METHODS, FitSettings, SettingsError
+from .settings import FitSettings, SettingsError
+from .train.loop import NonFiniteLossError
 
 __version__ = "0.1.0"
-__all__ = ["fit", "attention", "FitResult", "FitSettings", "ChannelAttention", "METHODS", "DEFAULT_LAYERS",
-           "NonFiniteLossError", "ModelError", "SettingsError", "normalize_attention", "__version__"]
+__all__ = ["fit", "attention", "compare", "CompareSettings", "FitResult", "FitSettings", "ChannelAttention",
+           "METHODS", "Method", "register", "DEFAULT_LAYERS", "FeatureMapRegularizer", "SourcePull",
+           "channel_attention", "NonFiniteLossError", "ModelError", "SettingsError", "normalize_attention",
+           "__version__"]

@@ -5,7 +5,7 @@ Synthetic tensors (this measures the model step, not data loading). For each mod
 ms/step, img/s, time to first step (building the step and compiling it included; with --warm-first-step also
 in a fresh process whose torch.compile caches are warm, as a second run sees it), peak GPU memory.
 Writes `bench_step.json` (updated after every row, so a cut-off run keeps what it measured) and
-`bench_step.md` (a table with the ratios the issue asks for: fastdelta / public recipe per method,
+`bench_step.md` (a table of the ratios: fastdelta / public recipe per method,
 each method's step / the L2 step of the same engine).
 
 The public recipe here is a copy of what `../shared/anchors/public_recipe_gpu.py` re-implements
@@ -30,10 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import build_networks
-from .regularizers import make_regularizer
+from .networks.models import build_networks
+from .methods import L2, make_method, method_class
 from .settings import METHODS
-from .step import FastStep, resolve_step_options
+from .train.steps import FastStep, resolve_step_options
 
 GPU_MODELS = ["resnet50", "resnet101", "efficientnet_lite0"]
 
@@ -44,26 +44,28 @@ class PublicStep:
     L2 as SGD weight decay, L2-SP(ATT) as a Python loop over the parameters, DELTA's distance on raw taps."""
 
     def __init__(self, nets, method: str, attention, lr=0.01, momentum=0.9, alpha=0.01, beta=0.01, wd=1e-4):
-        self.method, self.alpha, self.beta = method, alpha, beta
+        self.method, self.alpha, self.beta = method_class(method), alpha, beta
+        m = self.method
         self.src, self.tgt = nets.source, nets.target
         self.head = nets.head_name
         self.src.eval()
-        if method == "l2_fe":
+        if m.freezes_extractor:
             self.tgt.eval().requires_grad_(False)
             self.tgt.get_submodule(self.head).requires_grad_(True)
             params = list(self.tgt.get_submodule(self.head).parameters())
         else:
             self.tgt.train().requires_grad_(True)
             params = list(self.tgt.parameters())
-        self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd if method in ("l2", "l2_fe") else 0)
+        self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd if m.uses_weight_decay else 0)
         self.src_w = {n: p.detach().clone() for n, p in self.src.named_parameters()}
         self.fs, self.ft = [], []
         for model, store in ((self.src, self.fs), (self.tgt, self.ft)):
             for name in nets.layers:
                 model.get_submodule(name).register_forward_hook(lambda m, i, o, store=store: store.append(o))
-        self.cws = attention if method == "delta" else None  # delta_no_att: the public fea_map, 0.5 sum ||d||^2
+        # DELTA's attention weights; DELTA w/o ATT: the public fea_map, 0.5 sum ||d||^2
+        self.cws = attention if m.uses_source_features and m.uses_attention else None
         self.filter_w = {}
-        if method == "l2_sp_att":
+        if m.pulls_to_source and m.uses_attention:
             for layer, a in zip(nets.layers, attention):
                 self.filter_w[layer + ".weight"] = a.numel() * a
 
@@ -81,7 +83,7 @@ class PublicStep:
         self.ft.clear()
         self.opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.tgt(x), y)
-        if self.method in ("l2_sp", "l2_sp_att"):
+        if self.method.pulls_to_source:
             sp = 0.
             for n, p in self.tgt.named_parameters():
                 if not n.startswith(self.head + "."):
@@ -90,11 +92,11 @@ class PublicStep:
                         d2 = d2.reshape(d2.shape[0], -1) * self.filter_w[n][:, None]
                     sp = sp + 0.5 * d2.sum()
             loss = loss + self.alpha * sp
-        if self.method in ("delta", "delta_no_att"):
+        if self.method.uses_source_features:
             with torch.no_grad():
                 self.src(x)
             loss = loss + self.alpha * self._att_reg()
-        if self.method not in ("l2", "l2_fe"):
+        if not self.method.uses_weight_decay:
             loss = loss + self.beta * 0.5 * sum(p.pow(2).sum() for p in self.tgt.get_submodule(self.head).parameters())
         loss.backward()
         self.opt.step()
@@ -180,8 +182,8 @@ def measure(model: str, method: str, engine: str, batch: int, size: int, num_cla
         runner = PublicStep(nets, method, attention)
         step = lambda: runner.step(x, y)
     else:
-        reg = make_regularizer(method, nets.target, nets.source, nets.head_name, nets.layers, 0.01, 0.01, 1e-4,
-                               "conv", attention if method in ("delta", "l2_sp_att") else None)
+        reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, 0.01, 0.01, 1e-4,
+                          "conv", attention if method_class(method).uses_attention else None)
         params = reg.trainable_parameters(nets.target)
         if reg.freezes_extractor:  # as train_loop sets up L2-FE
             nets.target.requires_grad_(False).eval()
@@ -310,7 +312,7 @@ def environment(device) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """The table of the issue: per model and method, public vs fastdelta img/s and ratios."""
+    """The results table: per model and method, public vs fastdelta img/s and ratios."""
     rows = result["rows"]
     env = result["environment"]
     lines = [f"# bench_step: {env.get('gpu', env['device'])}, torch {env['torch']}, {env['date']}", "",
@@ -333,7 +335,7 @@ def markdown(result: dict) -> str:
                      fmt(pub and pub["first_step_s"]), fmt(pub and pub["peak_gib"], "{:.2f}")]
             for e in fast_engines:
                 r = key.get((model, method, e))
-                l2 = key.get((model, "l2", e))
+                l2 = key.get((model, L2.name, e))
                 ratio = r["img_per_s"] / pub["img_per_s"] if r and pub else None
                 vs_l2 = r["ms_per_step"] / l2["ms_per_step"] if r and l2 else None
                 cells += [fmt(r and r["img_per_s"]), fmt(r and r["ms_per_step"], "{:.2f}"), fmt(ratio, "{:.2f}x"),
@@ -380,7 +382,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
-    from .engine import pick_device
+    from .train.loop import pick_device
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

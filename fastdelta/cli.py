@@ -8,8 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from .demo import DEMO_METHODS
 from .settings import (DEFAULT_RECIPE, DELTA_NO_ATT_SCALES, FEATURE_MAPS, FEATURE_SCALES, HEAD_BN_MODES, METHODS,
-                       RECIPES, SOURCE_BN_MODES)
+                       RECIPES, SOURCE_BN_MODES, FitSettings)
 
 
 def _csv(value: str):
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Fine-tune with one of the DELTA paper's methods; writes result.json, history.jsonl, model.pt, "
         "channel_attention.json (attention methods) and history.png to --out."))
     _add_training_args(p)
-    p.add_argument("--method", choices=METHODS, default="delta")
+    p.add_argument("--method", choices=list(METHODS), default=FitSettings.method)
     p.add_argument("--alpha", type=float, default=0.01)
     p.add_argument("--beta", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="for l2 and l2_fe")
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs the embedded default on real weights and real data and prints a table "
                                    "of test top-1 per method. Sizes are settings; defaults finish in minutes on a "
                                    "2-core CPU.")
-    p.add_argument("--methods", type=_csv, default=["l2", "l2_sp", "delta"],
+    p.add_argument("--methods", type=_csv, default=list(DEMO_METHODS),
                    help=f"comma separated, from {', '.join(METHODS)}")
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
@@ -192,7 +193,7 @@ def _is_main() -> bool:
 
 
 def _compare(args) -> None:
-    from .compare import CompareSettings, compare
+    from .compare.comparison import CompareSettings, compare
     train, test = args.data, args.test
     if args.data == "fashion-mnist":  # the embedded real dataset, few-shot
         from .data.fashion_mnist import few_shot_subset, load_fashion_mnist
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
             return 2
         return 0
     import fastdelta
-    from .engine import NonFiniteLossError
+    from .train.loop import NonFiniteLossError
     try:
         if args.command == "fit":
             kw = _settings(args)

@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import List, Optional
 
 from .data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
-from .engine import NonFiniteLossError
+from .train.loop import NonFiniteLossError
 from .ioutil import atomic_write, atomic_write_text
+from .methods import L2, L2SP, Delta, method_class
 from .settings import describe_conventions, make_settings
 
 DEMO_MODEL = "efficientnet_lite0"
+DEMO_METHODS = (L2.name, L2SP.name, Delta.name)  # the plain fine-tune, the parameter pull, DELTA
 
 
 @dataclass
 class DemoConfig:
-    methods: List[str] = field(default_factory=lambda: ["l2", "l2_sp", "delta"])
+    methods: List[str] = field(default_factory=lambda: list(DEMO_METHODS))
     per_class: int = 10               # training images per class (few-shot)
     test_images: Optional[int] = None  # None: the full 10,000-image test set
     image_size: int = 64              # crop; images are resized to image_size * 256/224 first
@@ -41,12 +43,12 @@ class DemoConfig:
 
 
 def _alpha(cfg: DemoConfig, method: str) -> float:
-    return cfg.alpha_feature if method.startswith("delta") else cfg.alpha_sp
+    return cfg.alpha_feature if method_class(method).uses_source_features else cfg.alpha_sp
 
 
 def _regularisation(cfg: DemoConfig, method: str, weight_decay: float = 1e-4) -> str:
     """What weighted the regulariser, in the table: l2/l2_fe use weight decay, the others alpha/beta."""
-    if method in ("l2", "l2_fe"):
+    if method_class(method).uses_weight_decay:
         return f"weight decay {weight_decay:g}"
     return f"alpha {_alpha(cfg, method):g}, beta {cfg.beta:g}"
 
@@ -73,7 +75,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(f"conventions: {conventions}")
     out = Path(cfg.out)
     att = None
-    if any(m in ("delta", "l2_sp_att") for m in cfg.methods):
+    if any(method_class(m).uses_attention for m in cfg.methods):
         t0 = time.perf_counter()
         att = fastdelta.attention(DEMO_MODEL, train, **common)
         how = ", ".join(f"{l}: {r}" for l, r in att.impl.items()) if isinstance(att.impl, dict) else att.impl
@@ -85,7 +87,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         row = {"method": method, "regularisation": _regularisation(cfg, method)}
         try:
             res = fastdelta.fit(DEMO_MODEL, train, test, method=method, alpha=_alpha(cfg, method),
-                                attention=att if method in ("delta", "l2_sp_att") else None, **common)
+                                attention=att if method_class(method).uses_attention else None, **common)
             row.update(test_top1=res.test_top1, status="ok")
         except NonFiniteLossError as e:
             res = e.partial_result

@@ -13,21 +13,21 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Subset
 
-from .attention import ChannelAttention, channel_loss_increase
-from .attention_cache import attention_key, cache_dir, load_cached, store
-from .checkpoint import CheckpointError, load_latest
+from .methods.attention import ChannelAttention, channel_loss_increase
+from .methods.attention_cache import attention_key, cache_dir, load_cached, store
+from .train.checkpoint import CheckpointError, load_latest
 from .data import resolve_data
 from .data.backend import choose_backend
-from .distributed import DistContext, device_for, init_distributed
-from .engine import NonFiniteLossError, StartState, TrainSpec, evaluate, make_loader, train_loop
-from .models import Networks, build_networks, guess_arch
-from .regularizers import L2FE, REGULARIZERS, make_regularizer
-from .source_net import batch_statistics_copy
-from .taps import FeatureTaps
+from .train.distributed import DistContext, device_for, init_distributed
+from .train.loop import NonFiniteLossError, StartState, TrainSpec, evaluate, make_loader, train_loop
+from .networks.models import Networks, build_networks, guess_arch
+from .methods import L2FE, make_method, method_class
+from .train.source_net import batch_statistics_copy
+from .methods.taps import FeatureTaps
 from .data.sampling import FixedAugmentation
 from .result import FitResult
 from .settings import FitSettings, SettingsError, make_settings
-from .step import resolve_step_options
+from .train.steps import resolve_step_options
 
 # settings that may differ between a run and its resumption: they do not change the result (the
 # global batches are the same on any number of ranks, so a DDP run may resume on one process)
@@ -212,7 +212,8 @@ def _dali_eval_loader(test, s: FitSettings, device, ctx: DistContext):
     return dali_eval_loader(samples, s.eval_batch_size, **_dali_kwargs(s, device))
 
 
-def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", weights=None, **settings) -> FitResult:
+def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSettings.method, weights=None,
+        **settings) -> FitResult:
     """Fine-tune `model` on `train` with one of the paper's methods and evaluate on `test`.
 
     model: torchvision/timm name or nn.Module; weights: state-dict path, "imagenet" (EfficientNet-Lite0,
@@ -228,14 +229,13 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
     t_all = time.perf_counter()
     identity = _identity(s, nets, data, ctx.world_size)
     start, attention = (_resume_state(s, nets, identity) if s.resume else (StartState(), None))
-    if attention is None and REGULARIZERS[s.method].uses_attention:
+    if attention is None and method_class(s.method).uses_attention:
         attention = (_load_attention(s.attention, nets, s) if s.attention is not None
                      else compute_attention(nets, data, s, device, ctx))
         timings["attention"] = attention.timings.get("total", 0.0)
-    reg = make_regularizer(s.method, nets.target, nets.source, nets.head_name, nets.layers, s.alpha, s.beta,
-                           s.weight_decay, s.feature_map, None if attention is None else attention.weights,
-                           s.delta_no_att_scale)
-    reg.distance_impl = s.distance_impl
+    reg = make_method(s.method, nets.target, nets.source, nets.head_name, nets.layers, s.alpha, s.beta,
+                      s.weight_decay, s.feature_map, None if attention is None else attention.weights,
+                      s.delta_no_att_scale, distance_impl=s.distance_impl, world_size=ctx.world_size)
     feature_source = nets.source if s.source_bn == "running" else batch_statistics_copy(nets.source)
     energy = None
     if reg.uses_source_features and s.feature_scale == "source_energy":
@@ -296,7 +296,7 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = "delta", w
 
 def attention(model: Union[str, nn.Module], train, weights=None, **settings) -> ChannelAttention:
     """Only the channel attention (Algorithm 1) for `model` on `train`."""
-    s, data, nets = _prepare(model, train, None, weights, make_settings("delta", **settings))
+    s, data, nets = _prepare(model, train, None, weights, make_settings(**settings))
     ctx, device = _context(s)
     nets.source.to(device)
     nets.target.to(device)

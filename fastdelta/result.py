@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .attention import ChannelAttention
+from .methods.attention import ChannelAttention
 from .ioutil import atomic_write, atomic_write_text
 
 

@@ -12,18 +12,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-METHODS = ("l2_fe", "l2", "l2_sp", "l2_sp_att", "delta_no_att", "delta")
-AUGMENTATIONS = ("default", "improved")
+# vocabularies defined by the modules that implement them, validated here once
+from .data.backend import DATA_BACKENDS
+from .data.transforms import AUGMENTATIONS
+from .kernels.dispatch import IMPLS as DISTANCE_IMPLS
+from .methods import METHODS, Delta
+from .methods.taps import FEATURE_MAPS
+
 LR_SCHEDULES = ("step", "exp")
 ATTENTION_IMPLS = ("prefix", "masked_forward", "first_order")
 ATTENTION_DTYPES = ("fp32", "bf16")
-DISTANCE_IMPLS = ("auto", "triton", "native", "reference")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STEP_ENGINES = ("auto", "reference", "fast")
-DATA_BACKENDS = ("auto", "dali", "torchvision")
-# what a regularised layer contributes as its feature map FM (fastdelta/taps.py)
-FEATURE_MAPS = ("conv", "relu_conv", "activation")
 DELTA_NO_ATT_SCALES = ("sum", "uniform_attention")
 HEAD_BN_MODES = ("train", "frozen")
 SOURCE_BN_MODES = ("running", "batch")
@@ -53,7 +54,7 @@ class SettingsError(ValueError):
 
 @dataclass
 class FitSettings:
-    method: str = "delta"
+    method: str = Delta.name
     alpha: float = 0.01            # weight of the behavioural (feature-map) or L2-SP term
     beta: float = 0.01             # weight of the L2 term on target-only (head) parameters
     weight_decay: float = 1e-4     # the plain L2 / L2-FE methods' weight decay
@@ -93,7 +94,7 @@ class FitSettings:
     attention_cache: Optional[str] = "auto"     # folder; "auto": $FASTDELTA_CACHE or ~/.cache/fastdelta; None: off
     attention: Optional[object] = None          # precomputed ChannelAttention or path to channel_attention.json
     distance_impl: str = "auto"                 # feature-map distance: "auto" (fused kernel), "triton", "native", "reference"
-    # training-step engine (fastdelta/step.py); "auto": bf16 + channels_last + torch.compile on CUDA, and on
+    # training-step engine (fastdelta/train/steps.py); "auto": bf16 + channels_last + torch.compile on CUDA, and on
     # CPU fp32 eager contiguous = the reference step (today's behaviour and speed)
     precision: str = "auto"        # "auto" | "fp32" | "bf16" | "fp16" (autocast; fp16 with a GradScaler)
     compile: object = "auto"       # "auto" | True | False | a torch.compile mode (COMPILE_MODES)
@@ -257,7 +258,7 @@ def describe_conventions(settings: dict) -> str:
     return "; ".join(parts)
 
 
-def make_settings(method: str = "delta", **overrides) -> FitSettings:
+def make_settings(method: str = Delta.name, **overrides) -> FitSettings:
     """FitSettings from keyword arguments; an unknown keyword is an error naming it."""
     names = {f.name for f in dataclasses.fields(FitSettings)}
     if "feature_relu" in overrides:

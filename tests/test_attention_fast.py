@@ -1,4 +1,4 @@
-"""The fast attention paths (issue: attention at GPU speed) against brute force / masked evaluation."""
+"""The fast attention paths  against brute force / masked evaluation."""
 import json
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import fastdelta
-from fastdelta.attention import (PrefixReuse, channel_loss_increase, loss_increase_closed_form,
+from fastdelta.methods.attention import (PrefixReuse, channel_loss_increase, loss_increase_closed_form,
                                  loss_increase_first_order, loss_increase_masked_forward, loss_increase_prefix,
                                  spearman, top_overlap)
 from test_attention import brute_force, make_batches

@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 import fastdelta
-from fastdelta.checkpoint import CheckpointError, checkpoint_files, load_latest, save_checkpoint
+from fastdelta.train.checkpoint import CheckpointError, checkpoint_files, load_latest, save_checkpoint
 from tiny import TINY_LAYERS, arrays, fit_killed_and_resumed, tiny_net
 
 QUICK = dict(batch_size=4, resize=16, crop=12, progress=False, attention_head_epochs=1, eval_batch_size=8)

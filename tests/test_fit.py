@@ -196,7 +196,7 @@ def test_improved_protocol_reports_center_and_ten_crop_top1():
 
 
 def test_lr_schedules():
-    from fastdelta.engine import lr_at
+    from fastdelta.train.loop import lr_at
     assert [lr_at(i, 0.01, "step", 6000, 0.1) for i in (0, 5999, 6000, 8999)] == [0.01, 0.01, 0.001, 0.001]
     assert lr_at(0, 0.01, "exp", 6000, 0.1) == 0.01
     assert lr_at(6000, 0.01, "exp", 6000, 0.1) == pytest.approx(0.001)
@@ -207,13 +207,13 @@ def test_lr_schedules():
 
 
 def test_inception_v3_defaults():
-    from fastdelta.models import build_networks
+    from fastdelta.networks.models import build_networks
     from fastdelta.settings import make_settings
     nets = build_networks("inception_v3", 4, "random")
     assert nets.layers == ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e"] and nets.head_name == "fc"
     s = make_settings("delta").resolved("inception_v3")
     assert (s.lr, s.resize, s.crop) == (0.001, 320, 299)
-    from fastdelta.taps import FeatureTaps
+    from fastdelta.methods.taps import FeatureTaps
     with FeatureTaps(nets.target.eval(), nets.layers) as taps, torch.no_grad():
         logits, feats = taps(torch.randn(1, 3, 80, 80))
     assert logits.shape == (1, 4) and [f.shape[1] for f in feats] == [64, 192, 288, 768]
@@ -235,7 +235,7 @@ def test_learning_curve_points_do_not_change_training(method):
 
 
 def test_flush_denormals_on_cpu_only_inside_the_context():
-    from fastdelta.engine import flush_denormals
+    from fastdelta.train.loop import flush_denormals
     tiny = torch.tensor([1e-40], dtype=torch.float32)
     with flush_denormals(torch.device("cpu")):
         assert (tiny * 1.0).item() == 0.0

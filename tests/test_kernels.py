@@ -1,7 +1,7 @@
-"""Fused ReLU + channel-weighted feature-map distance (fastdelta.kernels, issue 3).
+"""Fused ReLU + channel-weighted feature-map distance (fastdelta.kernels).
 
 What runs where:
-- native C++/OpenMP CPU kernel: natively, every shape of the issue, NCHW and channels_last, fp32/bf16
+- native C++/OpenMP CPU kernel: natively, every benchmark tap shape, NCHW and channels_last, fp32/bf16
   (fp16 and relu off on the smaller ones; (32,256,56,56) in fp32 NCHW and bf16 channels_last), against
   a float64 reference.
 - Triton kernels: on a CUDA machine in-process (compiled); on CPU under the Triton interpreter in a
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from fastdelta.kernels import dispatch, native
 from fastdelta.kernels import op as kop
 from fastdelta.kernels import reference_distance as reference_feature_map_distance
-from fastdelta.regularizers import feature_map_distance, make_regularizer
+from fastdelta.methods import make_method
+from fastdelta.methods.feature_map import feature_map_distance
 from fastdelta.settings import SettingsError, make_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,7 +312,7 @@ def test_regularizer_distance_impl_reference_equals_auto(monkeypatch):
     target = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 25, 2))
     source = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 25, 2))
     tf, sf = [torch.randn(2, 4, 5, 5)], [torch.randn(2, 4, 5, 5)]
-    reg = make_regularizer("delta_no_att", target, source, "2", ["0"], 1.0, 0.0, 0.0)
+    reg = make_method("delta_no_att", target, source, "2", ["0"], 1.0, 0.0, 0.0)
     auto = reg.terms(tf, sf).reg
     reg.distance_impl = "reference"
     ref = reg.terms(tf, sf).reg
@@ -335,7 +336,7 @@ def test_broken_native_build_warns_and_falls_back(tmp_path):
     bad.write_bytes(b"not a shared object")
     code = ("import warnings, torch\nwarnings.simplefilter('always')\n"
             "from fastdelta.kernels import reference_distance as reference_feature_map_distance\n"
-            "from fastdelta.regularizers import feature_map_distance\n"
+            "from fastdelta.methods.feature_map import feature_map_distance\n"
             "from fastdelta.kernels import native, dispatch\n"
             "t, s, w = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.rand(3)\n"
             "assert not native.available() and dispatch.resolve('auto', t) == 'reference'\n"

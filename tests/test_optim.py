@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import fastdelta
-from fastdelta.attention import ChannelAttention
-from fastdelta.optim import Pull, PullSGD, parameter_pulls
-from fastdelta.regularizers import make_regularizer
+from fastdelta.methods.attention import ChannelAttention
+from fastdelta.methods import Pull
+from fastdelta.train.optim import PullSGD
+from fastdelta.methods import make_method
 from tiny import TINY_LAYERS, arrays, tiny_net
 
 QUICK = dict(layers=TINY_LAYERS, batch_size=4, resize=16, crop=12, progress=False, attention_cache=None)
@@ -57,14 +58,14 @@ def test_pull_gradient_and_value_equal_the_autograd_term():
     torch.manual_seed(0)
     target, source = tiny_net(), tiny_net(seed=1)
     att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
-    reg = make_regularizer("l2_sp_att", target, source, "fc", TINY_LAYERS, 0.7, 0.2, 1e-4, attention=att)
+    reg = make_method("l2_sp_att", target, source, "fc", TINY_LAYERS, 0.7, 0.2, 1e-4, attention=att)
     params = list(target.parameters())
     terms = reg.terms()
     (terms.reg + terms.head).backward()
     expected = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    opt = PullSGD(params, 0.1, 0.9, parameter_pulls(reg, params))
+    opt = PullSGD(params, 0.1, 0.9, reg.pulls(params))
     values = opt.pull_()  # no grad present: the pull alone, as autograd would give
     for p, g in zip(params, expected):
         assert torch.allclose(p.grad, g, rtol=1e-6, atol=1e-9)
@@ -95,9 +96,9 @@ def test_fused_and_foreach_updates_agree():
     results = []
     for fused in (False, True):
         target, source = tiny_net(), tiny_net(seed=1)
-        reg = make_regularizer("l2_sp", target, source, "fc", TINY_LAYERS, 0.7, 0.2, 1e-4)
+        reg = make_method("l2_sp", target, source, "fc", TINY_LAYERS, 0.7, 0.2, 1e-4)
         params = list(target.parameters())
-        opt = PullSGD(params, 0.1, 0.9, parameter_pulls(reg, params), foreach=not fused, fused=fused or None)
+        opt = PullSGD(params, 0.1, 0.9, reg.pulls(params), foreach=not fused, fused=fused or None)
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             for p in params:

@@ -6,13 +6,13 @@ import torch
 import torch.nn as nn
 
 import fastdelta
-from fastdelta.attention import ChannelAttention
-from fastdelta.engine import TrainSpec, param_groups, train_loop
-from fastdelta.models import build_architecture
-from fastdelta.regularizers import L2FE, make_regularizer
+from fastdelta.methods.attention import ChannelAttention
+from fastdelta.train.loop import TrainSpec, param_groups, train_loop
+from fastdelta.networks.models import build_architecture
+from fastdelta.methods import L2FE, make_method
 from fastdelta.settings import RECIPES, SettingsError, make_settings
-from fastdelta.source_net import batch_statistics_copy
-from fastdelta.taps import FeatureTaps, following_norm, tap_modules
+from fastdelta.train.source_net import batch_statistics_copy
+from fastdelta.methods.taps import FeatureTaps, following_norm, tap_modules
 from tiny import TINY_LAYERS, arrays, tiny_net
 
 QUICK = dict(layers=TINY_LAYERS, batch_size=4, resize=16, crop=12, progress=False, attention_cache=None,
@@ -95,7 +95,7 @@ def test_source_with_batch_statistics_makes_the_step0_term_exactly_zero(feature_
     target = copy.deepcopy(source).train()  # batch statistics, as during training
     before = {k: v.clone() for k, v in source.state_dict().items()}
     x = torch.randn(6, 3, 12, 12)
-    reg = make_regularizer("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, feature_map)
+    reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, feature_map)
     rectify = feature_map == "activation"
     batch_source = batch_statistics_copy(source)
     for src, zero in ((source, False), (batch_source, True)):
@@ -165,7 +165,7 @@ def test_backbone_lr_multiplier_and_nesterov_reach_the_update():
 def test_param_groups_split_only_when_needed():
     source = tiny_net().eval()
     target = copy.deepcopy(source)
-    reg = make_regularizer("l2", target, source, "fc", TINY_LAYERS, 0.0, 0.0, 0.0)
+    reg = make_method("l2", target, source, "fc", TINY_LAYERS, 0.0, 0.0, 0.0)
     params = list(target.parameters())
     assert len(param_groups(reg, params)) == 1
     head, rest = param_groups(reg, params, 0.1)

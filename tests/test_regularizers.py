@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdelta.regularizers import REGULARIZERS, feature_map_distance, make_regularizer
-from fastdelta.taps import FeatureTaps
+from fastdelta.methods import METHODS, make_method
+from fastdelta.methods.feature_map import feature_map_distance
+from fastdelta.methods.taps import FeatureTaps
 from tiny import TINY_LAYERS, tiny_net
 
 ALPHA, BETA, WD = 0.3, 0.2, 0.05
@@ -83,15 +84,15 @@ def regularizer_terms(reg, source, target, x):
 
 
 @pytest.mark.parametrize("feature_map", ["conv", "relu_conv", "activation"])
-@pytest.mark.parametrize("method", sorted(REGULARIZERS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_terms_match_float64_reference(method, feature_map):
     torch.manual_seed(3)
     source, target = nets()
     x = torch.randn(4, 3, 12, 12)
     weights = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
     for no_att_scale in (["sum", "uniform_attention"] if method == "delta_no_att" else ["sum"]):
-        reg = make_regularizer(method, target, source, "fc", TINY_LAYERS, ALPHA, BETA, WD, feature_map,
-                               weights if REGULARIZERS[method].uses_attention else None, no_att_scale)
+        reg = make_method(method, target, source, "fc", TINY_LAYERS, ALPHA, BETA, WD, feature_map,
+                               weights if METHODS[method].uses_attention else None, no_att_scale)
         terms = regularizer_terms(reg, source, target, x)
         ref_reg, ref_head = reference_terms(method, source, target, x, weights, feature_map, no_att_scale)
         ref_reg = torch.as_tensor(ref_reg, dtype=torch.float64)
@@ -107,7 +108,7 @@ def test_feature_map_forms_read_different_tensors():
     torch.manual_seed(4)
     source, target = nets()
     x = torch.randn(4, 3, 12, 12)
-    values = {form: float(regularizer_terms(make_regularizer("delta_no_att", target, source, "fc", TINY_LAYERS,
+    values = {form: float(regularizer_terms(make_method("delta_no_att", target, source, "fc", TINY_LAYERS,
                                                              1.0, 0.0, 0.0, form), source, target, x).reg)
               for form in ("conv", "relu_conv", "activation")}
     assert len({round(v, 6) for v in values.values()}) == 3, values
@@ -120,7 +121,7 @@ def test_source_energy_float64():
     source, target = nets()
     x = torch.randn(3, 3, 12, 12)
     for form in ("conv", "activation"):
-        reg = make_regularizer("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, form)
+        reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, form)
         with FeatureTaps(source, reg.taps, rectify=form == "activation") as ts:
             _, s_feats = ts(x)
         energy = [e / 3 for e in reg.source_energy(s_feats)]
@@ -148,8 +149,8 @@ def test_delta_without_attention_uniform_form_is_uniform_attention():
     with FeatureTaps(target, TINY_LAYERS) as tt, FeatureTaps(source, TINY_LAYERS) as ts:
         t_feats, s_feats = tt(x)[1], ts(x)[1]
     uniform = [torch.full((8,), 1 / 8), torch.full((16,), 1 / 16)]
-    a = make_regularizer("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "relu_conv", None,
+    a = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "relu_conv", None,
                          "uniform_attention").terms(t_feats, s_feats)
-    b = make_regularizer("delta", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "relu_conv",
+    b = make_method("delta", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "relu_conv",
                          uniform).terms(t_feats, s_feats)
     assert torch.allclose(a.reg, b.reg)

@@ -15,8 +15,8 @@ from PIL import Image
 import fastdelta
 from fastdelta import ModelError, SettingsError
 from fastdelta.data import ArrayDataset, DataError, resolve_data, scan_image_folder
-from fastdelta.distributed import DistContext, device_for
-from fastdelta.models import load_source_weights
+from fastdelta.train.distributed import DistContext, device_for
+from fastdelta.networks.models import load_source_weights
 from tiny import arrays, tiny_net
 
 QUICK = dict(iterations=1, batch_size=4, resize=16, crop=12, progress=False)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastdelta.source_net import HookedSource, SourceFeatures, TargetFeatures, source_features
-from fastdelta.taps import FeatureTaps
+from fastdelta.train.source_net import HookedSource, SourceFeatures, TargetFeatures, source_features
+from fastdelta.methods.taps import FeatureTaps
 from tiny import TINY_LAYERS, tiny_net
 
 
@@ -82,7 +82,7 @@ def test_a_tap_modified_in_place_later_is_not_truncated():
 def test_torchvision_resnet_and_timm_efficientnet_fold_exactly():
     import timm
     import torchvision
-    from fastdelta.models import DEFAULT_LAYERS
+    from fastdelta.networks.models import DEFAULT_LAYERS
     torch.manual_seed(0)
     for model, layers in ((torchvision.models.resnet18(), DEFAULT_LAYERS["resnet18"]),
                           (timm.create_model("efficientnet_lite0"), DEFAULT_LAYERS["efficientnet_lite0"])):

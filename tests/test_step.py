@@ -12,11 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastdelta
-from fastdelta.attention import ChannelAttention
-from fastdelta.engine import NonFiniteLossError
-from fastdelta.regularizers import make_regularizer
+from fastdelta.methods.attention import ChannelAttention
+from fastdelta.train.loop import NonFiniteLossError
+from fastdelta.methods import make_method
 from fastdelta.settings import SettingsError, make_settings
-from fastdelta.step import FastStep, StepOptions, resolve_step_options
+from fastdelta.train.steps import FastStep, StepOptions, resolve_step_options
 from tiny import TINY_LAYERS, arrays, fit_killed_and_resumed, tiny_net
 
 QUICK = dict(layers=TINY_LAYERS, batch_size=4, resize=16, crop=12, progress=False, attention_cache=None,
@@ -77,7 +77,7 @@ def _stepper(method, options, bn=True):
     target = tiny_net(bn=bn)
     target.fc = torch.nn.Linear(16, 3)
     att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
-    reg = make_regularizer(method, target, source, "fc", TINY_LAYERS, 0.01, 0.01, 1e-4,
+    reg = make_method(method, target, source, "fc", TINY_LAYERS, 0.01, 0.01, 1e-4,
                            attention=att if method in ("delta", "l2_sp_att") else None)
     params = reg.trainable_parameters(target)
     if reg.freezes_extractor:
@@ -143,7 +143,7 @@ def test_bf16_channels_last_and_fp16_gradscaler_train_on_cpu(tmp_path):
     res = fastdelta.fit(tiny_net(), arrays(), None, method="l2_sp", precision="fp16", run_dir=str(tmp_path),
                         checkpoint_every=2, **{**QUICK, "iterations": 2})
     assert res.settings["step_used"]["precision"] == "fp16"
-    from fastdelta.checkpoint import load_latest
+    from fastdelta.train.checkpoint import load_latest
     ckpt = load_latest(tmp_path / "checkpoints")
     assert "grad_scaler" in ckpt["optimizer"]
 
@@ -217,7 +217,7 @@ def test_bench_step_smoke(tmp_path):
 
 def test_bench_warm_first_step_reruns_compiled_rows_in_a_fresh_process(tmp_path, monkeypatch):
     """--warm-first-step: one subprocess times the compiled rows' first step again; its figures are merged.
-    (The real thing compiles twice with inductor: run by hand, figures in the issue-5 note.)"""
+    (The real thing compiles twice with inductor: run by hand.)"""
     import argparse
     import subprocess
     from fastdelta import bench

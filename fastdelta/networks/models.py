@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from .pretrained import LITE0_ARCH, lite0_state_dict_for
 
-# Regularised layers of the public code (DESIGN.md §2) and of the embedded default (§5).
+# Regularised layers of the public code (github.com/lixingjian/DELTA) and, for EfficientNet-Lite0 (the
+# embedded default), the last conv of four stages (three block projections and conv_head).
 DEFAULT_LAYERS = {
     "resnet101": ["layer1.2.conv3", "layer2.3.conv3", "layer3.22.conv3", "layer4.2.conv3"],
     "resnet50": ["layer1.2.conv3", "layer2.3.conv3", "layer3.5.conv3", "layer4.2.conv3"],

@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .settings import FEATURE_MAPS
+
+
+FEATURE_MAPS = ("conv", "relu_conv", "activation")  # the feature_map setting
 
 
 def rectifies(feature_map: str) -> bool:
@@ -110,13 +112,20 @@ class FeatureTaps:
     def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         self._store = {}
         logits = self.forward(x)
+        return logits, self.collect()
+
+    def collect(self) -> List[torch.Tensor]:
+        """The maps recorded by the model's last forward, in layer order (then forgotten)."""
+        missing = [name for name in self.layers if name not in self._store]
+        if missing:
+            raise RuntimeError(f"no feature maps recorded for {missing}: run the model's forward first")
         feats = [self._store[name] for name in self.layers]
         self._store = {}
         if self._check_handles:  # checked once: the model's structure does not change between calls
             for h in self._check_handles:
                 h.remove()
             self._check_handles = []
-        return logits, feats
+        return feats
 
     def close(self) -> None:
         for h in self._handles + self._check_handles:

@@ -34,8 +34,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ioutil import atomic_write_text
-from .progress import progress_bar
+from ..ioutil import atomic_write_text
+from ..progress import progress_bar
 
 
 def normalize_attention(raw: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:

@@ -11,12 +11,18 @@ from typing import Dict, List
 
 import numpy as np
 
-from .ioutil import atomic_write
+from ..ioutil import atomic_write
+from ..methods import METHODS, method_class
 
-COLORS = {"l2_fe": "tab:gray", "l2": "tab:blue", "l2_sp": "tab:orange", "l2_sp_att": "tab:brown",
-          "delta_no_att": "tab:purple", "delta": "tab:red"}
-LABELS = {"l2_fe": "L2-FE", "l2": "L2", "l2_sp": "L2-SP", "l2_sp_att": "L2-SP(ATT)",
-          "delta_no_att": "DELTA w/o ATT", "delta": "DELTA", "source": "source"}
+SOURCE = "source"  # the source network's column of Fig. 6
+
+
+def label(name: str) -> str:
+    return "source" if name == SOURCE else method_class(name).label
+
+
+def color(name: str) -> str:
+    return method_class(name).color
 
 
 def _plt():
@@ -39,13 +45,13 @@ def table_figure(report: dict, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(1.3 * max(3, len(methods)) + 1, 3.8))
     for i, m in enumerate(methods):
         t = table[m]
-        ax.bar(i, t["mean"], yerr=t["std"], color=COLORS[m], alpha=0.8, capsize=4)
+        ax.bar(i, t["mean"], yerr=t["std"], color=color(m), alpha=0.8, capsize=4)
         ax.scatter([i] * len(t["values"]), t["values"], color="k", s=10, zorder=3)
         ax.text(i, t["mean"], f"{t['mean']:.2f}", ha="center", va="bottom", fontsize=8)
     vals = [v for m in methods for v in table[m]["values"]]
     if vals:
         ax.set_ylim(max(0.0, min(vals) - 5), min(100.0, max(vals) + 3))
-    ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], fontsize=8)
+    ax.set_xticks(range(len(methods)), [label(m) for m in methods], fontsize=8)
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"{_subject(report)}: mean ± std over {report['compare']['seeds']} seed(s), dots = seeds",
                  fontsize=9)
@@ -61,11 +67,11 @@ def curves_figure(report: dict, path: Path) -> str:
     names = {"step": "StepLR", "exp": "ExponentialLR"}
     for row, sch in enumerate(schedules):
         for r in (r for r in runs if r["schedule"] == sch):
-            c = COLORS[r["method"]]
+            c = color(r["method"])
             it, ce = zip(*r["train_loss"]) if r["train_loss"] else ((), ())
-            axes[row, 0].plot(it, _smooth(ce), color=c, label=LABELS[r["method"]], lw=1.2)
+            axes[row, 0].plot(it, _smooth(ce), color=c, label=label(r["method"]), lw=1.2)
             it, acc = zip(*r["curve"])
-            axes[row, 1].plot(it, acc, color=c, marker="o", ms=3, label=LABELS[r["method"]])
+            axes[row, 1].plot(it, acc, color=c, marker="o", ms=3, label=label(r["method"]))
         axes[row, 0].set_title(f"{names[sch]}: training cross-entropy (moving average of 5)", fontsize=9)
         axes[row, 0].set_ylabel("cross-entropy")
         axes[row, 1].set_title(f"{names[sch]}: test top-1 along training", fontsize=9)
@@ -94,10 +100,10 @@ def search_figure(report: dict, path: Path) -> str:
     val = {(r["method"], r["alpha"], r["beta"]): r["val_top1"] for r in results}
     if len(betas) == 1:  # alpha search: one row per method
         grids = [("alpha search (beta = %g)" % betas[0], np.array(
-            [[_nan(val.get((m, a, betas[0]))) for a in alphas] for m in methods]), [LABELS[m] for m in methods])]
+            [[_nan(val.get((m, a, betas[0]))) for a in alphas] for m in methods]), [label(m) for m in methods])]
         ylabel = "method"
     else:
-        grids = [(LABELS[m], np.array([[_nan(val.get((m, a, b))) for a in alphas] for b in betas]),
+        grids = [(label(m), np.array([[_nan(val.get((m, a, b))) for a in alphas] for b in betas]),
                   [f"{b:g}" for b in betas]) for m in methods]
         ylabel = "beta"
     fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids) + 0.5, 0.5 * len(grids[0][2]) + 2.2),
@@ -126,7 +132,7 @@ def _nan(v):
 def distance_figure(report: dict, path: Path) -> str:
     plt = _plt()
     dist: Dict[str, dict] = report["filter_distances"]
-    methods = [m for m in ("l2", "l2_sp", "l2_sp_att", "delta_no_att", "delta") if m in dist]
+    methods = [m for m in METHODS if m in dist and not METHODS[m].freezes_extractor]
     stages = list(next(iter(dist.values())).keys()) if dist else []
     cols = min(4, max(1, len(stages)))
     rows = -(-len(stages) // cols)
@@ -134,8 +140,8 @@ def distance_figure(report: dict, path: Path) -> str:
     for ax, stage in zip(axes.flat, stages):
         for m in methods:
             q = dist[m][stage]["sorted_quantiles"]
-            ax.plot(np.linspace(0, 1, len(q)), q, color=COLORS[m], label=LABELS[m],
-                    lw=2 if m in ("l2_sp", "delta") else 1, alpha=1 if m in ("l2_sp", "delta") else 0.5)
+            ax.plot(np.linspace(0, 1, len(q)), q, color=color(m), label=label(m),
+                    lw=2 if METHODS[m].learning_curve else 1, alpha=1 if METHODS[m].learning_curve else 0.5)
         ax.set_title(f"{stage} ({dist[methods[0]][stage]['filters']} filters)", fontsize=8)
         ax.set_xlabel("filter rank (fraction, sorted)", fontsize=7)
         ax.set_ylabel("||w_j - w*_j||", fontsize=7)
@@ -152,7 +158,7 @@ def distance_figure(report: dict, path: Path) -> str:
 def maps_figure(report: dict, path: Path) -> str:
     plt = _plt()
     am = report["activation_maps"]
-    nets = [n for n in ("source", "l2", "l2_sp", "delta_no_att", "delta") if n in am["maps"]]
+    nets = [n for n in [SOURCE, *(m for m in METHODS if METHODS[m].activation_map)] if n in am["maps"]]
     n_img = len(am["images"])
     fig, axes = plt.subplots(max(1, n_img), len(nets) + 1, figsize=(1.7 * (len(nets) + 1), 1.8 * max(1, n_img)),
                              squeeze=False)
@@ -162,7 +168,7 @@ def maps_figure(report: dict, path: Path) -> str:
         for j, n in enumerate(nets, start=1):
             axes[i, j].imshow(am["maps"][n][i], cmap="jet", vmin=0, vmax=1)
             if i == 0:
-                axes[i, j].set_title(LABELS[n], fontsize=8)
+                axes[i, j].set_title(label(n), fontsize=8)
         axes[i, 0].set_title("input" if i == 0 else "", fontsize=8)
         for ax in axes[i]:
             ax.set_xticks([])

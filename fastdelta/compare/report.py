@@ -7,9 +7,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .figures import LABELS, all_figures
-from .ioutil import atomic_write_text
-from .settings import describe_conventions
+from ..methods import L2, L2SP, Delta, DeltaNoAtt
+from .figures import all_figures, label
+from ..ioutil import atomic_write_text
+from ..settings import describe_conventions
 
 
 def _fmt(mean: Optional[float], std: Optional[float], n: int) -> str:
@@ -22,22 +23,25 @@ def claims(report: dict) -> Dict[str, dict]:
     """Each of the paper's claims, decided from the numbers where a number can decide it."""
     out = {}
     table = report["table"]
-    d = table.get("delta", {}).get("mean")
-    rivals = {m: table[m]["mean"] for m in ("l2", "l2_sp", "delta_no_att") if m in table and table[m]["mean"] is not None}
+    # the paper's claims are about DELTA against these baselines
+    delta, l2_sp = Delta.name, L2SP.name
+    d = table.get(delta, {}).get("mean")
+    rivals = {m: table[m]["mean"] for m in (L2.name, l2_sp, DeltaNoAtt.name)
+              if m in table and table[m]["mean"] is not None}
     if d is not None and rivals:
         beaten = [m for m, v in rivals.items() if d > v]
         margin = {m: d - v for m, v in rivals.items()}
-        noise = max(table["delta"]["std"] or 0.0, *(table[m]["std"] or 0.0 for m in rivals))
+        noise = max(table[delta]["std"] or 0.0, *(table[m]["std"] or 0.0 for m in rivals))
         out["accuracy"] = {
             "holds": len(beaten) == len(rivals),
-            "text": (f"DELTA {d:.2f}% vs " + ", ".join(f"{LABELS[m]} {v:.2f}% ({margin[m]:+.2f})" for m, v in rivals.items())
+            "text": (f"DELTA {d:.2f}% vs " + ", ".join(f"{label(m)} {v:.2f}% ({margin[m]:+.2f})" for m, v in rivals.items())
                      + f"; largest seed std {noise:.2f}. "
                      + ("DELTA has the best mean" if len(beaten) == len(rivals) else
-                        f"DELTA does not beat {', '.join(LABELS[m] for m in rivals if m not in beaten)}")
+                        f"DELTA does not beat {', '.join(label(m) for m in rivals if m not in beaten)}")
                      + (" but the margin is within one std" if beaten and min(margin[m] for m in beaten) < noise else "")
                      + ".")}
     rough = report.get("roughness", {})
-    pairs = [(s, rough.get(f"delta/{s}"), rough.get(f"l2_sp/{s}")) for s in ("step", "exp")]
+    pairs = [(s, rough.get(f"{delta}/{s}"), rough.get(f"{l2_sp}/{s}")) for s in ("step", "exp")]
     pairs = [(s, a, b) for s, a, b in pairs if a is not None and b is not None]
     if pairs:
         holds = all(a < b for _, a, b in pairs)
@@ -47,9 +51,9 @@ def claims(report: dict) -> Dict[str, dict]:
                     + "; ".join(f"{s}: DELTA {a:.3f} vs L2-SP {b:.3f}" for s, a, b in pairs)
                     + (". DELTA's curve is smoother." if holds else ". DELTA's curve is not smoother everywhere.")}
     split = report.get("attention_split", {})
-    if "delta" in split and "l2_sp" in split:
-        rows = [(c, split["delta"][c]["low_attention_mean"], split["l2_sp"][c]["low_attention_mean"])
-                for c in split["delta"]]
+    if delta in split and l2_sp in split:
+        rows = [(c, split[delta][c]["low_attention_mean"], split[l2_sp][c]["low_attention_mean"])
+                for c in split[delta]]
         n = sum(a > b for _, a, b in rows)
         out["unactivated_filters_move"] = {
             "holds": n == len(rows),
@@ -109,7 +113,7 @@ def markdown(report: dict, figures) -> str:
             cell = f"**{cell}**"
         extra = f" {_fmt(t['mean_10crop'], t['std_10crop'], t['n'])} |" if t["mean_10crop"] is not None else ""
         seeds = ", ".join(f"{v:.2f}" for v in t["values"]) + (f" ({t['diverged']} diverged)" if t["diverged"] else "")
-        lines.append(f"| {LABELS[meth]} | {c.get('alpha', '-')} | {c.get('beta', '-')} | {cell} | {seeds} |{extra}")
+        lines.append(f"| {label(meth)} | {c.get('alpha', '-')} | {c.get('beta', '-')} | {cell} | {seeds} |{extra}")
     lines += ["", "(L2 and L2-FE use weight decay %g; alpha/beta apply to the other methods.)" % s["weight_decay"], ""]
     lines += _attention_warning(report)
     lines += ["## The paper's claims on this data", ""]

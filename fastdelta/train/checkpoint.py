@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .ioutil import atomic_write
+from ..ioutil import atomic_write
 
 MAGIC = b"FDCKPT01"
 KEEP = 2

@@ -1,7 +1,7 @@
 """The fast training step, one engine for all six methods.
 
 `FastStep.forward_backward(x, y, lr)` then `FastStep.update()` does what the reference step of
-`engine.train_loop` does (same loss, same history values, same non-finite rules), faster:
+`ReferenceStep` does (same loss, same history values, same non-finite rules), faster:
 
 - precision: bf16 autocast (default on CUDA), fp16 autocast + GradScaler, or fp32 (the reference);
   loss terms are accumulated in fp32 either way;
@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import types
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .distributed import DistContext
-from .optim import PullSGD, grad_norm, parameter_pulls
-from .regularizers import Regularizer
-from .settings import COMPILE_MODES, PRECISIONS, STEP_ENGINES
+from ..methods import Method
+from .optim import PullSGD, grad_norm
+from ..settings import COMPILE_MODES
+from ..methods.taps import FeatureTaps
 from .source_net import TargetFeatures, source_features
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# the compile mode "auto" takes on CUDA; bench_step.py --compile-modes measures the others
+# the compile mode "auto" takes on CUDA; benchmarks/bench_step.py --compile-modes measures the others
 DEFAULT_COMPILE_MODE = "default"
 
 
@@ -76,10 +77,6 @@ def resolve_step_options(device: torch.device, precision: str = "auto", compile=
     "auto": bf16 (fp16 where the card has no bf16) + channels_last + torch.compile on CUDA; on CPU
     fp32, eager, contiguous -- and then the reference step, today's behaviour and speed."""
     cuda = torch.device(device).type == "cuda"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
-    if step_engine not in STEP_ENGINES:
-        raise ValueError(f"step_engine={step_engine!r}: expected one of {STEP_ENGINES}")
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     cl = cuda if channels_last == "auto" else bool(channels_last)
@@ -106,17 +103,89 @@ class StepOutput:
     train_acc: float
 
 
+def as_groups(params: Sequence) -> List[dict]:
+    """Trainable parameters, or SGD parameter groups (dicts with "params" and "lr_mult"), as groups."""
+    groups = list(params)
+    return groups if groups and isinstance(groups[0], dict) else [{"params": groups, "lr_mult": 1.0}]
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+def first_nonfinite(out: StepOutput, skips_nonfinite_grads: bool = False) -> Optional[Tuple[str, float]]:
+    """(term, value) of the first NaN/inf loss term, or of an infinite gradient norm (a finite loss can
+    still give one; with fp16's GradScaler that is its signal to skip the step instead); None if all finite."""
+    for name, v in out.values.items():
+        if not math.isfinite(v):
+            return name, v
+    if not math.isfinite(out.grad_norm) and not skips_nonfinite_grads:
+        return "gradient", out.grad_norm
+    return None
+
+
+class ReferenceStep:
+    """The reference step: eager fp32, forward hooks on the full networks, every term in autograd.
+    Same interface as FastStep: forward_backward (nothing updated yet), update, close, `opt`."""
+    skips_nonfinite_grads = False
+
+    def __init__(self, target: nn.Module, source: nn.Module, reg: Method, params: Sequence,
+                 device: torch.device, lr: float, momentum: float, ctx: DistContext = DistContext(),
+                 nesterov: bool = False):
+        self.reg, self.ctx = reg, ctx
+        groups = as_groups(params)
+        self.params = [p for g in groups for p in g["params"]]
+        self.opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        # gradients averaged over ranks by DDP
+        self.forward = DDP(target, device_ids=[device.index] if device.type == "cuda" else None) if ctx.active \
+            else target
+        self.target_taps = self.source_taps = None
+        if reg.uses_source_features:
+            rectify = reg.feature_map == "activation"  # a BN output can be changed in place later: keep ReLU of it
+            self.target_taps = FeatureTaps(target, reg.taps, self.forward, rectify, reg.tap_follows)
+            self.source_taps = FeatureTaps(source, reg.taps, None, rectify)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
+        set_lr(self.opt, lr)
+        if self.target_taps is not None:
+            logits, t_feats = self.target_taps(x)
+            with torch.no_grad():
+                _, s_feats = self.source_taps(x)
+            terms = self.reg.terms(t_feats, s_feats)
+        else:
+            logits = self.forward(x)
+            terms = self.reg.terms()
+        ce = F.cross_entropy(logits.float(), y)
+        # every rank gets the same (averaged) values, so all stop together on a NaN
+        values = dict(zip(("ce", "reg", "head"), self.ctx.all_reduce_sum(
+            torch.stack([ce, terms.reg, terms.head]).detach().double().cpu()).div(self.ctx.world_size).tolist()))
+        self.opt.zero_grad(set_to_none=True)
+        if all(math.isfinite(v) for v in values.values()):
+            (ce + terms.reg + terms.head).backward()
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).item()
+        else:
+            gnorm = float("nan")  # not applied: the loop stops on the loss term
+        return StepOutput(values, gnorm, (logits.argmax(1) == y).float().mean().item())
+
+    def update(self) -> None:
+        self.opt.step()
+
+    def close(self) -> None:
+        for taps in (self.target_taps, self.source_taps):
+            if taps is not None:
+                taps.close()
+
+
 class FastStep:
     """The compiled step for one (target, source, method); owns the optimizer (`opt`)."""
 
-    def __init__(self, target: nn.Module, source: nn.Module, reg: Regularizer, params: Sequence,
+    def __init__(self, target: nn.Module, source: nn.Module, reg: Method, params: Sequence,
                  options: StepOptions, device: torch.device, lr: float, momentum: float,
                  ctx: DistContext = DistContext(), nesterov: bool = False):
         """`params`: the trainable parameters, or SGD parameter groups (dicts with "params" and "lr_mult")."""
         self.target, self.reg, self.options, self.device, self.ctx = target, reg, options, torch.device(device), ctx
-        groups = list(params)
-        if groups and not isinstance(groups[0], dict):
-            groups = [{"params": groups, "lr_mult": 1.0}]
+        groups = as_groups(params)
         self.params = [p for g in groups for p in g["params"]]
         self.dtype = DTYPES[options.precision]
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
@@ -133,7 +202,7 @@ class FastStep:
             self.model, self.source = target, None
         if ctx.active:  # gradients averaged over ranks by DDP
             self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.pulls = parameter_pulls(reg, self.params)
+        self.pulls = reg.pulls(self.params)
         cuda = self.device.type == "cuda"
         self.opt = PullSGD(groups, lr, momentum, self.pulls, foreach=None if cuda else True,
                            fused=True if cuda else None, nesterov=nesterov)
@@ -184,8 +253,7 @@ class FastStep:
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
         """Loss, gradients (pulls included) and the logged values; nothing is updated yet."""
-        for group in self.opt.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+        set_lr(self.opt, lr)
         self.sync_mode()
         x = x.contiguous(memory_format=self.memory_format)
         self.opt.zero_grad(set_to_none=True)
@@ -217,9 +285,9 @@ class FastStep:
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
         """forward_backward + update, raising FloatingPointError on a non-finite term (benchmarks)."""
         out = self.forward_backward(x, y, lr)
-        bad = [k for k, v in out.values.items() if not math.isfinite(v)]
-        if bad or (not math.isfinite(out.grad_norm) and not self.skips_nonfinite_grads):
-            raise FloatingPointError(f"non-finite {bad or 'gradient'}")
+        bad = first_nonfinite(out, self.skips_nonfinite_grads)
+        if bad is not None:
+            raise FloatingPointError(f"non-finite {bad[0]}: {bad[1]}")
         self.update()
         return out
 

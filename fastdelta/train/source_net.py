@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .taps import FeatureTaps
+from ..methods.taps import FeatureTaps
 
 
 class _PostNormAct(nn.Module):

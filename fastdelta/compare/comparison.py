@@ -5,7 +5,7 @@ is seeded by the run's seed only). alpha/beta of the regularised methods are cho
 validation split carved from the training set (never the test set): a grid as in the paper
 (0.0001, 0.001, 0.01, 0.1, 0.2), over alpha x beta ("grid"), over alpha with beta fixed ("alpha",
 the default, 5x cheaper) or not at all ("none"). Outputs: report.json (schema below), report.md
-and PNG figures (fastdelta.figures), each written atomically at the end, plus runs/<name>/ with
+and PNG figures (fastdelta.compare.figures), each written atomically at the end, plus runs/<name>/ with
 every fit's result.json and history.jsonl (no weights, to keep the folder small).
 
 report.json (schema "fastdelta.compare/1"): model, data, settings (the fit settings shared by every
@@ -32,27 +32,25 @@ import torch
 
 from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
                        min_max, pick_low_activation_filters, pick_map_layer, tap_maps)
-from .data import resolve_data
-from .data.errors import DataError
-from .demo import environment
-from .engine import NonFiniteLossError, evaluate
-from .ioutil import atomic_write_text
-from .models import build_networks, guess_arch
-from .progress import progress_bar
-from .regularizers import _tapped_conv
-from .settings import METHODS, SettingsError, make_settings
+from ..data import resolve_data
+from ..data.errors import DataError
+from ..demo import environment
+from ..train.loop import NonFiniteLossError, evaluate
+from ..ioutil import atomic_write_text
+from ..networks.models import build_networks, guess_arch
+from ..progress import progress_bar
+from ..methods.parameter_norm import tapped_conv
+from ..methods import METHODS
+from ..settings import SettingsError, make_settings
 
 PAPER_GRID = (0.0001, 0.001, 0.01, 0.1, 0.2)
 SEARCHES = ("alpha", "grid", "none")
-SEARCHED_METHODS = ("l2_sp", "l2_sp_att", "delta_no_att", "delta")  # methods with an alpha and a beta
-CURVE_METHODS = ("l2_sp", "delta")       # Fig. 3 compares these two
-MAP_NETWORKS = ("l2", "l2_sp", "delta_no_att", "delta")  # Fig. 6 columns after "source"
 SCHEMA = "fastdelta.compare/1"
 
 
 @dataclasses.dataclass
 class CompareSettings:
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = tuple(METHODS)
     seeds: int = 3                        # seeds 0 .. seeds-1
     search: str = "alpha"
     alpha_grid: Sequence[float] = PAPER_GRID
@@ -122,8 +120,8 @@ def _raw_train(train):
         x, y = train
         y = np.asarray(y, dtype=np.int64)
         return train, y, [str(i) for i in range(int(y.max()) + 1)]
-    from .data.folder import ImageListDataset, scan_image_folder
-    from .data.sources import _dataset_labels, _split_dataset_root
+    from ..data.folder import ImageListDataset, scan_image_folder
+    from ..data.sources import _dataset_labels, _split_dataset_root
     if isinstance(train, (str, os.PathLike)):
         root, _ = _split_dataset_root(train)
         index = scan_image_folder(root, role="train folder")
@@ -184,7 +182,7 @@ class _Runner:
         if final_test is not None and res.status == "ok":
             t1 = time.perf_counter()
             res.test = {"top1": fast_top1(res.model, final_test, settings.get("eval_batch_size", 256)),
-                        "images": len(final_test), "evaluated": "engine.evaluate: channels_last on CPU, denormals flushed"}
+                        "images": len(final_test), "evaluated": "train.loop.evaluate: channels_last on CPU, denormals flushed"}
             res.timings["test"] = round(time.perf_counter() - t1, 3)
         res.save(self.out / "runs" / name, weights=False)
         return res, round(time.perf_counter() - t0, 1)
@@ -196,7 +194,7 @@ class _Runner:
 
 def _search(cs: CompareSettings, runner: _Runner, train, methods, base_beta: float, seed: int, bar) -> dict:
     fit_part, val_part = validation_split(train, cs.val_fraction, seed)
-    att = runner.attention(fit_part, seed) if {"delta", "l2_sp_att"} & set(methods) else None
+    att = runner.attention(fit_part, seed) if any(METHODS[m].uses_attention for m in methods) else None
     results, chosen = [], {}
     for method in methods:
         best = None
@@ -204,7 +202,7 @@ def _search(cs: CompareSettings, runner: _Runner, train, methods, base_beta: flo
             bar.set_postfix_str(f"search {method} alpha={alpha:g} beta={beta:g}")
             res, secs = runner.fit(f"search/{method}_a{alpha:g}_b{beta:g}", fit_part, val_part, method,
                                    alpha=alpha, beta=beta, seed=seed,
-                                   attention=att if method in ("delta", "l2_sp_att") else None)
+                                   attention=att if METHODS[method].uses_attention else None)
             top1 = res.test_top1 if res.status == "ok" else None
             results.append({"method": method, "alpha": alpha, "beta": beta, "val_top1": top1,
                             "status": res.status, "seconds": secs})
@@ -268,14 +266,14 @@ def materialise(dataset, classes, batch_size: int = 256) -> _TensorSet:
 
 
 def fast_top1(model, test: _TensorSet, batch_size: int = 256) -> float:
-    """Top-1 on a held tensor split through engine.evaluate (channels_last on CPU, denormals flushed),
+    """Top-1 on a held tensor split through train.loop.evaluate (channels_last on CPU, denormals flushed),
     fed slices of the held tensors instead of a per-item DataLoader."""
     device = next(model.parameters()).device
     return evaluate(model, _Batches(test, batch_size), device, progress=False)["top1"]
 
 
 class _Batches:
-    """(x, y) batches sliced from a _TensorSet, in order (what engine.evaluate iterates)."""
+    """(x, y) batches sliced from a _TensorSet, in order (what train.loop.evaluate iterates)."""
 
     def __init__(self, test: _TensorSet, batch_size: int):
         self.test, self.batch_size = test, batch_size
@@ -292,7 +290,7 @@ class _MapProbe:
     """Fig. 6 inputs fixed once from the source network: layer, test images, weakly active filters."""
 
     def __init__(self, model, weights, base: dict, train, test, n_images: int):
-        s = make_settings("delta", **base).resolved(model if isinstance(model, str) else guess_arch(model))
+        s = make_settings(**base).resolved(model if isinstance(model, str) else guess_arch(model))
         data = resolve_data(_train_root(train), test, augmentation=s.augmentation, resize=s.resize, crop=s.crop)
         # the "improved" protocol's 10-crop items are 4-D: those stay a transformed dataset
         self.test = materialise(data.test, data.classes) if s.augmentation == "default" else test
@@ -313,7 +311,7 @@ class _MapProbe:
         self.layer = pick_map_layer(self.source, self.layers, self.images[0]) if images else None
         self.filters = pick_low_activation_filters(tap_maps(self.source, self.layer, self.images)) if images else []
         self.maps = {"source": activation_maps(self.source, self.layer, self.images, self.filters)} if images else {}
-        self.conv_names = [_tapped_conv(self.source, l, int(tap_maps(self.source, l, self.images[:1]).shape[1]))
+        self.conv_names = [tapped_conv(self.source, l, int(tap_maps(self.source, l, self.images[:1]).shape[1]))
                            for l in self.layers] if images else []
 
     def record(self, name: str, model) -> None:
@@ -330,7 +328,7 @@ class _MapProbe:
         return np.round(min_max(x.float().mean(0)), 3).tolist()
 
 
-def compare(model, train, test=None, methods: Sequence[str] = METHODS, seeds: int = 3, search: str = "alpha",
+def compare(model, train, test=None, methods: Sequence[str] = tuple(METHODS), seeds: int = 3, search: str = "alpha",
             out="fastdelta-compare", weights=None, compare_settings: Optional[CompareSettings] = None,
             log=print, **fit_settings) -> dict:
     """Run `methods` x `seeds` under identical settings, write report.json / report.md / figures in `out`.
@@ -346,15 +344,15 @@ def compare(model, train, test=None, methods: Sequence[str] = METHODS, seeds: in
             raise SettingsError(f"compare sets {key!r} itself for each run; remove it from the settings")
     show_progress = bool(fit_settings.pop("progress", True))
     base = {**fit_settings, "progress": False}  # one bar for the whole comparison, none per fit
-    base_settings = make_settings("delta", **base)  # unknown or bad settings fail here, before any run
+    base_settings = make_settings(**base)  # unknown or bad settings fail here, before any run
     test = _test_data(train, test)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runner = _Runner(model, weights, base, out, log)
-    searched = [m for m in cs.methods if m in SEARCHED_METHODS] if cs.search != "none" else []
+    searched = [m for m in cs.methods if METHODS[m].tuned] if cs.search != "none" else []
     n_grid = len(_grid(cs, base_settings.beta))
-    curve_runs = [(m, sch) for m in CURVE_METHODS if m in cs.methods for sch in cs.schedules if sch != "step"]
+    curve_runs = [(m, sch) for m in cs.methods if METHODS[m].learning_curve for sch in cs.schedules if sch != "step"]
     total = len(searched) * n_grid + cs.seeds * len(cs.methods) + len(curve_runs)
     probe = _MapProbe(model, weights, base, train, test, cs.map_images)
     test = probe.test
@@ -368,7 +366,7 @@ def compare(model, train, test=None, methods: Sequence[str] = METHODS, seeds: in
         every = max(1, iterations // cs.curve_points) if cs.curve_points else 0
         # attention once, from the first seed's L2-FE head, shared by every seed (as the paper computes
         # it once per dataset); it is deterministic given the data, weights and settings
-        att = runner.attention(_train_root(train), 0) if {"delta", "l2_sp_att"} & set(cs.methods) else None
+        att = runner.attention(_train_root(train), 0) if any(METHODS[m].uses_attention for m in cs.methods) else None
         if att is not None:
             att.save(out / "channel_attention.json")
         fast_test = isinstance(test, _TensorSet)
@@ -377,13 +375,13 @@ def compare(model, train, test=None, methods: Sequence[str] = METHODS, seeds: in
             for method, schedule in jobs:
                 name = f"{method}_seed{seed}" + ("" if schedule == "step" else f"_{schedule}")
                 bar.set_postfix_str(name)
-                curve = seed == 0 and method in CURVE_METHODS and every > 0
+                curve = seed == 0 and METHODS[method].learning_curve and every > 0
                 curve_test = None if not curve else (
                     test if cs.curve_images is None or not isinstance(test, _TensorSet) else _TensorSet(
                         test.x[:cs.curve_images], torch.as_tensor(test.targets[:cs.curve_images]), test.classes))
                 res, secs = runner.fit(name, _train_root(train), curve_test if fast_test else test, method,
                                        final_test=test if fast_test else None, seed=seed, lr_schedule=schedule,
-                                       attention=att if method in ("delta", "l2_sp_att") else None,
+                                       attention=att if METHODS[method].uses_attention else None,
                                        eval_every=every if curve else 0, eval_images=cs.curve_images,
                                        **chosen.get(method, {}))
                 first = first or res
@@ -397,7 +395,7 @@ def compare(model, train, test=None, methods: Sequence[str] = METHODS, seeds: in
                     if att is not None and probe.conv_names:
                         splits[method] = attention_split_distances(res.model, probe.source, probe.conv_names,
                                                                    att.weights)
-                    if method in MAP_NETWORKS:
+                    if METHODS[method].activation_map:
                         probe.record(method, res.model)
                 bar.update(1)
     from .report import finish_report
@@ -420,7 +418,7 @@ def _chosen(cs: CompareSettings, search_record, s) -> Dict[str, dict]:
     """alpha/beta per regularised method: from the search, else the given per-method or shared values."""
     chosen = {}
     for m in cs.methods:
-        if m not in SEARCHED_METHODS:
+        if not METHODS[m].tuned:
             continue
         if search_record is not None:
             c = search_record["chosen"][m]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .settings import SettingsError
+from ..settings import SettingsError
 
 
 @dataclass

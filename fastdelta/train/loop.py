@@ -7,27 +7,25 @@ the model keeps its last good state), SGD with momentum, lr from the schedule.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.sampling import GlobalBatchSampler, SeededSamples
+from ..methods import Method
+from ..progress import progress_bar
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
-from .data.sampling import GlobalBatchSampler, SeededSamples
 from .distributed import DistContext
-from .progress import progress_bar
-from .regularizers import Regularizer
-from .step import FastStep, StepOptions
-from .taps import FeatureTaps
+from .steps import FastStep, ReferenceStep, StepOptions, first_nonfinite
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -106,7 +104,7 @@ class TrainSpec:
     # the model's train/eval mode as it found it
     on_step: Optional[Callable[[int, dict], None]] = None
     # None: the reference step (eager fp32, hooks, parameter norms in autograd); else the fast step
-    # engine of fastdelta/step.py with these options (precision, channels_last, compile, CUDA graphs)
+    # engine of fastdelta/train/steps.py with these options (precision, channels_last, compile, CUDA graphs)
     step: Optional[StepOptions] = None
     # None: the torchvision DataLoader below; else (start_iteration, ctx) -> endless iterable of (x, y)
     # batches, e.g. a DALI pipeline (fastdelta/data/dali.py) with the same batches and crops
@@ -132,7 +130,7 @@ def make_train_loader(dataset: Dataset, spec: TrainSpec, start_iteration: int, c
     return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=resolve_workers(spec.num_workers))
 
 
-def param_groups(reg: Regularizer, params: Sequence[torch.Tensor], backbone_lr_mult: float = 1.0) -> List[dict]:
+def param_groups(reg: Method, params: Sequence[torch.Tensor], backbone_lr_mult: float = 1.0) -> List[dict]:
     """SGD parameter groups: one, or with backbone_lr_mult != 1 the head's and the rest's (its "lr_mult")."""
     params = list(params)
     if backbone_lr_mult == 1.0:
@@ -143,12 +141,7 @@ def param_groups(reg: Regularizer, params: Sequence[torch.Tensor], backbone_lr_m
     return [g for g in groups if g["params"]]
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
-
-
-def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: Dataset, spec: TrainSpec,
+def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Dataset, spec: TrainSpec,
                device: torch.device, ctx: DistContext = DistContext(), start: Optional[StartState] = None) -> List[dict]:
     """Train `target` in place from `start` (default: iteration 0); returns the whole history."""
     start = start or StartState()
@@ -159,22 +152,14 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
             p.requires_grad_(True)
     else:
         target.requires_grad_(True).train()
-    forward = target
-    if ctx.active:  # gradients averaged over ranks by DDP; per-batch sums scaled to the global batch
-        if spec.step is None:  # (the fast step wraps its own forward in DDP)
-            forward = DDP(target, device_ids=[device.index] if device.type == "cuda" else None)
-        reg.sum_scale = float(ctx.world_size)
+    if ctx.active and reg.sum_scale != ctx.world_size:
+        raise ValueError(f"the method was built for world_size={reg.sum_scale:g}, but {ctx.world_size} ranks train")
     groups = param_groups(reg, params, spec.backbone_lr_mult)
-    stepper = None if spec.step is None else FastStep(target, source, reg, groups, spec.step, device, spec.lr,
-                                                      spec.momentum, ctx, spec.nesterov)
-    opt = (torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
-           if stepper is None else stepper.opt)
+    make_step = ReferenceStep if spec.step is None else partial(FastStep, options=spec.step)
+    stepper = make_step(target, source, reg, groups, device=device, lr=spec.lr, momentum=spec.momentum, ctx=ctx,
+                        nesterov=spec.nesterov)
     if start.optimizer is not None:
-        opt.load_state_dict(start.optimizer)
-    reference_taps = stepper is None and reg.uses_source_features
-    rectify = reg.feature_map == "activation"  # a BN output can be changed in place later: keep ReLU of it
-    target_taps = FeatureTaps(target, reg.taps, forward, rectify, reg.tap_follows) if reference_taps else None
-    source_taps = FeatureTaps(source, reg.taps, None, rectify) if reference_taps else None
+        stepper.opt.load_state_dict(start.optimizer)
     history = list(start.history)
     batches = iter(make_train_loader(dataset, spec, start.iteration, ctx))
     if start.rng is not None:  # after the loader drew its seed, as in the uninterrupted run
@@ -191,41 +176,12 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 t_data = time.perf_counter() - t0
                 lr = lr_at(it, spec.lr, spec.lr_schedule, spec.lr_step, spec.lr_gamma)
-                set_lr(opt, lr)
-                if stepper is not None:  # same terms, checks and record, one host sync (fastdelta/step.py)
-                    out = stepper.forward_backward(x, y, lr)
-                    values, grad_norm, train_acc = out.values, out.grad_norm, out.train_acc
-                    for name, v in values.items():
-                        if not math.isfinite(v):
-                            raise NonFiniteLossError(it, name, v, history)
-                    if not math.isfinite(grad_norm) and not stepper.skips_nonfinite_grads:
-                        raise NonFiniteLossError(it, "gradient", grad_norm, history)
-                    stepper.update()
-                else:  # the reference step: eager fp32, hooks, every term in autograd
-                    if target_taps is not None:
-                        logits, t_feats = target_taps(x)
-                        with torch.no_grad():
-                            _, s_feats = source_taps(x)
-                        terms = reg.terms(t_feats, s_feats)
-                    else:
-                        logits = forward(x)
-                        terms = reg.terms()
-                    ce = F.cross_entropy(logits.float(), y)
-                    # every rank checks the same (averaged) values, so all stop together on a NaN
-                    values = dict(zip(("ce", "reg", "head"), ctx.all_reduce_sum(
-                        torch.stack([ce, terms.reg, terms.head]).detach().double().cpu()).div(ctx.world_size).tolist()))
-                    for name, v in values.items():
-                        if not math.isfinite(v):
-                            raise NonFiniteLossError(it, name, v, history)
-                    loss = ce + terms.reg + terms.head
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    # a finite loss can still give an infinite gradient: never apply such an update
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
-                    if not math.isfinite(grad_norm):
-                        raise NonFiniteLossError(it, "gradient", grad_norm, history)
-                    opt.step()
-                    train_acc = (logits.argmax(1) == y).float().mean().item()
+                out = stepper.forward_backward(x, y, lr)
+                bad = first_nonfinite(out, stepper.skips_nonfinite_grads)
+                if bad is not None:  # never apply such an update; every rank sees the same averaged values
+                    raise NonFiniteLossError(it, *bad, history)
+                stepper.update()
+                values, grad_norm, train_acc = out.values, out.grad_norm, out.train_acc
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t_step = time.perf_counter() - t0
@@ -241,7 +197,7 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
                 if spec.checkpoint_dir is not None and spec.checkpoint_every > 0 and (
                         done % spec.checkpoint_every == 0 or done == spec.iterations) and ctx.is_main:
                     save_checkpoint(spec.checkpoint_dir, done, {
-                        "iteration": done, "model": target.state_dict(), "optimizer": opt.state_dict(),
+                        "iteration": done, "model": target.state_dict(), "optimizer": stepper.opt.state_dict(),
                         "rng": rng_state(), "history": history, **spec.payload_extra})
                 bar.update(1)
                 if it % 5 == 0 or done == spec.iterations:
@@ -249,13 +205,8 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Regularizer, dataset: 
                                     img_s=f"{spec.batch_size / max(t_step, 1e-9):.0f}")
     finally:
         writer.close()
-        for taps in (target_taps, source_taps):
-            if taps is not None:
-                taps.close()
-        if stepper is not None:
-            stepper.close()
+        stepper.close()
         target.requires_grad_(True)
-        reg.sum_scale = 1.0
     ctx.barrier()  # rank 0's last checkpoint is on disk before anyone moves on
     return history
 

@@ -1,0 +1,92 @@
+"""DELTA for a training loop of one's own: the regulariser, Algorithm 1 and the L2-SP pull.
+
+`fit` is one way to train. These blocks give the same terms to any loop (a plain PyTorch script, a
+Trainer, a Lightning module); the README shows a 25-line loop whose losses equal fit's reference step.
+
+- `FeatureMapRegularizer(target, source, layers, attention=None)`: an nn.Module. Hooks on `target`
+  record its feature maps during your forward; `reg(x)` then runs the frozen source network on the
+  same batch and returns the behavioural term (summed over the batch):
+
+      with attention W:    sum_l 0.5 sum_j c W_lj ||FM_lj(target) - FM_lj(source)||^2 / (h w)   (DELTA)
+      without:             sum_l 0.5 sum_j ||FM_lj(target) - FM_lj(source)||^2                (DELTA w/o ATT)
+
+  FM per `feature_map` ("conv", "relu_conv", "activation"; see fastdelta.methods.taps). The source is
+  a frozen copy truncated after the last regularised layer with BN folded where exact, it moves with
+  `.to()`, runs under your autocast, and the distance is the fused kernel (fastdelta.kernels).
+- `channel_attention(model, layers, batches)`: Algorithm 1's channel weights for a classifier whose
+  head is already trained on the target task with the source extractor frozen (`fastdelta.attention`
+  trains that head first).
+- `SourcePull(model, source, alpha)`: alpha/2 ||w - w*||^2 over the non-head parameters (L2-SP) added
+  to the gradients after your backward, for any optimizer.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .methods.attention import ChannelAttention, channel_loss_increase
+from .methods.base import Pull
+from .methods.feature_map import channel_scales, feature_map_distance
+from .methods.taps import FeatureTaps, rectifies, tap_modules
+from .networks.models import find_head
+from .train.optim import apply_pulls
+from .train.source_net import source_features
+
+
+class FeatureMapRegularizer(nn.Module):
+    """DELTA's behavioural term for the batch the target last ran on (formula: the module docstring)."""
+
+    def __init__(self, target: nn.Module, source: nn.Module, layers: Sequence[str],
+                 attention: Optional[Sequence[torch.Tensor]] = None, feature_map: str = "conv",
+                 delta_no_att_scale: str = "sum", distance_impl: str = "auto", fold_source_bn: bool = True):
+        super().__init__()
+        self.layers, self.feature_map, self.delta_no_att_scale = list(layers), feature_map, delta_no_att_scale
+        self.relu, self.distance_impl = rectifies(feature_map), distance_impl
+        taps = tap_modules(target, self.layers, feature_map)
+        rectify = feature_map == "activation"  # a BN output can be changed in place later: keep ReLU of it
+        self.source = source_features(source, taps, fold_source_bn, rectify)
+        self._taps = FeatureTaps(target, taps, rectify=rectify,
+                                 follows={t: l for t, l in zip(taps, self.layers) if t != l})
+        self.n_attention = 0 if attention is None else len(attention)
+        for i, a in enumerate(attention or []):  # buffers: they move with .to() and are not trained
+            self.register_buffer(f"attention_{i}", torch.as_tensor(a).detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        target_maps = self._taps.collect()
+        with torch.no_grad():
+            source_maps = self.source(x)
+        weights = [getattr(self, f"attention_{i}") for i in range(self.n_attention)] or None
+        total = target_maps[0].new_zeros((), dtype=torch.float32)
+        for t, s, scale in zip(target_maps, source_maps, channel_scales(weights, target_maps, self.delta_no_att_scale)):
+            total = total + feature_map_distance(t, s, scale, self.relu, self.distance_impl)
+        return total
+
+    def remove(self) -> None:
+        """Take the hooks off the target network."""
+        self._taps.close()
+
+
+def channel_attention(model: nn.Module, layers: Sequence[str], batches: Iterable, temperature: float = 5.0,
+                      impl: str = "prefix", progress: bool = False) -> ChannelAttention:
+    """Algorithm 1 on `model` (eval mode): per channel of each layer, the loss increase when its filter is
+    removed, summed over `batches` of (images, labels); `.weights` = softmax(zscore / temperature) per layer."""
+    batches = list(batches)
+    raws, ran, seconds = channel_loss_increase(model, list(layers), batches, impl, progress, lambda *_: None)
+    return ChannelAttention(list(layers), raws, temperature, sum(len(y) for _, y in batches), ran, seconds)
+
+
+class SourcePull:
+    """L2-SP for any optimizer: `apply_()` after backward adds alpha * (w - w*) to every non-head
+    parameter's gradient (the gradient of alpha/2 ||w - w*||^2) and returns that term's value."""
+
+    def __init__(self, model: nn.Module, source: nn.Module, alpha: float, head_name: Optional[str] = None):
+        head = (head_name or find_head(model)) + "."
+        src = dict(source.named_parameters())
+        named = [(n, p) for n, p in model.named_parameters() if not n.startswith(head)]
+        self.pulls: List[Pull] = [Pull("reg", [p for _, p in named], alpha,
+                                       [src[n].detach().clone().to(p.device) for n, p in named])]
+
+    def apply_(self) -> torch.Tensor:
+        return apply_pulls(self.pulls)["reg"]

@@ -1,0 +1,127 @@
+"""The building blocks for one's own loop: the README's loop gives fit's reference-step losses."""
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdelta
+from fastdelta.kernels import reference_distance
+from fastdelta.methods import make_method
+from fastdelta.methods.feature_map import channel_scales
+from fastdelta.methods.taps import FeatureTaps
+from fastdelta.train.steps import ReferenceStep
+from tiny import TINY_LAYERS, arrays, tiny_net
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+ALPHA, BETA = 0.05, 0.01
+
+
+def readme_loop() -> str:
+    text = README.read_text()
+    block = text.split("<!-- own-loop example -->", 1)[1]
+    return re.search(r"```python\n(.*?)```", block, re.S).group(1)
+
+
+def batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 12, 12, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(n)]
+
+
+def test_the_readme_loop_gives_the_reference_steps_losses():
+    source = tiny_net().eval().requires_grad_(False)
+    loader = batches()
+    train_data = arrays(n_per_class=12)
+    scope = dict(source=source, num_classes=3, layers=TINY_LAYERS, train_data=train_data, loader=loader,
+                 alpha=ALPHA, beta=BETA)
+    torch.manual_seed(7)
+    exec(readme_loop(), scope)
+    att = scope["att"]
+    assert not any(m._forward_hooks for m in scope["target"].modules())  # delta.remove() took them off
+
+    torch.manual_seed(7)
+    target = copy.deepcopy(source).requires_grad_(True)
+    target.fc = torch.nn.Linear(target.fc.in_features, 3)
+    reg = make_method("delta", target, source, "fc", TINY_LAYERS, ALPHA, BETA, 0.0, "conv", att.weights)
+    target.train()
+    step = ReferenceStep(target, source, reg, list(target.parameters()), torch.device("cpu"), 0.01, 0.9)
+    want = []
+    for x, y in loader:
+        out = step.forward_backward(x, y, 0.01)
+        step.update()
+        want.append(out.values["ce"] + out.values["reg"] + out.values["head"])
+    step.close()
+    assert scope["losses"] == pytest.approx(want, rel=1e-5)
+    assert len(set(round(v, 6) for v in want)) == len(want)  # the loss moves: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("feature_map", ["conv", "activation"])
+def test_feature_map_regularizer_is_the_float64_distance(feature_map):
+    torch.manual_seed(1)
+    source = tiny_net().eval().requires_grad_(False)
+    target = copy.deepcopy(source).requires_grad_(True).train()
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
+    t64, s64 = copy.deepcopy(target).double(), copy.deepcopy(source).double()  # before the hooks go on
+    reg = fastdelta.FeatureMapRegularizer(target, source, TINY_LAYERS, attention=att, feature_map=feature_map)
+    x = torch.randn(3, 3, 12, 12)
+    target(x)
+    term = reg(x)
+    # float64 reference on the copies, hooks on the full networks
+    m = make_method("delta", t64, s64, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, feature_map, att)
+    rectify = feature_map == "activation"
+    with FeatureTaps(t64, m.taps, rectify=rectify) as tt, FeatureTaps(s64, m.taps, rectify=rectify) as st:
+        tf, sf = tt(x.double())[1], st(x.double())[1]
+    want = sum(reference_distance(t, s, sc.double(), m.relu) for t, s, sc in zip(tf, sf, channel_scales(
+        [a.double() for a in att], tf)))
+    assert float(term) == pytest.approx(float(want), rel=1e-5) and float(want) > 0
+    term.backward()
+    assert target.conv1.weight.grad is not None and target.conv1.weight.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="run the model's forward first"):
+        reg(x)  # the maps of a forward are used once
+    reg.remove()
+
+
+def test_feature_map_regularizer_without_attention_is_the_public_fea_map():
+    source = tiny_net().eval().requires_grad_(False)
+    target = copy.deepcopy(source).train()
+    plain = copy.deepcopy(target)  # before the hooks go on
+    reg = fastdelta.FeatureMapRegularizer(target, source, TINY_LAYERS)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        target(x)
+        term = reg(x)
+    with FeatureTaps(plain, TINY_LAYERS) as tt, FeatureTaps(source, TINY_LAYERS) as st:
+        tf, sf = tt(x)[1], st(x)[1]
+    want = sum(0.5 * (t.double() - s.double()).pow(2).sum() for t, s in zip(tf, sf))
+    assert float(term) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_source_pull_is_the_l2_sp_gradient():
+    source = tiny_net().eval()
+    model = copy.deepcopy(source)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    pull = fastdelta.SourcePull(model, source, alpha=0.3)
+    value = pull.apply_()
+    shared = [(n, p) for n, p in model.named_parameters() if not n.startswith("fc.")]
+    want = sum(0.5 * 0.3 * (p.double() - dict(source.named_parameters())[n].double()).pow(2).sum() for n, p in shared)
+    assert float(value) == pytest.approx(float(want), rel=1e-5)
+    for n, p in model.named_parameters():
+        if n.startswith("fc."):
+            assert p.grad is None
+        else:
+            assert torch.allclose(p.grad, 0.3 * (p - dict(source.named_parameters())[n]), atol=1e-7)
+
+
+def test_channel_attention_equals_the_fits_algorithm():
+    model = tiny_net().eval()
+    data = batches(2, seed=3)
+    a = fastdelta.channel_attention(model, TINY_LAYERS, data)
+    b = fastdelta.channel_attention(model, TINY_LAYERS, data, impl="masked_forward")
+    assert a.images == 8 and [len(w) for w in a.weights] == [8, 16]
+    assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(a.raw, b.raw))
