@@ -48,22 +48,29 @@ def main(argv=None):
     if a.summary_only:
         write_summary(out, sizes, a.command or " ".join(sys.argv))
         return
-    x_test, y_test = load_fashion_mnist("test")
+    x_all, y_all = load_fashion_mnist("train")
+    run_sizes(out, sizes, lambda n: few_shot_subset(x_all, y_all, n, 0), load_fashion_mnist("test"), "imagenet",
+              a, dict(parse_setting(v) for v in a.set))
+    write_summary(out, sizes, " ".join(sys.argv))
+
+
+def run_sizes(out: Path, sizes, train_of_size, test, weights: str, a, extra: dict) -> None:
+    """One `fastdelta.compare` per training size into out/per_class_N (a size whose report exists is
+    skipped, so an interrupted reproduction continues). `a`: the parsed command line."""
     settings = dict(iterations=a.iterations, batch_size=a.batch_size, lr=0.01, beta=0.01,
                     resize=round(a.image_size * 256 / 224), crop=a.image_size, attention_head_epochs=10,
-                    recipe=a.recipe, **dict(parse_setting(v) for v in a.set))
+                    recipe=a.recipe, **extra)
     for n in sizes:
         folder = out / f"per_class_{n}"
         if (folder / "report.json").is_file():
-            print(f"per_class_{n}: report exists, skipped")
+            print(f"{folder}: report exists, skipped")
             continue
         t0 = time.perf_counter()
-        train = few_shot_subset(*load_fashion_mnist("train"), n, 0)
-        compare("efficientnet_lite0", train, (x_test, y_test), methods=a.methods.split(","), seeds=a.seeds, search=a.search,
-                out=folder, weights="imagenet", compare_settings=CompareSettings(curve_points=10, curve_images=a.curve_images),
-                **settings)
-        print(f"per_class_{n}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
-    write_summary(out, sizes, " ".join(sys.argv))
+        compare("efficientnet_lite0", train_of_size(n), test, methods=a.methods.split(","), seeds=a.seeds,
+                search=getattr(a, "search", "alpha"), out=folder, weights=weights,
+                compare_settings=CompareSettings(curve_points=10, curve_images=a.curve_images),
+                progress=not getattr(a, "no_progress", False), **settings)
+        print(f"{folder}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 
 
 def parse_setting(text: str):

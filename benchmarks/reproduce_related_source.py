@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_fashion_mnist import parse_setting, write_summary  # noqa: E402
+from reproduce_fashion_mnist import parse_setting, run_sizes, write_summary  # noqa: E402
 
 import fastdelta  # noqa: E402
-from fastdelta.compare.comparison import CompareSettings, compare  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
 from fastdelta.demo import environment  # noqa: E402
 from fastdelta.ioutil import atomic_write_text  # noqa: E402
@@ -87,22 +86,9 @@ def run_target(a) -> None:
                 f"- target: {', '.join(FASHION_MNIST_CLASSES[c] for c in TARGET_CLASSES)} (disjoint classes, "
                 "same domain), per-class training subsets drawn with subset seed 0", ""]
     if not a.summary_only:
-        x_test, y_test = classes_subset("test", TARGET_CLASSES)
         x_all, y_all = classes_subset("train", TARGET_CLASSES)
-        settings = dict(iterations=a.iterations, batch_size=a.batch_size, lr=0.01, beta=0.01,
-                        resize=round(a.image_size * 256 / 224), crop=a.image_size, attention_head_epochs=10,
-                        recipe=a.recipe, **extra)
-        for n in sizes:
-            folder = out / f"per_class_{n}"
-            if (folder / "report.json").is_file():
-                print(f"{name}/per_class_{n}: report exists, skipped")
-                continue
-            t0 = time.perf_counter()
-            compare("efficientnet_lite0", few_shot_subset(x_all, y_all, n, 0), (x_test, y_test),
-                    methods=a.methods.split(","), seeds=a.seeds, search="alpha", out=folder, weights=str(weights),
-                    compare_settings=CompareSettings(curve_points=10, curve_images=a.curve_images),
-                    progress=not a.no_progress, **settings)
-            print(f"{name}/per_class_{n}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+        run_sizes(out, sizes, lambda n: few_shot_subset(x_all, y_all, n, 0), classes_subset("test", TARGET_CLASSES),
+                  str(weights), a, extra)
     write_summary(out, sizes, " ".join(sys.argv),
                   "related source (Fashion-MNIST classes 0-4) -> Fashion-MNIST classes 5-9", preamble)
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .networks.models import build_networks
 from .methods import L2, make_method, method_class
+from .networks.models import build_networks
 from .settings import METHODS
 from .train.steps import FastStep, resolve_step_options
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from .data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
-from .train.loop import NonFiniteLossError
 from .ioutil import atomic_write, atomic_write_text
 from .methods import L2, L2SP, Delta, method_class
 from .settings import describe_conventions, make_settings
+from .train.loop import NonFiniteLossError
 
 DEMO_MODEL = "efficientnet_lite0"
 DEMO_METHODS = (L2.name, L2SP.name, Delta.name)  # the plain fine-tune, the parameter pull, DELTA

@@ -13,20 +13,20 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Subset
 
-from .methods.attention import ChannelAttention, channel_loss_increase
-from .methods.attention_cache import attention_key, cache_dir, load_cached, store
-from .train.checkpoint import CheckpointError, load_latest
 from .data import resolve_data
 from .data.backend import choose_backend
-from .train.distributed import DistContext, device_for, init_distributed
-from .train.loop import NonFiniteLossError, StartState, TrainSpec, evaluate, make_loader, train_loop
-from .networks.models import Networks, build_networks, guess_arch
-from .methods import L2FE, make_method, method_class
-from .train.source_net import batch_statistics_copy
-from .methods.taps import FeatureTaps
 from .data.sampling import FixedAugmentation
+from .methods import L2FE, make_method, method_class
+from .methods.attention import ChannelAttention, channel_loss_increase
+from .methods.attention_cache import attention_key, cache_dir, load_cached, store
+from .methods.taps import FeatureTaps
+from .networks.models import Networks, build_networks, guess_arch
 from .result import FitResult
 from .settings import FitSettings, SettingsError, make_settings
+from .train.checkpoint import CheckpointError, load_latest
+from .train.distributed import DistContext, device_for, init_distributed
+from .train.loop import NonFiniteLossError, StartState, TrainSpec, evaluate, make_loader, train_loop
+from .train.source_net import batch_statistics_copy
 from .train.steps import resolve_step_options
 
 # settings that may differ between a run and its resumption: they do not change the result (the

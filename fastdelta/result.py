@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .methods.attention import ChannelAttention
 from .ioutil import atomic_write, atomic_write_text
+from .methods.attention import ChannelAttention
 
 
 @dataclass

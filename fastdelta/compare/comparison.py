@@ -21,27 +21,25 @@ activation_maps {layer, images, classes, filters, maps {network: [[...]]}}, roug
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
-                       min_max, pick_low_activation_filters, pick_map_layer, tap_maps)
 from ..data import resolve_data
 from ..data.errors import DataError
 from ..demo import environment
-from ..train.loop import NonFiniteLossError, evaluate
-from ..ioutil import atomic_write_text
+from ..methods import METHODS
+from ..methods.parameter_norm import tapped_conv
 from ..networks.models import build_networks, guess_arch
 from ..progress import progress_bar
-from ..methods.parameter_norm import tapped_conv
-from ..methods import METHODS
 from ..settings import SettingsError, make_settings
+from ..train.loop import NonFiniteLossError, evaluate
+from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
+                       min_max, pick_low_activation_filters, pick_map_layer, tap_maps)
 
 PAPER_GRID = (0.0001, 0.001, 0.01, 0.1, 0.2)
 SEARCHES = ("alpha", "grid", "none")

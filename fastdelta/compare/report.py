@@ -7,10 +7,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..methods import L2, L2SP, Delta, DeltaNoAtt
-from .figures import all_figures, label
 from ..ioutil import atomic_write_text
+from ..methods import L2, L2SP, Delta, DeltaNoAtt
 from ..settings import describe_conventions
+from .figures import all_figures, label
 
 
 def _fmt(mean: Optional[float], std: Optional[float], n: int) -> str:

@@ -7,5 +7,5 @@
 - blocks: DELTA's regulariser, Algorithm 1 and the L2-SP pull for a training loop of one's own.
 """
 from .base import METHODS, Method, Pull, Terms, make_method, method_class, register  # noqa: F401
-from .parameter_norm import L2, L2FE, L2SP, L2SPAtt  # noqa: F401  (registers them in the paper's order)
 from .feature_map import Delta, DeltaNoAtt  # noqa: F401
+from .parameter_norm import L2, L2FE, L2SP, L2SPAtt  # noqa: F401  (registers them in the paper's order)

@@ -1,7 +1,7 @@
 """The methods whose regulariser is a norm of the parameters: L2-FE, L2, L2-SP, L2-SP(ATT)."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict
 
 import torch
 import torch.nn as nn

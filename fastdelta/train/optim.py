@@ -12,10 +12,9 @@ Same update as the autograd formulation: tests/test_optim.py trains both ways an
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
-import torch.nn as nn
 
 from ..methods.base import Pull
 

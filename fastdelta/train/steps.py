@@ -33,11 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .distributed import DistContext
 from ..methods import Method
-from .optim import PullSGD, grad_norm
-from ..settings import COMPILE_MODES
 from ..methods.taps import FeatureTaps
+from ..settings import COMPILE_MODES
+from .distributed import DistContext
+from .optim import PullSGD, grad_norm
 from .source_net import TargetFeatures, source_features
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
