@@ -85,10 +85,12 @@ class Method:
         """The loss terms in autograd form (feature maps given when uses_source_features)."""
         raise NotImplementedError
 
-    def pulls(self, trainable: Sequence[torch.Tensor]) -> List[Pull]:
-        """The parameter-norm terms as optimizer pulls; the fast step keeps only what is not pulled in
-        `terms` (for feature-map methods: everything, the head's small beta term included)."""
-        return []
+    def pulls(self, trainable: Sequence[torch.Tensor]) -> Optional[List[Pull]]:
+        """The parameter-norm terms as optimizer pulls, which the fast step applies after its backward
+        instead of evaluating `terms` in its graph; [] when `terms` holds everything the graph needs
+        (feature-map methods), None (this default) when a method has no pull form: the fast step then
+        evaluates `terms` in its graph, so a new method with only `terms` trains the same on both steps."""
+        return None
 
     def head_pull(self, trainable: Sequence[torch.Tensor], coef: float) -> Pull:
         ids = {id(p) for p in trainable}

@@ -70,6 +70,9 @@ class DeltaNoAtt(Method):
             total = total + feature_map_distance(t, s, scale, self.relu, self.distance_impl)
         return Terms(self.alpha * self.sum_scale * total, 0.5 * self.beta * squared_norm(self.head_params))
 
+    def pulls(self, trainable):
+        return []  # the feature-map term needs autograd; the head's small beta term goes with it in `terms`
+
     @torch.no_grad()
     def source_energy(self, source_feats: Sequence[torch.Tensor]) -> List[float]:
         """Per layer, the distance between these source maps and zero, summed over their images (fp64)."""

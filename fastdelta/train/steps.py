@@ -202,7 +202,9 @@ class FastStep:
             self.model, self.source = target, None
         if ctx.active:  # gradients averaged over ranks by DDP
             self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.pulls = reg.pulls(self.params)
+        pulls = reg.pulls(self.params)
+        self.graph_terms = pulls is None  # a method without a pull form: its terms in the graph
+        self.pulls = pulls or []
         cuda = self.device.type == "cuda"
         self.opt = PullSGD(groups, lr, momentum, self.pulls, foreach=None if cuda else True,
                            fused=True if cuda else None, nesterov=nesterov)
@@ -240,6 +242,9 @@ class FastStep:
             else:
                 logits = self.model(x)
                 reg, head = zero, zero  # parameter-norm terms: applied by the optimizer (PullSGD)
+                if self.graph_terms:
+                    terms = self.reg.terms()
+                    reg, head = terms.reg.float(), terms.head.float()
         ce = F.cross_entropy(logits.float(), y)
         correct = (logits.detach().argmax(1) == y).sum()
         return ce + reg + head, torch.stack([ce.detach(), reg.detach(), head.detach()]), correct
