@@ -18,13 +18,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rowlog import RowLog  # noqa: E402
 from fastdelta.methods.attention import (PrefixReuse, loss_increase_closed_form, loss_increase_first_order,
                                  loss_increase_prefix, spearman)
 from fastdelta.networks.models import DEFAULT_LAYERS
@@ -66,17 +70,19 @@ def main(argv=None):
     p.add_argument("--public-channels", type=int, default=64,
                    help="channels per layer timed with the public method (its time is linear in channels)")
     p.add_argument("--skip-bf16", action="store_true", help="skip bf16 (slow on CPUs without bf16 units)")
+    p.add_argument("--layers", default=None, help="comma separated regularised layers (default: the model's four)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = torchvision.models.get_model(a.model, num_classes=a.classes).to(device).eval()
-    layers = DEFAULT_LAYERS[a.model]
+    layers = a.layers.split(",") if a.layers else DEFAULT_LAYERS[a.model]
     x = torch.randn(a.images, 3, a.size, a.size, device=device)
     y = torch.randint(0, a.classes, (a.images,), device=device)
     batches = [(x, y)]
     reuse = PrefixReuse(model, layers)
     rows, scale = [], 32 / a.images
+    emit = RowLog.beside(a.out)  # every row on disk as soon as it is measured
     for layer in layers:
         c = model.get_submodule(layer).out_channels
         subset = list(range(min(c, a.public_channels)))
@@ -101,7 +107,7 @@ def main(argv=None):
         row["speedup_vs_public"] = {k: round(ms["public"] / max(v, 1e-9), 1) for k, v in ms.items()
                                     if k != "public" and v is not None}
         rows.append(row)
-        print(json.dumps(row))
+        emit(row)
     result = {"benchmark": "attention", "model": a.model, "weights": "random (timing does not depend on them)",
               "images": a.images, "size": a.size, "device": torch.cuda.get_device_name(0) if device.type == "cuda"
               else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",

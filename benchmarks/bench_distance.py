@@ -25,11 +25,14 @@ import datetime
 import json
 import os
 import platform
+import sys
 import statistics
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rowlog import RowLog  # noqa: E402
 from fastdelta.kernels import dispatch, native
 from fastdelta.kernels import reference_distance as reference_feature_map_distance
 
@@ -144,7 +147,7 @@ def gpu_rows(args, device):
                 if "compiled_composite" in row["ms"]:
                     row["speedup_vs_compiled"] = round(row["ms"]["compiled_composite"] / f, 2)
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                args.emit({"part": "gpu", **row})
                 del t, s, w
                 torch.cuda.empty_cache()
     return {"copy_bandwidth_gb_per_s": round(bw, 1), "rows": rows}
@@ -171,7 +174,7 @@ def cpu_rows(args):
             row["fwd_bwd_speedup_native_vs_eager"] = round(row["fwd_bwd_ms"]["eager_composite"] / row["fwd_bwd_ms"]["native"], 2)
             row["fwd_speedup_native_vs_eager"] = round(row["fwd_ms"]["eager_composite"] / row["fwd_ms"]["native"], 2)
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            args.emit({"part": "cpu", **row})
     total = {k: sum(r["fwd_bwd_ms"][k] for r in rows) for k in impls}
     return {"rows": rows, "fwd_bwd_total_ms": total,
             "fwd_bwd_speedup_all_layers": round(total["eager_composite"] / total["native"], 2)}
@@ -196,6 +199,7 @@ def main(argv=None) -> dict:
     args.dtypes = args.dtypes.split(",")
     args.cpu_dtypes = args.cpu_dtypes.split(",")
     args.layouts = [x == "channels_last" for x in args.layouts.split(",")]
+    args.emit = RowLog.beside(args.out)  # every row on disk as soon as it is measured
     args.shape_items = (list(RESNET101_TAPS.items()) if args.shapes is None else
                         [(s, tuple(int(v) for v in s.split("x"))) for s in args.shapes.split(",")])
     import triton  # noqa: F401 - version only
@@ -203,7 +207,7 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "triton": getattr(__import__("triton"), "__version__", None),
               "python": platform.python_version(), "cpu": cpu_name(), "cpu_threads": torch.get_num_threads(),
               "os_cpu_count": os.cpu_count(), "loadavg_start": loadavg(), "kernels": dispatch.describe(), "settings": {
-                  k: v for k, v in vars(args).items() if k != "shape_items"}}
+                  k: v for k, v in vars(args).items() if k not in ("shape_items", "emit")}}
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda")
         result["gpu"] = {"name": torch.cuda.get_device_name(), "cuda": torch.version.cuda,

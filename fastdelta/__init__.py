@@ -2,15 +2,17 @@
 from .blocks import FeatureMapRegularizer, SourcePull, channel_attention
 from .compare import CompareSettings, compare
 from .fit import attention, fit
+from .ioutil import OutputError
 from .methods import METHODS, Method, register
 from .methods.attention import ChannelAttention, normalize_attention
 from .networks.models import DEFAULT_LAYERS, ModelError
 from .result import FitResult
 from .settings import FitSettings, SettingsError
 from .train.loop import NonFiniteLossError
+from .train.preempt import Preempted
 
 __version__ = "0.1.0"
 __all__ = ["fit", "attention", "compare", "CompareSettings", "FitResult", "FitSettings", "ChannelAttention",
            "METHODS", "Method", "register", "DEFAULT_LAYERS", "FeatureMapRegularizer", "SourcePull",
            "channel_attention", "NonFiniteLossError", "ModelError", "SettingsError", "normalize_attention",
-           "__version__"]
+           "OutputError", "Preempted", "__version__"]

@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="fine-tune a pre-trained CNN with one method", description=(
         "Fine-tune with one of the DELTA paper's methods; writes result.json, history.jsonl, model.pt, "
-        "channel_attention.json (attention methods) and history.png to --out."))
+        "channel_attention.json (attention methods) and history.png to --out."), epilog=(
+        "Exit status: 0 done; 2 an error in the settings, the data or the output folder (checked before any "
+        "work; a write failing later names the checkpoint to resume from); 3 a loss term diverged; 4 stopped "
+        "by SIGTERM or SIGINT after the step in progress, with a checkpoint written: continue with --resume OUT."))
     _add_training_args(p)
     p.add_argument("--method", choices=list(METHODS), default=FitSettings.method)
     p.add_argument("--alpha", type=float, default=0.01)
@@ -231,7 +234,9 @@ def main(argv=None) -> int:
             return 2
         return 0
     import fastdelta
+    from .ioutil import OutputError, check_output_dir
     from .train.loop import NonFiniteLossError
+    from .train.preempt import Preempted
     try:
         if args.command == "fit":
             kw = _settings(args)
@@ -243,6 +248,8 @@ def main(argv=None) -> int:
             if _is_main():  # fit() has written OUT (rank 0 only)
                 print(json.dumps({"method": res.method, "test": res.test, "out": str(Path(args.out).resolve())}))
         elif args.command == "attention":
+            if _is_main():
+                check_output_dir(args.out)  # before the work, not at its end
             kw = _settings(args)
             att = fastdelta.attention(args.model, args.data, attention_head_epochs=args.head_epochs,
                                       distributed=_under_torchrun(), **kw)
@@ -267,7 +274,11 @@ def main(argv=None) -> int:
             e.partial_result.save(args.out)
         print(f"fastdelta: error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as e:
+    except Preempted as e:
+        if _is_main():
+            print(f"fastdelta: {e}", file=sys.stderr)
+        return 4
+    except (ValueError, FileNotFoundError, OutputError) as e:
         print(f"fastdelta: error: {e}", file=sys.stderr)
         return 2
     return 0

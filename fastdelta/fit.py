@@ -16,6 +16,7 @@ from torch.utils.data import Subset
 from .data import resolve_data
 from .data.backend import choose_backend
 from .data.sampling import FixedAugmentation
+from .ioutil import check_output_dir, warn_if_short_of_space
 from .methods import L2FE, make_method, method_class
 from .methods.attention import ChannelAttention, channel_loss_increase
 from .methods.attention_cache import attention_key, cache_dir, load_cached, store
@@ -23,7 +24,7 @@ from .methods.taps import FeatureTaps
 from .networks.models import Networks, build_networks, guess_arch
 from .result import FitResult
 from .settings import FitSettings, SettingsError, make_settings
-from .train.checkpoint import CheckpointError, load_latest
+from .train.checkpoint import KEEP, CheckpointError, checkpoint_bytes, load_latest, state_bytes, write_failed
 from .train.distributed import DistContext, device_for, init_distributed
 from .train.loop import NonFiniteLossError, StartState, TrainSpec, evaluate, make_loader, train_loop
 from .train.source_net import batch_statistics_copy
@@ -52,6 +53,18 @@ def _prepare(model, train_data, test_data, weights, settings: FitSettings):
     if s.batch_size > len(data.train):
         raise SettingsError(f"batch_size={s.batch_size} is larger than the training set ({len(data.train)} images)")
     return s, data, nets
+
+
+def _writes_files(s: FitSettings) -> bool:
+    """Whether this process writes the run's files: under torchrun only rank 0 does (its context is
+    not set up yet when the output folder is checked)."""
+    return not s.distributed or os.environ.get("RANK", "0") == "0"
+
+
+def _output_bytes(nets: Networks, s: FitSettings) -> int:
+    """Disk space the run needs at most: model.pt, and with checkpoints the KEEP kept ones plus the
+    one being written."""
+    return state_bytes(nets.target) + ((KEEP + 1) * checkpoint_bytes(nets.target) if s.checkpoint_every > 0 else 0)
 
 
 def _context(s: FitSettings):
@@ -182,12 +195,16 @@ def _curve_evaluator(model: nn.Module, test, s: FitSettings, device, ctx: DistCo
     subset = test if s.eval_images is None else Subset(test, range(min(s.eval_images, len(test))))
     loader = make_loader(_shard(subset, ctx), s.eval_batch_size, False, s.seed, s.num_workers)
 
+    def evaluates(done: int) -> bool:
+        return done % s.eval_every == 0 or done == s.iterations
+
     def on_step(done: int, record: dict) -> None:
-        if done % s.eval_every == 0 or done == s.iterations:
+        if evaluates(done):
             was_training = model.training  # evaluate() leaves eval mode; L2-FE trains in eval mode
             record["test_top1"] = evaluate(model, loader, device, False, "curve", ctx)["top1"]
             model.train(was_training)
             record["test_images"] = len(subset)
+    on_step.reads_model = evaluates  # the training loop waits for the step before these iterations
     return on_step
 
 
@@ -218,11 +235,19 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSetting
 
     model: torchvision/timm name or nn.Module; weights: state-dict path, "imagenet" (EfficientNet-Lite0,
     shipped), or None/"random" (warned). train/test: ImageFolder root, torch Dataset or (images, labels).
-    Settings: see FitSettings. Raises NonFiniteLossError (with .partial_result) if a loss term diverges.
+    Settings: see FitSettings. Raises NonFiniteLossError (with .partial_result) if a loss term diverges,
+    OutputError if run_dir cannot take the run's files (checked first) or a write fails, and Preempted
+    (after a checkpoint) on SIGTERM/SIGINT while training with a run_dir.
     Under torchrun with distributed=True every rank returns the result; only rank 0 writes files.
     """
-    s, data, nets = _prepare(model, train, test, weights, make_settings(method, **settings))
+    requested = make_settings(method, **settings)
+    if requested.run_dir is not None and _writes_files(requested):
+        # before any work: a bad folder fails now, not after the training
+        check_output_dir(requested.run_dir, create=not requested.resume)
+    s, data, nets = _prepare(model, train, test, weights, requested)
     ctx, device = _context(s)
+    if s.run_dir is not None and ctx.is_main:
+        warn_if_short_of_space(s.run_dir, _output_bytes(nets, s), "this run's checkpoints and model.pt")
     nets.source.to(device)
     nets.target.to(device)
     timings = {}
@@ -248,6 +273,7 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSetting
         raise SettingsError(str(e)) from e
     run_dir = Path(s.run_dir) if s.run_dir is not None else None
     backend = choose_backend(s.data_backend, device, data.train, data.test)
+    curve = _curve_evaluator(nets.target, data.test, s, device, ctx)
     spec = TrainSpec(s.iterations, s.lr, s.momentum, s.batch_size, s.seed, s.lr_schedule, s.lr_step, s.lr_gamma,
                      s.num_workers, s.progress, f"train {s.method}", nesterov=s.nesterov,
                      backbone_lr_mult=s.backbone_lr_mult,
@@ -256,7 +282,7 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSetting
                      history_path=None if run_dir is None else run_dir / "history.jsonl",
                      payload_extra={"identity": identity,
                                     "attention": None if attention is None else attention.to_dict()},
-                     on_step=_curve_evaluator(nets.target, data.test, s, device, ctx), step=step_options,
+                     on_step=curve, on_step_reads_model=getattr(curve, "reads_model", None), step=step_options,
                      loader=_dali_train_factory(data, s, device, step_options) if backend.name == "dali" else None)
     settings_record = {**s.to_dict(), "device_used": str(device), "world_size": ctx.world_size,
                        "step_used": step_options.describe() if step_options is not None else {"step_engine": "reference"},
@@ -290,7 +316,10 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSetting
     result = FitResult(nets.target, s.method, settings_record, info, data_record, history, test_metrics,
                        attention, timings)
     if run_dir is not None and ctx.is_main:
-        result.save(run_dir)
+        try:
+            result.save(run_dir)
+        except OSError as e:
+            raise write_failed(f"the results in {run_dir}", e, spec.checkpoint_dir) from e
     return result
 
 

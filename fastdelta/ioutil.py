@@ -1,11 +1,89 @@
 """Atomic file writes: a temp file in the same folder, then rename, so an interrupted run
-never leaves a truncated result behind."""
+never leaves a truncated result behind; and the output folder checks made before a run starts."""
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+
+class OutputError(OSError):
+    """The output folder cannot take the run's files: it is a file, cannot be created or written,
+    or a write failed during the run (disk full, read-only). The message names the path and what
+    is wrong; errno is the underlying error's, if any."""
+
+    def __init__(self, message: str, errno: Optional[int] = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+def reason(error: OSError) -> str:
+    """What went wrong, without the path (the caller's message names the right one)."""
+    return error.strerror or str(error) or type(error).__name__
+
+
+def check_output_dir(path, create: bool = True) -> Path:
+    """Check, before any work, that `path` is a folder (or can be created, unless not `create`: a run
+    to resume) and takes a new file, so that a bad output folder fails at once instead of after the
+    training. Folders made for the check are removed again (the run's first write makes them), so a
+    run that then fails on its settings leaves nothing behind."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"output folder {p} is a file, not a folder")
+    if not create and not p.is_dir():
+        raise OutputError(f"output folder {p} does not exist, so there is no run to resume in it")
+    made = list(itertools.takewhile(lambda d: not d.exists(), (p, *p.parents)))  # deepest first
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"output folder {p} cannot be created: {reason(e)}", e.errno) from e
+    try:
+        _probe(p)
+    finally:
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:  # something else put a file there meanwhile: leave it
+                break
+    return p
+
+
+def _probe(folder: Path) -> None:
+    """Create, write and remove a small file in `folder`."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fastdelta-probe.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise OutputError(f"output folder {folder} is not writable: {reason(e)}", e.errno) from e
+    try:
+        os.write(fd, b"fastdelta")
+    except OSError as e:
+        raise OutputError(f"output folder {folder} is not writable: {reason(e)}", e.errno) from e
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def warn_if_short_of_space(path, needed: int, what: str) -> None:
+    """A UserWarning when the file system of `path` has less than `needed` bytes free: the run may
+    still fit (the estimate has a margin), but a full disk would stop it at a write."""
+    existing = next(d for d in (Path(path), *Path(path).parents) if d.exists())  # made at the first write
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        warnings.warn(f"fastdelta: output folder {path} has {_size(free)} free, but {what} need about "
+                      f"{_size(needed)}; a full disk will stop the run at a write (it can then be resumed "
+                      "from its last checkpoint)", UserWarning, stacklevel=3)
 
 
 def atomic_write(path, write: Callable[[str], None]) -> None:
@@ -18,8 +96,10 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:  # already gone, or the folder turned read-only: the first error is the one to see
+            pass
         raise
 
 

@@ -11,7 +11,7 @@ from fastdelta.kernels import reference_distance
 from fastdelta.methods import make_method
 from fastdelta.methods.feature_map import channel_scales
 from fastdelta.methods.taps import FeatureTaps
-from fastdelta.train.steps import ReferenceStep
+from fastdelta.train.steps import ReferenceStep, StepOutput
 from tiny import TINY_LAYERS, arrays, tiny_net
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -48,7 +48,7 @@ def test_the_readme_loop_gives_the_reference_steps_losses():
     step = ReferenceStep(target, source, reg, list(target.parameters()), torch.device("cpu"), 0.01, 0.9)
     want = []
     for x, y in loader:
-        out = step.forward_backward(x, y, 0.01)
+        out = StepOutput.read(step.forward_backward(x, y, 0.01))
         step.update()
         want.append(out.values["ce"] + out.values["reg"] + out.values["head"])
     step.close()

@@ -150,6 +150,17 @@ def test_train_deterministic_and_seeded(folder):
     assert first(3, dtype=torch.bfloat16)[0][0].dtype == torch.bfloat16
 
 
+@needs_dali
+def test_parallel_callback_gives_the_same_batches(folder):
+    """With py_workers the Python callback runs in worker processes (off the training thread): the
+    batches are the ones the in-thread callback gives."""
+    def first(**kw):
+        it = iter(loader(folder.samples, train=True, batch_size=4, seed=5, **kw))
+        return [next(it) for _ in range(4)]
+    for (x1, y1), (x2, y2) in zip(first(py_workers=0), first(py_workers=1)):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
 def test_crop_and_mirror_statistics_match_torchvision():
     """The crop offsets and flips DALI is given are those torchvision draws under the same seed."""
     crop_tf, flip_tf = T.RandomCrop(24), T.RandomHorizontalFlip()

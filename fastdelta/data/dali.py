@@ -140,20 +140,22 @@ class _Source:
 def build_pipeline(source: _Source, batch_size: int, crop: int, *, device_id: Optional[int] = None,
                    num_threads: Optional[int] = None, prefetch: int = 2, ten_crop: bool = False,
                    channels_last: bool = False, half: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   hw_decoder_load: float = 0.65):
+                   hw_decoder_load: float = 0.65, py_workers: int = 0):
     """The DALI pipeline: decode ("mixed" on a GPU, "cpu" with device_id=None), resize, crop/mirror,
-    normalise. Outputs (images, labels)."""
+    normalise. Outputs (images, labels). py_workers > 0: the Python callback (file reads, crop draws)
+    runs in that many worker processes (DALI's parallel external source), not on the training thread."""
     from nvidia.dali import Pipeline, fn, types
 
     threads = num_threads or max(1, min(8, os.cpu_count() or 1))
+    workers = dict(py_num_workers=py_workers, py_start_method="spawn") if py_workers else {}  # spawn: CUDA is up
     pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
-                    prefetch_queue_depth=prefetch, seed=1234)
+                    prefetch_queue_depth=prefetch, seed=1234, **workers)
     gpu = device_id is not None
     norm = dict(mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
                 dtype=types.FLOAT16 if half else types.FLOAT, crop=(crop, crop))
     with pipe:
         enc, labels, rx, ry, px, py, mirror = fn.external_source(source=source, num_outputs=7, batch=True,
-                                                                 batch_info=True)
+                                                                 batch_info=True, parallel=py_workers > 0)
         dec_args = dict(hw_decoder_load=hw_decoder_load) if gpu else {}
         img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                 adjust_orientation=False, **dec_args)
@@ -185,6 +187,10 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(tl.as_tensor()))
 
 
+def default_py_workers(device_id: Optional[int]) -> int:
+    return 0 if device_id is None else max(1, min(4, (os.cpu_count() or 2) // 4))
+
+
 class DaliLoader:
     """Iterate (x, y) batches from a DALI pipeline. Training loaders are endless (iteration-based,
     from `start_iteration`); eval loaders give ceil(n / batch) batches per pass, like a DataLoader."""
@@ -193,7 +199,10 @@ class DaliLoader:
                  resize: int = 256, crop: int = 224, seed: int = 0, start_iteration: int = 0, rank: int = 0,
                  world_size: int = 1, device_id: Optional[int] = None, num_threads: Optional[int] = None,
                  prefetch: int = 2, channels_last: bool = False, dtype: torch.dtype = torch.float32,
-                 ten_crop: Optional[bool] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 ten_crop: Optional[bool] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 py_workers: Optional[int] = None):
+        """py_workers: processes for the Python callback; None: up to 4 on a GPU (the training thread
+        stays free to queue steps), 0 on the CPU."""
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {list(AUGMENTATIONS)}, got {augmentation!r}")
         if crop > resize:
@@ -217,7 +226,8 @@ class DaliLoader:
         self.batch_size = per_rank
         self.pipe = build_pipeline(self.source, per_rank, crop, device_id=device_id, num_threads=num_threads,
                                    prefetch=prefetch, ten_crop=self.ten_crop, channels_last=self.channels_last,
-                                   half=dtype == torch.float16, mean=mean, std=std)
+                                   half=dtype == torch.float16, mean=mean, std=std,
+                                   py_workers=default_py_workers(device_id) if py_workers is None else py_workers)
         self._runs = 0  # pipeline iterations consumed (eval passes stay aligned to batch 0)
 
     def __len__(self) -> int:

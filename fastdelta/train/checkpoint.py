@@ -3,7 +3,8 @@
 File layout: MAGIC (8 bytes) | sha256 of the payload (32 bytes) | payload (torch.save bytes).
 A torn write (truncated file) or a flipped byte fails the checksum, and `load_latest` falls
 back to the previous checkpoint with a warning. Files are written atomically (temp + fsync +
-rename + fsync of the folder).
+rename + fsync of the folder); a failed write leaves no temp file and is an OutputError that names
+the checkpoint the run can be resumed from.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from ..ioutil import atomic_write
+from ..ioutil import OutputError, atomic_write, reason
 
 MAGIC = b"FDCKPT01"
 KEEP = 2
@@ -53,11 +55,38 @@ def checkpoint_files(directory) -> list:
     return sorted(p for p in d.iterdir() if _NAME.match(p.name))
 
 
+def checkpoint_path(directory, iteration: int) -> Path:
+    return Path(directory) / f"ckpt-{iteration:08d}.pt"
+
+
+def state_bytes(model: nn.Module) -> int:
+    """The size of the model's parameters and buffers (of model.pt)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """About one checkpoint's size: the model's tensors, as much again for SGD's momentum buffers,
+    and once more as a margin (RNG states, history, attention, pickling)."""
+    return 3 * state_bytes(model)
+
+
+def write_failed(what: str, error: OSError, checkpoint_dir) -> OutputError:
+    """The OutputError for a write that failed during a run: what, why, and where the run continues
+    from (the newest checkpoint on disk is complete: each one is renamed into place whole)."""
+    files = checkpoint_files(checkpoint_dir) if checkpoint_dir is not None else []
+    if files:
+        hint = (f"the run can be resumed from its last complete checkpoint {files[-1]} with resume=True "
+                f"(CLI: fastdelta fit --resume {Path(checkpoint_dir).parent}) once the folder takes files again")
+    else:
+        hint = "there is no complete checkpoint to resume from: start the run again once the folder takes files"
+    return OutputError(f"could not write {what}: {reason(error)}; {hint}", error.errno)
+
+
 def save_checkpoint(directory, iteration: int, payload: dict) -> Path:
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
-    path = Path(directory) / f"ckpt-{iteration:08d}.pt"
+    path = checkpoint_path(directory, iteration)
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -65,10 +94,13 @@ def save_checkpoint(directory, iteration: int, payload: dict) -> Path:
             f.flush()
             os.fsync(f.fileno())
 
-    atomic_write(path, write)
-    _fsync_dir(path.parent)
-    for old in checkpoint_files(directory)[:-KEEP]:
-        old.unlink()
+    try:
+        atomic_write(path, write)
+        _fsync_dir(path.parent)
+        for old in checkpoint_files(directory)[:-KEEP]:
+            old.unlink()
+    except OSError as e:
+        raise write_failed(f"checkpoint {path}", e, directory) from e
     return path
 
 

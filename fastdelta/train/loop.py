@@ -6,6 +6,7 @@ the model keeps its last good state), SGD with momentum, lr from the schedule.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -23,18 +24,23 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.sampling import GlobalBatchSampler, SeededSamples
 from ..methods import Method
 from ..progress import progress_bar
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from ..ioutil import atomic_write_text
+from .checkpoint import rng_state, save_checkpoint, set_rng_state, write_failed
 from .distributed import DistContext
-from .steps import FastStep, ReferenceStep, StepOptions, first_nonfinite
+from .deferred import BufferSnapshots, DeferredStats, DevicePrefetcher, StepTimer
+from .preempt import Preempted, StopRequest, ignore_stop_signals
+from .steps import STATS, FastStep, ReferenceStep, StepOptions, StepOutput, finite_on_device, first_nonfinite
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training stopped on a NaN/inf loss term; the model holds the last good weights."""
 
     def __init__(self, iteration: int, term: str, value: float, history: list):
-        what = "gradient norm" if term == "gradient" else f"loss term {term!r}"
-        super().__init__(f"non-finite {what} at iteration {iteration} ({value}); training stopped, "
-                         f"the model keeps the weights of iteration {iteration - 1} (try a smaller alpha or lr)")
+        what = {"gradient": "gradient norm", "bn_statistics": "BatchNorm running statistics"}.get(
+            term, f"loss term {term!r}")
+        super().__init__(f"non-finite {what} at iteration {iteration} ({value}); training stopped, the model "
+                         f"keeps its state after iteration {iteration - 1}, BN statistics included "
+                         "(try a smaller alpha or lr)")
         self.iteration, self.term, self.value, self.history = iteration, term, value, history
         self.partial_result = None  # filled in by fit()
 
@@ -109,6 +115,11 @@ class TrainSpec:
     # None: the torchvision DataLoader below; else (start_iteration, ctx) -> endless iterable of (x, y)
     # batches, e.g. a DALI pipeline (fastdelta/data/dali.py) with the same batches and crops
     loader: Optional[Callable] = None
+    # the iterations (counted as done) after which on_step reads the model (e.g. an evaluation): the loop
+    # then does not queue the next step before calling it
+    on_step_reads_model: Optional[Callable[[int], bool]] = None
+    # read each step's stats one step late and cancel failed updates on the device; None: on CUDA
+    deferred_reads: Optional[bool] = None
     nesterov: bool = False
     backbone_lr_mult: float = 1.0          # lr of the non-head parameters = lr * this
     extractor_bn: str = "frozen"           # L2-FE: "frozen" (eval mode) or "train" (BN statistics adapt)
@@ -123,11 +134,14 @@ class StartState:
     rng: Optional[dict] = None
 
 
-def make_train_loader(dataset: Dataset, spec: TrainSpec, start_iteration: int, ctx: DistContext) -> DataLoader:
+def make_train_loader(dataset: Dataset, spec: TrainSpec, start_iteration: int, ctx: DistContext,
+                      device: Optional[torch.device] = None) -> DataLoader:
     if spec.loader is not None:
         return spec.loader(start_iteration, ctx)
     sampler = GlobalBatchSampler(len(dataset), spec.batch_size, spec.seed, start_iteration, ctx.rank, ctx.world_size)
-    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=resolve_workers(spec.num_workers))
+    # pinned batches let the copy to a GPU run asynchronously (DevicePrefetcher)
+    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=resolve_workers(spec.num_workers),
+                      pin_memory=device is not None and device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
 
 def param_groups(reg: Method, params: Sequence[torch.Tensor], backbone_lr_mult: float = 1.0) -> List[dict]:
@@ -143,7 +157,12 @@ def param_groups(reg: Method, params: Sequence[torch.Tensor], backbone_lr_mult: 
 
 def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Dataset, spec: TrainSpec,
                device: torch.device, ctx: DistContext = DistContext(), start: Optional[StartState] = None) -> List[dict]:
-    """Train `target` in place from `start` (default: iteration 0); returns the whole history."""
+    """Train `target` in place from `start` (default: iteration 0); returns the whole history.
+
+    With deferred reads (default on CUDA) nothing in an iteration waits for the device: step t's stats
+    are read once step t+1 is queued, a non-finite step is cancelled on the device (and every later one
+    until the host sees it), and the loop waits only where the model itself is needed (a checkpoint, an
+    evaluation, the end). Otherwise every step is read and checked before its update, as on the CPU."""
     start = start or StartState()
     params = reg.trainable_parameters(target)
     if reg.freezes_extractor:  # L2-FE: the extractor's weights are fixed (its BN statistics too, unless "train")
@@ -154,55 +173,114 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Datas
         target.requires_grad_(True).train()
     if ctx.active and reg.sum_scale != ctx.world_size:
         raise ValueError(f"the method was built for world_size={reg.sum_scale:g}, but {ctx.world_size} ranks train")
+    deferred = spec.deferred_reads
+    if deferred is None:  # fp16's GradScaler reads its own overflow flag on the host anyway
+        deferred = device.type == "cuda" and not (spec.step is not None and spec.step.precision == "fp16")
     groups = param_groups(reg, params, spec.backbone_lr_mult)
     make_step = ReferenceStep if spec.step is None else partial(FastStep, options=spec.step)
     stepper = make_step(target, source, reg, groups, device=device, lr=spec.lr, momentum=spec.momentum, ctx=ctx,
-                        nesterov=spec.nesterov)
+                        nesterov=spec.nesterov, guarded=deferred)
     if start.optimizer is not None:
         stepper.opt.load_state_dict(start.optimizer)
     history = list(start.history)
-    batches = iter(make_train_loader(dataset, spec, start.iteration, ctx))
+    batches = DevicePrefetcher(iter(make_train_loader(dataset, spec, start.iteration, ctx, device)), device)
     if start.rng is not None:  # after the loader drew its seed, as in the uninterrupted run
         set_rng_state(start.rng)
-    writer = HistoryWriter(spec.history_path if ctx.is_main else None, history)
+    writer = HistoryWriter(spec.history_path if ctx.is_main else None, history, spec.checkpoint_dir)
+    # with a run folder, SIGTERM/SIGINT end the step in progress, then a checkpoint and Preempted
+    stop = StopRequest(ctx, device, enabled=spec.checkpoint_dir is not None)
+    checkpointed = None  # the iteration of the last checkpoint written
+    snapshots = BufferSnapshots(target, slots=2 if deferred else 1)
+    reads = DeferredStats(device, len(STATS) + 1) if deferred else None  # + the BN statistics' norm
+    timer = StepTimer(device)
     t_start = time.perf_counter()
+
+    def sync_point(done: int) -> bool:
+        """After these iterations the model itself is read: the next step must not be queued yet."""
+        return (done == spec.iterations or (spec.checkpoint_dir is not None and spec.checkpoint_every > 0
+                                            and done % spec.checkpoint_every == 0)
+                or (spec.on_step_reads_model is not None and spec.on_step_reads_model(done)))
+
+    def finish(it: int, lr: float, t_data: float, out: Optional[StepOutput], bar) -> None:
+        """Step `it` as the host sees it: checked (a failed step's BN statistics restored), then logged,
+        handed to on_step and checkpointed."""
+        out = out if out is not None else reads.pop(it)
+        bad = first_nonfinite(out, stepper.skips_nonfinite_grads)
+        if bad is not None:  # its update never happened; every rank sees the same averaged values
+            snapshots.restore(it)
+            raise NonFiniteLossError(it, *bad, history)
+        t_step = t_data + timer.seconds(it)
+        history.append({"iteration": it, **out.values, "loss": out.values["ce"] + out.values["reg"] + out.values["head"],
+                        "grad_norm": out.grad_norm, "lr": lr, "train_acc": out.train_acc,
+                        "data_s": round(t_data, 5), "step_s": round(t_step, 5),
+                        "elapsed_s": round(time.perf_counter() - t_start, 3)})
+        done = it + 1
+        if spec.on_step is not None:
+            spec.on_step(done, history[-1])
+        writer.append(history[-1])
+        if spec.checkpoint_dir is not None and spec.checkpoint_every > 0 and (
+                done % spec.checkpoint_every == 0 or done == spec.iterations):
+            checkpoint(done)
+        bar.update(1)
+        if it % 5 == 0 or done == spec.iterations:
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4g}", img_s=f"{spec.batch_size / max(t_step, 1e-9):.0f}")
+
+    def checkpoint(done: int) -> None:
+        nonlocal checkpointed
+        if ctx.is_main:
+            save_checkpoint(spec.checkpoint_dir, done, {
+                "iteration": done, "model": target.state_dict(), "optimizer": stepper.opt.state_dict(),
+                "rng": rng_state(), "history": history, **spec.payload_extra})
+        checkpointed = done
+
+    def preempt(done: int) -> Preempted:
+        """After a stop signal, with `done` steps finished: a checkpoint there (unless just written)."""
+        if checkpointed != done:
+            checkpoint(done)
+        ctx.barrier()  # rank 0's checkpoint is on disk before any rank exits
+        return stop.preempted(done, spec.checkpoint_dir)
+
     try:
-        with progress_bar(spec.iterations, spec.desc, "it", spec.progress and ctx.is_main) as bar, \
+        with stop.installed(), progress_bar(spec.iterations, spec.desc, "it", spec.progress and ctx.is_main) as bar, \
                 flush_denormals(device):
             bar.update(start.iteration)
+            healthy = torch.ones((), dtype=torch.bool, device=device)  # no step has failed (device side)
+            pending = None  # (iteration, lr, data seconds) queued but not yet read
             for it in range(start.iteration, spec.iterations):
+                if stop.poll():  # a stop signal: no further step; the one queued is read first
+                    if pending is not None:
+                        finish(*pending, None, bar)
+                    raise preempt(it)
                 t0 = time.perf_counter()
                 x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 t_data = time.perf_counter() - t0
                 lr = lr_at(it, spec.lr, spec.lr_schedule, spec.lr_step, spec.lr_gamma)
-                out = stepper.forward_backward(x, y, lr)
-                bad = first_nonfinite(out, stepper.skips_nonfinite_grads)
-                if bad is not None:  # never apply such an update; every rank sees the same averaged values
-                    raise NonFiniteLossError(it, *bad, history)
-                stepper.update()
-                values, grad_norm, train_acc = out.values, out.grad_norm, out.train_acc
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t_step = time.perf_counter() - t0
-                history.append({"iteration": it, **values, "loss": values["ce"] + values["reg"] + values["head"],
-                                "grad_norm": grad_norm, "lr": lr,
-                                "train_acc": train_acc,
-                                "data_s": round(t_data, 5), "step_s": round(t_step, 5),
-                                "elapsed_s": round(time.perf_counter() - t_start, 3)})
-                done = it + 1
-                if spec.on_step is not None:
-                    spec.on_step(done, history[-1])
-                writer.append(history[-1])
-                if spec.checkpoint_dir is not None and spec.checkpoint_every > 0 and (
-                        done % spec.checkpoint_every == 0 or done == spec.iterations) and ctx.is_main:
-                    save_checkpoint(spec.checkpoint_dir, done, {
-                        "iteration": done, "model": target.state_dict(), "optimizer": stepper.opt.state_dict(),
-                        "rng": rng_state(), "history": history, **spec.payload_extra})
-                bar.update(1)
-                if it % 5 == 0 or done == spec.iterations:
-                    bar.set_postfix(loss=f"{history[-1]['loss']:.4g}",
-                                    img_s=f"{spec.batch_size / max(t_step, 1e-9):.0f}")
+                snapshots.save(it)
+                timer.start(it)
+                # + the BN statistics' norm, summed over ranks so that all agree on a failure
+                stats = torch.cat([stepper.forward_backward(x, y, lr), ctx.all_reduce_sum(snapshots.norm(like=x))])
+                if not deferred:
+                    out = StepOutput.read(stats)
+                    bad = first_nonfinite(out, stepper.skips_nonfinite_grads)
+                    if bad is not None:
+                        snapshots.restore(it)
+                        raise NonFiniteLossError(it, *bad, history)
+                    stepper.update()
+                    timer.stop(it)
+                    finish(it, lr, t_data, out, bar)
+                    continue
+                healthy = healthy & finite_on_device(stats, stepper.skips_nonfinite_grads)
+                stepper.update(healthy)
+                timer.stop(it)
+                reads.push(it, stats)
+                if pending is not None:
+                    finish(*pending, None, bar)
+                pending = (it, lr, t_data)
+                if sync_point(it + 1):
+                    finish(*pending, None, bar)
+                    pending = None
+            if stop.final():  # a signal during the last step: stop before the evaluation as well
+                raise preempt(spec.iterations)
     finally:
         writer.close()
         stepper.close()
@@ -213,21 +291,41 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Datas
 
 class HistoryWriter:
     """history.jsonl written as training goes (a killed run keeps what it did); rewritten from
-    the checkpoint's history on resume, so the file always matches the run."""
+    the checkpoint's history on resume, so the file always matches the run. A failed write (disk
+    full, read-only) is cut back to the last whole line and raised as an OutputError that names the
+    checkpoint in `checkpoint_dir` to resume from."""
 
-    def __init__(self, path: Optional[Path], history: list):
-        self.f = None
+    def __init__(self, path: Optional[Path], history: list, checkpoint_dir: Optional[Path] = None):
+        self.f, self.path, self.checkpoint_dir = None, path, checkpoint_dir
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(path, "w")
-            for h in history:
-                self.f.write(json.dumps(h) + "\n")
-            self.f.flush()
+            with self._failures():
+                # replaced whole: if that fails, the previous file is still there as it was
+                atomic_write_text(path, "".join(json.dumps(h) + "\n" for h in history))
+                self.f = open(path, "ab", buffering=0)  # unbuffered: a line is in the file once append returns
 
     def append(self, record: dict) -> None:
         if self.f is not None:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
+            with self._failures():
+                self._write((json.dumps(record) + "\n").encode())
+
+    def _write(self, line: bytes) -> None:
+        end = self.f.tell()
+        try:
+            if self.f.write(line) != len(line):  # a file takes a short write only when the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            try:
+                self.f.truncate(end)  # no torn last line (a full disk allows this, a read-only one not)
+            except OSError:
+                pass
+            raise
+
+    @contextmanager
+    def _failures(self):
+        try:
+            yield
+        except OSError as e:
+            raise write_failed(str(self.path), e, self.checkpoint_dir) from e
 
     def close(self) -> None:
         if self.f is not None:

@@ -101,6 +101,45 @@ class StepOutput:
     values: Dict[str, float]   # ce, reg, head: averaged over ranks
     grad_norm: float
     train_acc: float
+    bn_norm: float = 0.0       # the norm of the BN statistics after the step (the loop appends it)
+
+    @classmethod
+    def read(cls, stats: torch.Tensor) -> "StepOutput":
+        """The host view of a step's stats tensor (reading it waits for the step on a GPU)."""
+        ce, reg, head, gnorm, acc, *bn = stats.tolist()
+        return cls({"ce": ce, "reg": reg, "head": head}, gnorm, acc, bn[0] if bn else 0.0)
+
+
+# a step's stats: one float64 device tensor, so that reading them is one copy, made when the loop chooses
+STATS = ("ce", "reg", "head", "grad_norm", "train_acc")
+
+
+def finite_on_device(stats: torch.Tensor, skips_nonfinite_grads: bool = False) -> torch.Tensor:
+    """A 0-d bool tensor: every loss term (and the gradient norm) finite; no host synchronisation."""
+    checked = torch.cat([stats[:3] if skips_nonfinite_grads else stats[:4], stats[len(STATS):]])
+    return torch.isfinite(checked).all()
+
+
+class GuardedUpdate:
+    """An optimizer step that a 0-d device flag can cancel without a host read: torch's fused SGD skips
+    parameters and momentum buffers entirely when its `found_inf` is set (the mechanism GradScaler uses).
+    Momentum buffers start at zero instead of being created by the first step (the same update: buf =
+    0.9 * 0 + g = g), so that a cancelled first step leaves nothing behind either."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt = opt
+
+    def step(self, ok: torch.Tensor) -> None:
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                state = self.opt.state[p]
+                if group["momentum"] and state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.opt.grad_scale, self.opt.found_inf = None, (~ok).to(torch.float32)
+        try:
+            self.opt.step()
+        finally:
+            self.opt.found_inf = None
 
 
 def as_groups(params: Sequence) -> List[dict]:
@@ -122,21 +161,27 @@ def first_nonfinite(out: StepOutput, skips_nonfinite_grads: bool = False) -> Opt
             return name, v
     if not math.isfinite(out.grad_norm) and not skips_nonfinite_grads:
         return "gradient", out.grad_norm
+    if not math.isfinite(out.bn_norm):  # finite loss, but the forward overflowed the BN running statistics
+        return "bn_statistics", out.bn_norm
     return None
 
 
 class ReferenceStep:
     """The reference step: eager fp32, forward hooks on the full networks, every term in autograd.
-    Same interface as FastStep: forward_backward (nothing updated yet), update, close, `opt`."""
+
+    Same interface as FastStep: `forward_backward` (loss, gradients and the stats tensor; nothing
+    updated yet), `update(ok=None)` (ok: a device flag that cancels the update without a host read;
+    needs guarded=True, which builds a fused SGD), `close`, `opt`."""
     skips_nonfinite_grads = False
 
     def __init__(self, target: nn.Module, source: nn.Module, reg: Method, params: Sequence,
                  device: torch.device, lr: float, momentum: float, ctx: DistContext = DistContext(),
-                 nesterov: bool = False):
+                 nesterov: bool = False, guarded: bool = False):
         self.reg, self.ctx = reg, ctx
         groups = as_groups(params)
         self.params = [p for g in groups for p in g["params"]]
-        self.opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        self.opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=guarded or None)
+        self.guard = GuardedUpdate(self.opt) if guarded else None
         # gradients averaged over ranks by DDP
         self.forward = DDP(target, device_ids=[device.index] if device.type == "cuda" else None) if ctx.active \
             else target
@@ -146,7 +191,8 @@ class ReferenceStep:
             self.target_taps = FeatureTaps(target, reg.taps, self.forward, rectify, reg.tap_follows)
             self.source_taps = FeatureTaps(source, reg.taps, None, rectify)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """Loss and gradients; returns the stats (STATS, float64, on the step's device)."""
         set_lr(self.opt, lr)
         if self.target_taps is not None:
             logits, t_feats = self.target_taps(x)
@@ -158,18 +204,18 @@ class ReferenceStep:
             terms = self.reg.terms()
         ce = F.cross_entropy(logits.float(), y)
         # every rank gets the same (averaged) values, so all stop together on a NaN
-        values = dict(zip(("ce", "reg", "head"), self.ctx.all_reduce_sum(
-            torch.stack([ce, terms.reg, terms.head]).detach().double().cpu()).div(self.ctx.world_size).tolist()))
+        values = self.ctx.all_reduce_sum(torch.stack([ce, terms.reg, terms.head]).detach().double())
         self.opt.zero_grad(set_to_none=True)
-        if all(math.isfinite(v) for v in values.values()):
-            (ce + terms.reg + terms.head).backward()
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).item()
-        else:
-            gnorm = float("nan")  # not applied: the loop stops on the loss term
-        return StepOutput(values, gnorm, (logits.argmax(1) == y).float().mean().item())
+        (ce + terms.reg + terms.head).backward()
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        acc = (logits.argmax(1) == y).float().mean()
+        return torch.cat([values / self.ctx.world_size, gnorm.double().reshape(1), acc.double().reshape(1)])
 
-    def update(self) -> None:
-        self.opt.step()
+    def update(self, ok: Optional[torch.Tensor] = None) -> None:
+        if ok is None:
+            self.opt.step()
+        else:
+            self.guard.step(ok)
 
     def close(self) -> None:
         for taps in (self.target_taps, self.source_taps):
@@ -182,8 +228,9 @@ class FastStep:
 
     def __init__(self, target: nn.Module, source: nn.Module, reg: Method, params: Sequence,
                  options: StepOptions, device: torch.device, lr: float, momentum: float,
-                 ctx: DistContext = DistContext(), nesterov: bool = False):
-        """`params`: the trainable parameters, or SGD parameter groups (dicts with "params" and "lr_mult")."""
+                 ctx: DistContext = DistContext(), nesterov: bool = False, guarded: bool = False):
+        """`params`: the trainable parameters, or SGD parameter groups (dicts with "params" and "lr_mult");
+        guarded: a fused SGD whose update a device flag can cancel (update(ok))."""
         self.target, self.reg, self.options, self.device, self.ctx = target, reg, options, torch.device(device), ctx
         groups = as_groups(params)
         self.params = [p for g in groups for p in g["params"]]
@@ -206,8 +253,10 @@ class FastStep:
         self.graph_terms = pulls is None  # a method without a pull form: its terms in the graph
         self.pulls = pulls or []
         cuda = self.device.type == "cuda"
-        self.opt = PullSGD(groups, lr, momentum, self.pulls, foreach=None if cuda else True,
-                           fused=True if cuda else None, nesterov=nesterov)
+        fused = cuda or guarded
+        self.opt = PullSGD(groups, lr, momentum, self.pulls, foreach=None if fused else True,
+                           fused=True if fused else None, nesterov=nesterov)
+        self.guard = GuardedUpdate(self.opt) if guarded else None
         self.scaler = None
         if options.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
@@ -256,8 +305,8 @@ class FastStep:
             if net.training != self.target.training:
                 net.train(self.target.training)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
-        """Loss, gradients (pulls included) and the logged values; nothing is updated yet."""
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """Loss, gradients (pulls included) and the stats tensor (STATS, float64); nothing is updated yet."""
         set_lr(self.opt, lr)
         self.sync_mode()
         x = x.contiguous(memory_format=self.memory_format)
@@ -276,20 +325,21 @@ class FastStep:
             terms = terms.double()
             self.ctx.all_reduce_sum(terms)
             terms = terms / self.ctx.world_size
-        host = torch.cat([terms.double(), gn.double().reshape(1), correct.double().reshape(1)]).cpu().tolist()
-        ce, reg, head, gnorm, n_correct = host
-        return StepOutput({"ce": ce, "reg": reg, "head": head}, gnorm, n_correct / len(y))
+        return torch.cat([terms.double(), gn.double().reshape(1), correct.double().reshape(1) / len(y)])
 
-    def update(self) -> None:
+    def update(self, ok: Optional[torch.Tensor] = None) -> None:
+        """The optimizer step; `ok` (a device flag, guarded steps only) cancels it without a host read."""
         if self.scaler is not None:
             self.scaler.step(self.opt)  # skipped when unscale_ found an inf/NaN gradient
             self.scaler.update()
-        else:
+        elif ok is None:
             self.opt.step()
+        else:
+            self.guard.step(ok)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
         """forward_backward + update, raising FloatingPointError on a non-finite term (benchmarks)."""
-        out = self.forward_backward(x, y, lr)
+        out = StepOutput.read(self.forward_backward(x, y, lr))
         bad = first_nonfinite(out, self.skips_nonfinite_grads)
         if bad is not None:
             raise FloatingPointError(f"non-finite {bad[0]}: {bad[1]}")

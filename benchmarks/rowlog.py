@@ -1,0 +1,29 @@
+"""Rows written as they are measured: a benchmark cut short by a time limit keeps what it did."""
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+
+class RowLog:
+    """Appends each row as one JSON line to `path` (flushed and synced), and prints it."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")  # one run per file
+
+    @classmethod
+    def beside(cls, out: Optional[str]) -> "RowLog":
+        """The row log next to a final JSON file: OUT.json -> OUT.rows.jsonl (none without --out)."""
+        return cls(None if out is None else str(Path(out).with_suffix("")) + ".rows.jsonl")
+
+    def __call__(self, row: dict) -> None:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
