@@ -30,7 +30,8 @@ from fastdelta.methods import make_method
 from fastdelta.methods.taps import FeatureTaps
 from fastdelta.networks.models import build_networks
 from fastdelta.train.distributed import DistContext
-from fastdelta.train.loop import TrainSpec, evaluate, lr_at, make_loader, make_train_loader
+from fastdelta.train.evaluate import evaluate
+from fastdelta.train.loop import TrainSpec, lr_at, make_loader, make_train_loader
 from fastdelta.train.steps import ReferenceStep
 
 

@@ -26,7 +26,8 @@ from .result import FitResult
 from .settings import FitSettings, SettingsError, make_settings
 from .train.checkpoint import KEEP, CheckpointError, checkpoint_bytes, load_latest, state_bytes, write_failed
 from .train.distributed import DistContext, device_for, init_distributed
-from .train.loop import NonFiniteLossError, StartState, TrainSpec, evaluate, make_loader, train_loop
+from .train.evaluate import evaluate
+from .train.loop import NonFiniteLossError, StartState, TrainSpec, make_loader, train_loop
 from .train.source_net import batch_statistics_copy
 from .train.steps import resolve_step_options
 

@@ -124,11 +124,12 @@ def test_bad_settings_fail_before_any_run(tmp_path):
 
 
 def test_fast_top1_matches_the_reference_evaluation():
-    """fast_top1 (held tensors sliced into train.loop.evaluate) gives the same top-1 as evaluate over a DataLoader, and
+    """fast_top1 (held tensors sliced into train.evaluate.evaluate) gives the same top-1 as evaluate over a DataLoader, and
     channels_last logits match a float64 forward (eval mode) to float32 rounding."""
     import torch
     from fastdelta.compare.comparison import _TensorSet, fast_top1
-    from fastdelta.train.loop import evaluate, make_loader
+    from fastdelta.train.evaluate import evaluate
+    from fastdelta.train.loop import make_loader
     net = tiny_net(num_classes=3).eval()
     x = torch.randn(37, 3, 12, 12)
     y = torch.randint(0, 3, (37,))
@@ -143,11 +144,12 @@ def test_fast_top1_matches_the_reference_evaluation():
 
 
 def test_evaluate_runs_channels_last_on_cpu_and_restores_the_layout():
-    """train.loop.evaluate switches a CPU model to channels_last for its forwards (faster) and back after;
+    """train.evaluate.evaluate switches a CPU model to channels_last for its forwards (faster) and back after;
     a model that was channels_last already stays so; the top-1 equals a float64 forward's."""
     import torch
     from fastdelta.compare.comparison import _TensorSet
-    from fastdelta.train.loop import evaluate, make_loader
+    from fastdelta.train.evaluate import evaluate
+    from fastdelta.train.loop import make_loader
     net = tiny_net(num_classes=3).eval()
     x = torch.randn(37, 3, 12, 12)
     y = torch.randint(0, 3, (37,))

@@ -97,7 +97,7 @@ def test_eval_center_crop_matches_torchvision(folder, augmentation):
 
 @needs_dali
 def test_ten_crop_shapes_values_and_averaging(folder):
-    from fastdelta.train.loop import evaluate
+    from fastdelta.train.evaluate import evaluate
     _, eval_tf = build_transforms("improved", RESIZE, CROP)
     ref_ds = ImageListDataset(folder.samples, eval_tf)
     ld = loader(folder.samples, train=False, batch_size=4, augmentation="improved")

@@ -236,7 +236,7 @@ def test_learning_curve_points_do_not_change_training(method):
 
 
 def test_flush_denormals_on_cpu_only_inside_the_context():
-    from fastdelta.train.loop import flush_denormals
+    from fastdelta.train.evaluate import flush_denormals
     tiny = torch.tensor([1e-40], dtype=torch.float32)
     with flush_denormals(torch.device("cpu")):
         assert (tiny * 1.0).item() == 0.0

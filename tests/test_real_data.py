@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import fastdelta
 from fastdelta.data import FASHION_MNIST_DIR, few_shot_subset, load_fashion_mnist, resolve_data
-from fastdelta.train.loop import evaluate, make_loader
+from fastdelta.train.evaluate import evaluate
+from fastdelta.train.loop import make_loader
 from fastdelta.networks.models import build_networks
 
 needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR) and not os.environ.get("CI"),

@@ -37,7 +37,8 @@ from ..methods.parameter_norm import tapped_conv
 from ..networks.models import build_networks, guess_arch
 from ..progress import progress_bar
 from ..settings import SettingsError, make_settings
-from ..train.loop import NonFiniteLossError, evaluate
+from ..train.evaluate import evaluate
+from ..train.loop import NonFiniteLossError
 from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
                        min_max, pick_low_activation_filters, pick_map_layer, tap_maps)
 
@@ -180,7 +181,7 @@ class _Runner:
         if final_test is not None and res.status == "ok":
             t1 = time.perf_counter()
             res.test = {"top1": fast_top1(res.model, final_test, settings.get("eval_batch_size", 256)),
-                        "images": len(final_test), "evaluated": "train.loop.evaluate: channels_last on CPU, denormals flushed"}
+                        "images": len(final_test), "evaluated": "train.evaluate.evaluate: channels_last on CPU, denormals flushed"}
             res.timings["test"] = round(time.perf_counter() - t1, 3)
         res.save(self.out / "runs" / name, weights=False)
         return res, round(time.perf_counter() - t0, 1)
@@ -264,14 +265,14 @@ def materialise(dataset, classes, batch_size: int = 256) -> _TensorSet:
 
 
 def fast_top1(model, test: _TensorSet, batch_size: int = 256) -> float:
-    """Top-1 on a held tensor split through train.loop.evaluate (channels_last on CPU, denormals flushed),
+    """Top-1 on a held tensor split through train.evaluate.evaluate (channels_last on CPU, denormals flushed),
     fed slices of the held tensors instead of a per-item DataLoader."""
     device = next(model.parameters()).device
     return evaluate(model, _Batches(test, batch_size), device, progress=False)["top1"]
 
 
 class _Batches:
-    """(x, y) batches sliced from a _TensorSet, in order (what train.loop.evaluate iterates)."""
+    """(x, y) batches sliced from a _TensorSet, in order (what train.evaluate.evaluate iterates)."""
 
     def __init__(self, test: _TensorSet, batch_size: int):
         self.test, self.batch_size = test, batch_size

@@ -14,7 +14,7 @@ tests/test_dali.py). DALI only reads, decodes and transforms.
 Output: x float (float32 / float16; bfloat16 is made from float32 after the copy) shaped NCHW,
 in channels_last memory (DALI writes NHWC) when `channels_last`, on the pipeline's device; y int64
 on the CPU. Eval 10-crop batches are (B, 10, C, H, W) in torchvision's TenCrop order (four corners,
-centre, then the same five of the mirrored image), which fastdelta.train.loop.evaluate averages.
+centre, then the same five of the mirrored image), which fastdelta.train.evaluate.evaluate averages.
 
 Differences from the PIL path (documented, not hidden): DALI ignores EXIF orientation here
 (adjust_orientation=False, as PIL's load_rgb does), drops an alpha channel instead of compositing on
