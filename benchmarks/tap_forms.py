@@ -114,6 +114,7 @@ def main(argv=None):
     p.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
     p.add_argument("--diagnose-every", type=int, default=25, help="checkpoint spacing of the share measurement")
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--command", help="with --summary-only: the command that made the runs, for the summary")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +155,7 @@ def main(argv=None):
                     with open(runs_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(method, form, seed, row.get("test_top1"), row["seconds"], flush=True)
-    summarise(out, a, " ".join(sys.argv))
+    summarise(out, a, a.command or " ".join(sys.argv))
 
 
 def summarise(out: Path, a, command: str) -> None:
