@@ -44,6 +44,7 @@ def main(argv=None):
     p.add_argument("--recipe", default="public")
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--command", help="with --summary-only: the command that made the runs, for the summary")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def main(argv=None):
                 with open(runs_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(name, alpha, row["test_top1"], row["status"], row["seconds"], flush=True)
-    summarise(out, a, alphas, " ".join(sys.argv))
+    summarise(out, a, alphas, a.command or " ".join(sys.argv))
 
 
 def read_runs(path: Path) -> list:
