@@ -243,7 +243,11 @@ def describe_conventions(settings: dict) -> str:
         return (f"feature maps: {FEATURE_MAP_NAMES[form]}; DELTA w/o ATT: uniform attention (/ h w); attention "
                 f"head BN frozen, attention on {g('attention_max_images') or 'all'} centre-crop images")
     n = g("attention_max_images")
-    parts = [f"recipe {g('recipe')}", f"feature maps: {FEATURE_MAP_NAMES.get(g('feature_map'), g('feature_map'))}",
+    changed = [f"{k}={g(k)!r}" for k, v in RECIPES.get(g("recipe"), {}).items() if g(k) != v]
+    # a run that changed a convention of its recipe is not that recipe: say so first
+    recipe = f"recipe {g('recipe')}" + (f" with {', '.join(changed)} (so not the {g('recipe')} conventions)"
+                                        if changed else "")
+    parts = [recipe, f"feature maps: {FEATURE_MAP_NAMES.get(g('feature_map'), g('feature_map'))}",
              f"DELTA w/o ATT: {'0.5 sum ||d||^2 (public fea_map)' if g('delta_no_att_scale') == 'sum' else 'uniform attention (/ h w)'}",
              f"attention head BN {g('attention_head_bn')}, attention on {'all' if n == 'all' else f'up to {n}'} "
              f"{'augmented' if g('attention_augmented') else 'centre-crop'} images"]

@@ -194,3 +194,14 @@ def test_feature_scale_records_the_energy_and_makes_the_term_relative():
     assert set(energy) == set(TINY_LAYERS) and all(e > 0 for e in energy.values())
     assert raw.settings["source_energy"] is None
     assert scaled.history[0]["reg"] != pytest.approx(raw.history[0]["reg"])
+
+
+def test_a_changed_convention_is_never_labelled_as_its_recipe():
+    from fastdelta.settings import describe_conventions
+    plain = describe_conventions(make_settings().resolved().to_dict())
+    assert plain.startswith("recipe public; feature maps: raw conv output")
+    relu = describe_conventions(make_settings(feature_map="relu_conv").resolved().to_dict())
+    assert relu.startswith("recipe public with feature_map='relu_conv' (so not the public conventions)")
+    assert "neither paper nor public code" in relu
+    paper = describe_conventions(make_settings(recipe="paper").resolved().to_dict())
+    assert paper.startswith("recipe paper; feature maps: ReLU after the conv's BN")

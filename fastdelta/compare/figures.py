@@ -13,6 +13,7 @@ import numpy as np
 
 from ..ioutil import atomic_write
 from ..methods import METHODS, method_class
+from ..settings import FEATURE_MAP_NAMES
 
 SOURCE = "source"  # the source network's column of Fig. 6
 
@@ -181,7 +182,9 @@ def maps_figure(report: dict, path: Path) -> str:
 def _subject(report: dict) -> str:
     m, d = report.get("model", {}), report.get("data", {})
     n = (d.get("train") or {}).get("num_samples")
-    return f"{m.get('arch')} ({m.get('weights')}) -> {n} training images"
+    form = report.get("settings", {}).get("feature_map")
+    taps = f", FM: {FEATURE_MAP_NAMES.get(form, form)}" if form else ""
+    return f"{m.get('arch')} ({m.get('weights')}) -> {n} training images, recipe {report.get('settings', {}).get('recipe')}{taps}"
 
 
 def all_figures(report: dict, out: Path) -> List[str]:
