@@ -107,7 +107,7 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
     fe = Networks(nets.source, copy.deepcopy(nets.target), nets.arch, nets.head_name, nets.layers, nets.weights)
     batch = min(s.attention_head_batch_size or s.batch_size, len(data.train))
     batch -= batch % ctx.world_size
-    head_iters = max(1, s.attention_head_epochs * max(1, len(data.train) // batch))
+    head_iters = max(1, s.attention_head_min_iterations, s.attention_head_epochs * max(1, len(data.train) // batch))
     reg = L2FE(fe.target, fe.source, fe.head_name, fe.layers, s.alpha, s.beta, s.weight_decay)
     spec = TrainSpec(head_iters, s.lr, s.momentum, batch, s.seed, "exp", max(1, round(head_iters * 0.6)),
                      0.1, s.num_workers, s.progress and ctx.is_main, "attention: L2-FE head",

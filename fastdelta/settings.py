@@ -86,6 +86,9 @@ class FitSettings:
     attention_max_images: object = None         # images for Algorithm 1: an int, or "all"; None: the recipe's
     attention_augmented: Optional[bool] = None  # those images with the training augmentation (public) or centre crop
     attention_head_epochs: int = 10             # public code: 10 epochs of L2-FE head training
+    # at least this many head iterations: on a few dozen images 10 epochs of 32 are only a few steps,
+    # and attention measured against a head near chance is noise (0: the epochs alone, as the public code)
+    attention_head_min_iterations: int = 0
     attention_head_bn: Optional[str] = None     # head training: "train" (BN statistics adapt) or "frozen" (eval mode)
     attention_head_batch_size: Optional[int] = None  # None with the recipe's None: batch_size
     attention_impl: str = "prefix"              # exact: "prefix" (fast) or "masked_forward"; "first_order" estimate
@@ -161,6 +164,9 @@ class FitSettings:
             raise SettingsError(f"attention_dtype={self.attention_dtype!r}: expected one of {ATTENTION_DTYPES}")
         if self.distance_impl not in DISTANCE_IMPLS:
             raise SettingsError(f"distance_impl={self.distance_impl!r}: expected one of {DISTANCE_IMPLS}")
+        if not isinstance(self.attention_head_min_iterations, int) or self.attention_head_min_iterations < 0:
+            raise SettingsError(f"attention_head_min_iterations={self.attention_head_min_iterations!r}: "
+                                "must be an integer >= 0")
         if self.attention_chunk is not None and (not isinstance(self.attention_chunk, int) or self.attention_chunk < 1):
             raise SettingsError(f"attention_chunk={self.attention_chunk!r}: must be an integer >= 1 or None")
         if not (self.attention_temperature > 0):

@@ -205,3 +205,10 @@ def test_a_changed_convention_is_never_labelled_as_its_recipe():
     assert "neither paper nor public code" in relu
     paper = describe_conventions(make_settings(recipe="paper").resolved().to_dict())
     assert paper.startswith("recipe paper; feature maps: ReLU after the conv's BN")
+
+
+def test_attention_head_min_iterations_trains_the_head_longer():
+    kw = {k: v for k, v in QUICK.items() if k != "iterations"}
+    short = fastdelta.attention(tiny_net(), arrays(), **kw)
+    longer = fastdelta.attention(tiny_net(), arrays(), attention_head_min_iterations=7, **kw)
+    assert short.head["iterations"] == 1 and longer.head["iterations"] == 7  # 1 epoch: 12 images, one batch

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .attention import ChannelAttention
 
 # settings that change the attention (alpha, beta, iterations of the main fit do not)
-KEY_SETTINGS = ("layers", "attention_head_epochs", "lr", "momentum", "weight_decay", "batch_size", "seed",
+KEY_SETTINGS = ("layers", "attention_head_epochs", "attention_head_min_iterations", "lr", "momentum", "weight_decay", "batch_size", "seed",
                 "attention_max_images", "attention_impl", "attention_dtype", "augmentation", "resize", "crop",
                 "num_classes", "attention_head_bn", "attention_head_batch_size", "attention_augmented")
 
