@@ -89,7 +89,7 @@ def run_target(a) -> None:
         x_all, y_all = classes_subset("train", TARGET_CLASSES)
         run_sizes(out, sizes, lambda n: few_shot_subset(x_all, y_all, n, 0), classes_subset("test", TARGET_CLASSES),
                   str(weights), a, extra)
-    write_summary(out, sizes, " ".join(sys.argv),
+    write_summary(out, sizes, a.command or " ".join(sys.argv),
                   "related source (Fashion-MNIST classes 0-4) -> Fashion-MNIST classes 5-9", preamble)
 
 
@@ -108,6 +108,7 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="another fit setting")
     p.add_argument("--name", default=None, help="folder name of this target run (default: recipe + settings)")
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--command", help="with --summary-only: the command that made the reports, for the README")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.iterations is None:
