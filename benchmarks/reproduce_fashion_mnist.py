@@ -38,6 +38,8 @@ def main(argv=None):
     p.add_argument("--recipe", default="public", help="fit recipe: public or paper")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="another fit setting (JSON value, or a plain string), e.g. feature_map=relu_conv")
+    p.add_argument("--reuse-search", action="store_true",
+                   help="take search runs an interrupted run finished (same settings) instead of refitting them")
     p.add_argument("--summary-only", action="store_true",
                    help="only rewrite OUT/README.md from the per-size reports already in OUT (e.g. after "
                         "running the sizes as separate processes)")
@@ -68,7 +70,8 @@ def run_sizes(out: Path, sizes, train_of_size, test, weights: str, a, extra: dic
         t0 = time.perf_counter()
         compare("efficientnet_lite0", train_of_size(n), test, methods=a.methods.split(","), seeds=a.seeds,
                 search=getattr(a, "search", "alpha"), out=folder, weights=weights,
-                compare_settings=CompareSettings(curve_points=10, curve_images=a.curve_images),
+                compare_settings=CompareSettings(curve_points=10, curve_images=a.curve_images,
+                                                 reuse_search=getattr(a, "reuse_search", False)),
                 progress=not getattr(a, "no_progress", False), **settings)
         print(f"{folder}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=None,
                    help="with --data fashion-mnist: training images per class (default 10)")
     p.add_argument("--subset-seed", type=int, default=0, help="with --data fashion-mnist: which images")
+    p.add_argument("--reuse-search", action="store_true",
+                   help="take the search runs an interrupted compare finished in --out (same settings) "
+                        "instead of refitting them")
 
     p = sub.add_parser("demo", help="ImageNet EfficientNet-Lite0 -> few-shot Fashion-MNIST, several methods",
                        description="Runs the embedded default on real weights and real data and prints a table "
@@ -207,7 +210,8 @@ def _compare(args) -> None:
     kw = _settings(args)
     kw.pop("seed")
     cs = CompareSettings(alpha_grid=args.alpha_grid, beta_grid=args.beta_grid, val_fraction=args.val_fraction,
-                         schedules=args.schedules, curve_points=args.curve_points, curve_images=args.curve_images)
+                         schedules=args.schedules, curve_points=args.curve_points, curve_images=args.curve_images,
+                         reuse_search=args.reuse_search)
     report = compare(args.model, train, test, methods=args.methods, seeds=args.seeds, search=args.search,
                      out=args.out, weights=args.weights, compare_settings=cs, alpha=args.alpha, beta=args.beta,
                      weight_decay=args.weight_decay, iterations=args.iterations, **kw)

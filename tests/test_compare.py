@@ -167,3 +167,31 @@ def test_evaluate_runs_channels_last_on_cpu_and_restores_the_layout():
     assert evaluate(net, loader, torch.device("cpu"), progress=False)["top1"] == ref
     assert all(not p.is_contiguous() for p in convs)  # still channels_last
     hook.remove()
+
+
+def test_reuse_search_takes_finished_runs_with_the_same_settings(twice, tmp_path):
+    import dataclasses
+    import shutil
+    (report, out), _ = twice
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "runs" / "search", resumed / "runs" / "search")
+    # a finished run whose saved accuracy differs from what a refit would give: reuse must take it
+    marked = resumed / "runs" / "search" / "l2_sp_a0.1_b0.01" / "result.json"
+    saved = json.loads(marked.read_text())
+    saved["test"]["top1"] = 100.0
+    marked.write_text(json.dumps(saved))
+    # a run saved with other settings must be refitted, not reused
+    other = resumed / "runs" / "search" / "delta_a0.001_b0.01" / "result.json"
+    saved = json.loads(other.read_text())
+    saved["settings"]["iterations"] = 999
+    other.write_text(json.dumps(saved))
+    again = compare(tiny_net(), arrays(n_per_class=5), arrays(seed=1), methods=["l2_sp", "delta"], seeds=1,
+                    out=resumed, compare_settings=dataclasses.replace(SETTINGS, reuse_search=True), **QUICK)
+    by_key = {(r["method"], r["alpha"]): r for r in again["search"]["results"]}
+    assert by_key[("l2_sp", 0.1)]["reused"] and by_key[("l2_sp", 0.1)]["val_top1"] == 100.0
+    assert again["chosen"]["l2_sp"]["alpha"] == 0.1
+    assert not by_key[("delta", 0.001)]["reused"]
+    assert by_key[("l2_sp", 0.001)]["reused"] and by_key[("delta", 0.1)]["reused"]
+    first = {(r["method"], r["alpha"]): r["val_top1"] for r in report["search"]["results"]}
+    assert by_key[("delta", 0.001)]["val_top1"] == first[("delta", 0.001)]  # refitted: same seed, same number
+    assert json.loads(other.read_text())["settings"]["iterations"] == QUICK["iterations"]

@@ -21,6 +21,7 @@ activation_maps {layer, images, classes, filters, maps {network: [[...]]}}, roug
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ class CompareSettings:
     map_images: int = 4                   # test images in Fig. 6
     alphas: Optional[Dict[str, float]] = None  # per-method alpha when search="none" (default: fit's alpha)
     betas: Optional[Dict[str, float]] = None
+    reuse_search: bool = False            # take finished search runs from out/runs/search (same settings)
 
     def validate(self) -> None:
         methods = list(self.methods)
@@ -186,6 +188,28 @@ class _Runner:
         res.save(self.out / "runs" / name, weights=False)
         return res, round(time.perf_counter() - t0, 1)
 
+    def finished(self, name: str, method: str, **overrides) -> Optional[dict]:
+        """The saved result.json of run `name` if it finished with exactly these settings, else None.
+
+        Only the settings given here are compared (the stored ones also hold resolved defaults); the
+        model, weights and data are those of the same `out`, which the caller vouches for."""
+        path = self.out / "runs" / name / "result.json"
+        if not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        stored = saved.get("settings", {})
+        wanted = {**self.base, **overrides, "method": method}
+        for key, value in wanted.items():
+            if key in ("progress", "attention"):
+                continue
+            if _plain(stored.get(key, value)) != _plain(value):
+                return None
+        status = str(saved.get("status", ""))
+        return saved if status == "ok" or status.startswith("diverged") else None
+
     def attention(self, train, seed: int):
         import fastdelta
         return fastdelta.attention(self.model, train, weights=self.weights, **{**self.base, "seed": seed})
@@ -199,12 +223,17 @@ def _search(cs: CompareSettings, runner: _Runner, train, methods, base_beta: flo
         best = None
         for alpha, beta in _grid(cs, base_beta):
             bar.set_postfix_str(f"search {method} alpha={alpha:g} beta={beta:g}")
-            res, secs = runner.fit(f"search/{method}_a{alpha:g}_b{beta:g}", fit_part, val_part, method,
-                                   alpha=alpha, beta=beta, seed=seed,
-                                   attention=att if METHODS[method].uses_attention else None)
-            top1 = res.test_top1 if res.status == "ok" else None
+            name = f"search/{method}_a{alpha:g}_b{beta:g}"
+            saved = runner.finished(name, method, alpha=alpha, beta=beta, seed=seed) if cs.reuse_search else None
+            if saved is not None:
+                status, secs = saved["status"], saved.get("timings_s", {}).get("total")
+                top1 = (saved.get("test") or {}).get("top1") if status == "ok" else None
+            else:
+                res, secs = runner.fit(name, fit_part, val_part, method, alpha=alpha, beta=beta, seed=seed,
+                                       attention=att if METHODS[method].uses_attention else None)
+                status, top1 = res.status, res.test_top1 if res.status == "ok" else None
             results.append({"method": method, "alpha": alpha, "beta": beta, "val_top1": top1,
-                            "status": res.status, "seconds": secs})
+                            "status": status, "seconds": secs, "reused": saved is not None})
             if top1 is not None and (best is None or top1 > best[0]):  # ties keep the smaller alpha
                 best = (top1, alpha, beta)
             bar.update(1)
@@ -215,6 +244,11 @@ def _search(cs: CompareSettings, runner: _Runner, train, methods, base_beta: flo
     n_val = len(val_part[1]) if isinstance(val_part, tuple) else len(val_part)
     return {"seed": seed, "split": {"fit": n_fit, "val": n_val, "val_fraction": cs.val_fraction},
             "results": results, "chosen": chosen}
+
+
+def _plain(value):
+    """A setting as JSON stores it (tuples become lists), so saved and requested values compare equal."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _curve(history, key):
