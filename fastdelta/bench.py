@@ -8,8 +8,8 @@ Writes `bench_step.json` (updated after every row, so a cut-off run keeps what i
 `bench_step.md` (a table of the ratios: fastdelta / public recipe per method,
 each method's step / the L2 step of the same engine).
 
-The public recipe here is a copy of what `../shared/anchors/public_recipe_gpu.py` re-implements
-(kept in this package: nothing is imported from outside it).
+The public recipe here is a re-implementation of the public DELTA code's training step, kept in this
+package so that the benchmark imports nothing from outside it.
 """
 from __future__ import annotations
 
