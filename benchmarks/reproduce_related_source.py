@@ -12,6 +12,10 @@ which recipe and options ran). A size whose report exists is skipped, so an inte
     python3 benchmarks/reproduce_related_source.py source --out OUT
     python3 benchmarks/reproduce_related_source.py target --out OUT --recipe public --sizes 10,30,100
     python3 benchmarks/reproduce_related_source.py target --out OUT --recipe paper --summary-only
+    python3 benchmarks/reproduce_related_source.py overview --out OUT
+
+`overview` writes OUT/README.md: every recipe and size side by side, and DELTA's paired per-seed
+difference to L2 and to L2-SP (same seed = same data order and initialisation of the head).
 """
 import argparse
 import hashlib
@@ -27,8 +31,10 @@ from reproduce_fashion_mnist import parse_setting, run_sizes, write_summary  # n
 
 import fastdelta  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
+from fastdelta.compare.figures import label  # noqa: E402
 from fastdelta.demo import environment  # noqa: E402
 from fastdelta.ioutil import atomic_write_text  # noqa: E402
+from fastdelta.settings import describe_conventions  # noqa: E402
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
@@ -93,9 +99,63 @@ def run_target(a) -> None:
                   "related source (Fashion-MNIST classes 0-4) -> Fashion-MNIST classes 5-9", preamble)
 
 
+def paired_difference(report: dict, other: str):
+    """(mean, std, per-seed values) of DELTA minus `other`, seed by seed (step schedule), or None."""
+    top1 = {(r["method"], r["seed"]): r["test_top1"] for r in report["runs"] if r["schedule"] == "step"}
+    seeds = sorted(s for m, s in top1 if m == "delta")
+    diffs = [top1[("delta", s)] - top1[(other, s)] for s in seeds
+             if top1.get(("delta", s)) is not None and top1.get((other, s)) is not None]
+    if not diffs:
+        return None
+    return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0, diffs
+
+
+def write_overview(a) -> None:
+    """OUT/README.md: the table of every recipe x size found under OUT, and DELTA's paired differences."""
+    out = Path(a.out)
+    source = json.loads((out / "source" / "source.json").read_text())
+    columns = []  # (recipe folder, size, report)
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "source"):
+        for rep in sorted(folder.glob("per_class_*/report.json"), key=lambda p: int(p.parent.name.split("_")[-1])):
+            columns.append((folder.name, int(rep.parent.name.split("_")[-1]), json.loads(rep.read_text())))
+    if not columns:
+        raise SystemExit(f"no per_class_N/report.json under {out}")
+    lines = ["# Related source -> disjoint target: every recipe and size", "",
+             f"Command: `{a.command or ' '.join(sys.argv)}`", "",
+             f"- source: ImageNet EfficientNet-Lite0 fine-tuned by fastdelta (L2) on all {source['train_images']:,} "
+             f"training images of {', '.join(source['classes'])}: test top-1 {source['test_top1']:.2f}%; weights "
+             f"SHA-256 `{source['weights_sha256']}`, command `{source['command']}`",
+             f"- target: {', '.join(FASHION_MNIST_CLASSES[c] for c in TARGET_CLASSES)}, all 5,000 test images; "
+             "six methods, three seeds, alpha chosen on a validation split per method, recipe and size", ""]
+    for name in dict.fromkeys(c[0] for c in columns):
+        r = next(c[2] for c in columns if c[0] == name)
+        lines.append(f"- `{name}` ([README]({name}/README.md)): {describe_conventions(r['settings'])}")
+    lines += ["", "## Test top-1 (%), mean ± std over three seeds", "",
+              "| method | " + " | ".join(f"{name}, {n}/class" for name, n, _ in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for m in fastdelta.METHODS:
+        cells = []
+        for _, _, r in columns:
+            t = r["table"].get(m)
+            c = "-" if t is None else "diverged" if t["mean"] is None else f"{t['mean']:.2f} ± {t['std']:.2f}"
+            cells.append(f"**{c}**" if r["best"] == m else c)
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    lines += ["", "## DELTA minus another method, paired by seed (points of test top-1)", "",
+              "| versus | " + " | ".join(f"{name}, {n}/class" for name, n, _ in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for other in ("l2", "l2_sp", "delta_no_att"):
+        cells = []
+        for _, _, r in columns:
+            d = paired_difference(r, other)
+            cells.append("-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f} ({', '.join(f'{v:+.2f}' for v in d[2])})")
+        lines.append(f"| {label(other)} | " + " | ".join(cells) + " |")
+    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
+    print(f"wrote {out / 'README.md'}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["source", "target"])
+    p.add_argument("stage", choices=["source", "target", "overview"])
     p.add_argument("--out", required=True)
     p.add_argument("--image-size", type=int, default=32, help="crop; resize is image_size * 256/224")
     p.add_argument("--iterations", type=int, default=None, help="default: 2,000 (source), 300 (target)")
@@ -115,7 +175,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.iterations is None:
         a.iterations = 2000 if a.stage == "source" else 300
-    train_source(a) if a.stage == "source" else run_target(a)
+    {"source": train_source, "target": run_target, "overview": write_overview}[a.stage](a)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,31 @@ def test_reproduction_summary_from_reports(tmp_path):
     assert "**accuracy: holds.**" in text and "**accuracy: does not hold.**" in text
 
 
+def test_related_source_overview_pairs_seeds(tmp_path):
+    """The overview puts every recipe x size side by side and pairs DELTA with another method seed by seed."""
+    methods = ["l2_fe", "l2", "l2_sp", "l2_sp_att", "delta_no_att", "delta"]
+
+    def report(delta_by_seed):
+        runs = [{"method": m, "seed": s, "schedule": "step", "test_top1": 70.0 + s} for m in methods[:-1] for s in range(3)]
+        runs += [{"method": "delta", "seed": s, "schedule": "step", "test_top1": v} for s, v in enumerate(delta_by_seed)]
+        runs.append({"method": "delta", "seed": 0, "schedule": "exp", "test_top1": 0.0})  # not paired
+        table = {m: {"mean": 71.0, "std": 1.0} for m in methods}
+        return {"runs": runs, "table": table, "best": "l2", "settings": {"recipe": "public", "feature_map": "conv"}}
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "source.json").write_text(json.dumps(
+        {"train_images": 30000, "classes": ["a"], "test_top1": 90.0, "weights_sha256": "abc", "command": "c"}))
+    for name, n, delta in [("public", 30, [72.0, 72.0, 72.0]), ("public", 10, [70.0, 73.0, 71.0]),
+                           ("paper", 10, [69.0, 70.0, 71.0])]:
+        (tmp_path / name / f"per_class_{n}").mkdir(parents=True)
+        (tmp_path / name / f"per_class_{n}" / "report.json").write_text(json.dumps(report(delta)))
+    load("reproduce_related_source").main(["overview", "--out", str(tmp_path), "--command", "the command"])
+    text = (tmp_path / "README.md").read_text()
+    assert "| method | paper, 10/class | public, 10/class | public, 30/class |" in text
+    assert "| L2 | **71.00 ± 1.00** | **71.00 ± 1.00** | **71.00 ± 1.00** |" in text
+    # DELTA - L2 per seed: paper 69-70, 70-71, 71-72 -> -1 each; public/10 70-70, 73-71, 71-72 -> 0, +2, -1
+    assert "| L2 | -1.00 ± 0.00 (-1.00, -1.00, -1.00) | +0.33 ± 1.53 (+0.00, +2.00, -1.00) |" in text
+
+
 def test_bench_cpu_layout_smoke(tmp_path):
     out = tmp_path / "layout.json"
     result = load("bench_cpu_layout").main(["--size", "32", "--batch", "4", "--eval-batch", "8", "--repeats", "1",
