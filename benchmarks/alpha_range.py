@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import fastdelta
+from fastdelta.compare.comparison import PAPER_GRID
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.demo import environment
 from fastdelta.ioutil import atomic_write_text
 
-PAPER_GRID = "0.0001,0.001,0.01,0.1,0.2"
 
 
 def variant(text: str):
@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--variant", action="append", type=variant, required=True, metavar="NAME=JSON")
     p.add_argument("--method", default="delta")
-    p.add_argument("--alphas", default=PAPER_GRID)
+    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in PAPER_GRID))
     p.add_argument("--per-class", type=int, default=30)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--iterations", type=int, default=150)

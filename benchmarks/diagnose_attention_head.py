@@ -1,7 +1,7 @@
 """Diagnostic for the 32 px reproduction: train the L2-FE head that attention is measured against for
 300 instead of 30 iterations (attention_head_epochs=100), then DELTA 10/class seed 0; writes
 diagnose_attention_head.json. Result: benchmarks/results/reproduction_fashion_mnist_cpu_2026-11-26/."""
-import json, time, torch
+import json, time
 import fastdelta
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.compare.comparison import materialise, fast_top1

@@ -43,7 +43,7 @@ def backbone_grad(loss, params):
 def measure(reg, target, source, x, y):
     """The probe of one batch (the model in train mode, as in the step; BN statistics restored after)."""
     buffers = {k: v.clone() for k, v in target.state_dict().items() if "running" in k or "num_batches" in k}
-    rectify = reg.feature_map == "activation"
+    rectify = reg.rectify_at_tap
     with FeatureTaps(target, reg.taps, rectify=rectify) as tt, FeatureTaps(source, reg.taps, rectify=rectify) as st:
         logits, t_feats = tt(x)
         with torch.no_grad():

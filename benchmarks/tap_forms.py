@@ -51,7 +51,7 @@ def done_runs(path: Path) -> list:
 def channel_terms(reg, target, source, x) -> list:
     """Per layer, (C,) fp64: each channel's share of the regulariser's distance on batch x (unscaled by alpha)."""
     target = copy.deepcopy(target).train()  # batch statistics, as in training; the copy keeps running stats
-    rectify = reg.feature_map == "activation"
+    rectify = reg.rectify_at_tap
     with FeatureTaps(target, reg.taps, rectify=rectify) as tt, FeatureTaps(source, reg.taps, rectify=rectify) as st:
         _, t_feats = tt(x)
         _, s_feats = st(x)

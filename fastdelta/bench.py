@@ -382,8 +382,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
-    from .train.evaluate import pick_device
-    device = pick_device(args.device)
+    from .train.distributed import DistContext, device_for
+    device = device_for(DistContext(), args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     smoke = args.smoke

@@ -29,7 +29,7 @@ import torch.nn as nn
 from .methods.attention import ChannelAttention, channel_loss_increase
 from .methods.base import Pull
 from .methods.feature_map import channel_scales, feature_map_distance
-from .methods.taps import FeatureTaps, rectifies, tap_modules
+from .methods.taps import FeatureTaps, rectified_at_tap, rectifies, tap_modules
 from .networks.models import find_head
 from .train.optim import apply_pulls
 from .train.source_net import source_features
@@ -45,7 +45,7 @@ class FeatureMapRegularizer(nn.Module):
         self.layers, self.feature_map, self.delta_no_att_scale = list(layers), feature_map, delta_no_att_scale
         self.relu, self.distance_impl = rectifies(feature_map), distance_impl
         taps = tap_modules(target, self.layers, feature_map)
-        rectify = feature_map == "activation"  # a BN output can be changed in place later: keep ReLU of it
+        rectify = rectified_at_tap(feature_map)
         self.source = source_features(source, taps, fold_source_bn, rectify)
         self._taps = FeatureTaps(target, taps, rectify=rectify,
                                  follows={t: l for t, l in zip(taps, self.layers) if t != l})

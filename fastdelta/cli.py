@@ -212,7 +212,7 @@ def _compare(args) -> None:
     cs = CompareSettings(alpha_grid=args.alpha_grid, beta_grid=args.beta_grid, val_fraction=args.val_fraction,
                          schedules=args.schedules, curve_points=args.curve_points, curve_images=args.curve_images,
                          reuse_search=args.reuse_search)
-    report = compare(args.model, train, test, methods=args.methods, seeds=args.seeds, search=args.search,
+    compare(args.model, train, test, methods=args.methods, seeds=args.seeds, search=args.search,
                      out=args.out, weights=args.weights, compare_settings=cs, alpha=args.alpha, beta=args.beta,
                      weight_decay=args.weight_decay, iterations=args.iterations, **kw)
     print((Path(args.out) / "report.md").read_text().split("## The paper")[0])

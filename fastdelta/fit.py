@@ -106,7 +106,6 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
             return cached
     fe = Networks(nets.source, copy.deepcopy(nets.target), nets.arch, nets.head_name, nets.layers, nets.weights)
     batch = min(s.attention_head_batch_size or s.batch_size, len(data.train))
-    batch -= batch % ctx.world_size
     head_iters = max(1, s.attention_head_min_iterations, s.attention_head_epochs * max(1, len(data.train) // batch))
     reg = L2FE(fe.target, fe.source, fe.head_name, fe.layers, s.alpha, s.beta, s.weight_decay)
     spec = TrainSpec(head_iters, s.lr, s.momentum, batch, s.seed, "exp", max(1, round(head_iters * 0.6)),
@@ -143,7 +142,7 @@ def source_energy(reg, source: nn.Module, data, s: FitSettings, device) -> list:
     loader = make_loader(Subset(data.train_eval, range(n)), max(1, min(s.eval_batch_size, n)), False, s.seed,
                          s.num_workers)
     totals = [0.0] * len(reg.taps)
-    with FeatureTaps(source, reg.taps, rectify=reg.feature_map == "activation") as taps:
+    with FeatureTaps(source, reg.taps, rectify=reg.rectify_at_tap) as taps:
         for x, _ in loader:
             _, feats = taps(x.to(device))
             totals = [t + e for t, e in zip(totals, reg.source_energy(feats))]

@@ -1,6 +1,4 @@
-"""The fast attention paths  against brute force / masked evaluation."""
-import json
-
+"""The fast attention paths against brute force / masked evaluation."""
 import pytest
 import timm
 import torch
@@ -8,7 +6,7 @@ import torchvision
 
 import fastdelta
 from fastdelta.methods.attention import (PrefixReuse, channel_loss_increase, loss_increase_closed_form,
-                                 loss_increase_first_order, loss_increase_masked_forward, loss_increase_prefix,
+                                 loss_increase_first_order, loss_increase_prefix,
                                  spearman, top_overlap)
 from test_attention import brute_force, make_batches
 from tiny import TINY_LAYERS, tiny_net

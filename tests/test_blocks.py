@@ -76,7 +76,7 @@ def test_feature_map_regularizer_is_the_float64_distance(feature_map):
     with FeatureTaps(t64, m.taps, rectify=rectify) as tt, FeatureTaps(s64, m.taps, rectify=rectify) as st:
         tf, sf = tt(x.double())[1], st(x.double())[1]
     want = sum(reference_distance(t, s, sc.double(), m.relu) for t, s, sc in zip(tf, sf, channel_scales(
-        [a.double() for a in att], tf)))
+        [a.double() for a in att], tf, "sum")))
     assert float(term) == pytest.approx(float(want), rel=1e-5) and float(want) > 0
     term.backward()
     assert target.conv1.weight.grad is not None and target.conv1.weight.grad.abs().sum() > 0

@@ -1,6 +1,5 @@
 """Checkpoints: corruption is detected, resume is exact, a killed run continues to the same weights."""
 import json
-import os
 import signal
 import subprocess
 import sys

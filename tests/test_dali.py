@@ -6,7 +6,6 @@ by ImageNet mean/std, i.e. 1 grey level ~ 0.017) are compared with mean |diff| <
 and max |diff| <= 0.25 (~15 grey levels, a few pixels: chroma upsampling at crop edges of these tiny
 grayscale/CMYK/noisy JPEGs). Measured: 224 px RGB JPEG/PNG max 0.035, mean 0.003; here max 0.14, mean 0.0033.
 """
-import io
 import json
 import os
 

@@ -1,7 +1,6 @@
 """fastdelta.fit end to end on tiny networks and generated data: methods, freezing, bad input, saving."""
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest

@@ -130,6 +130,11 @@ def test_source_energy_float64():
         reg.layer_scale = [1.0 / e for e in energy]
         zeros = [torch.zeros_like(f) for f in s_feats]
         assert float(reg.terms(zeros, s_feats).reg) == pytest.approx(len(TINY_LAYERS) * 3, rel=1e-5)
+        # any target maps: reg = alpha * sum_l d_l / E_l, d_l the layer's distance (fp64 from the formula)
+        t_feats = [torch.randn_like(f) for f in s_feats]
+        fm = (lambda v: F.relu(v.double())) if form != "conv" else (lambda v: v.double())
+        want = sum(0.5 * (fm(t) - fm(f)).pow(2).sum() / e for t, f, e in zip(t_feats, s_feats, energy))
+        assert float(reg.terms(t_feats, s_feats).reg) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_feature_distance_gradient_float64():

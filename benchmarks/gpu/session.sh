@@ -56,9 +56,11 @@ public_anchor() {  # the public recipe as its anchor script measures it, rows in
 run_part() {
   case $1 in
     preflight) timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_preflight.py ;;
-    step)      public_anchor
-               timeout 150 python3 benchmarks/bench_step.py $STEP_ARGS --out "$OUT/bench_step_gpu"
-               timeout 50 python3 benchmarks/bench_step.py $STEP_MORE --append --out "$OUT/bench_step_gpu" ;;
+    step)      local rc=0  # every command's failure counts, not only the last one's
+               public_anchor || rc=$?
+               timeout 150 python3 benchmarks/bench_step.py $STEP_ARGS --out "$OUT/bench_step_gpu" || rc=$?
+               timeout 50 python3 benchmarks/bench_step.py $STEP_MORE --append --out "$OUT/bench_step_gpu" || rc=$?
+               return $rc ;;
     distance)  timeout 90 python3 benchmarks/bench_distance.py $DIST_ARGS --out "$OUT/distance_gpu.json" ;;
     attention) timeout 90 python3 benchmarks/bench_attention.py $ATT_ARGS --out "$OUT/attention_gpu.json" ;;
     data)      timeout 120 python3 benchmarks/bench_data.py $DATA_ARGS --out "$OUT/bench_data_gpu.json" ;;

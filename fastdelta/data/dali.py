@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .sampling import GlobalBatchSampler, sample_seed
+from .sampling import GlobalBatchSampler
 from .transforms import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD
 
 # extensions DALI's image decoder reads (JPEG, JPEG 2000, TIFF, PNG, BMP, PNM, WebP)

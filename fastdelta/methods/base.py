@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .taps import rectifies, tap_modules
+from .taps import rectified_at_tap, rectifies, tap_modules
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Method:
         # per-batch sums x world size under DDP, so that gradients averaged over ranks match one process
         self.sum_scale = float(world_size)
         self.relu = rectifies(feature_map)
+        self.rectify_at_tap = rectified_at_tap(feature_map)
         self.taps = tap_modules(target, self.layers, feature_map)  # the modules whose outputs are read
         self.tap_follows = {t: l for t, l in zip(self.taps, self.layers) if t != l}
         self.layer_scale: Optional[List[float]] = None  # feature_scale "source_energy": 1 / E_l per layer

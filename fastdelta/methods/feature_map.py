@@ -26,7 +26,7 @@ def feature_map_distance(target: torch.Tensor, source: torch.Tensor, channel_sca
 
 
 def channel_scales(attention_weights: Optional[Sequence[torch.Tensor]], feats: Sequence[torch.Tensor],
-                   uniform: str = "uniform_attention") -> List[torch.Tensor]:
+                   uniform: str) -> List[torch.Tensor]:
     """scale_j = c * W_j / (h w); without attention W uniform (1/c) ("uniform_attention"), or
     scale_j = 1 ("sum": the public code's fea_map, no division by h w)."""
     scales = []

@@ -34,6 +34,12 @@ def rectifies(feature_map: str) -> bool:
     return feature_map != "conv"
 
 
+def rectified_at_tap(feature_map: str) -> bool:
+    """Is the ReLU taken as the tap reads the map? For "activation" the tapped BN output can be changed
+    in place later in the forward (an in-place ReLU or residual add), so its ReLU is kept at once."""
+    return rectifies(feature_map) and feature_map == "activation"
+
+
 def following_norm(model: nn.Module, layer: str) -> str | None:
     """The BN registered right after conv `layer` in the same parent, over the same channels, or None.
 

@@ -25,6 +25,7 @@ class BufferSnapshots:
 
     def __init__(self, model: nn.Module, slots: int = 1):
         self.buffers = [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+        self.floating = [b for b in self.buffers if b.is_floating_point()]  # num_batches_tracked is not
         self.slots = [[b.clone() for b in self.buffers] for _ in range(slots if self.buffers else 0)]
 
     def save(self, iteration: int) -> None:
@@ -34,10 +35,9 @@ class BufferSnapshots:
     @torch.no_grad()
     def norm(self, like: torch.Tensor) -> torch.Tensor:
         """(1,) float64 on `like`'s device: the norm of the floating BN buffers, not finite when any is not."""
-        floating = [b for b in self.buffers if b.is_floating_point()]
-        if not floating:
+        if not self.floating:
             return like.new_zeros(1)
-        return torch.stack(torch._foreach_norm(floating)).double().norm().reshape(1).to(like.device)
+        return torch.stack(torch._foreach_norm(self.floating)).double().norm().reshape(1)
 
     @torch.no_grad()
     def restore(self, iteration: int) -> None:

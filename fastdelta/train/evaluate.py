@@ -28,12 +28,6 @@ def flush_denormals(device: torch.device):
         torch.set_flush_denormal(False)
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @contextmanager
 def cpu_channels_last(model: nn.Module, device: torch.device):
     """On CPU, run the block with the model's conv weights in channels_last and yield the input layout to

@@ -1,8 +1,11 @@
-"""The training loop and evaluation shared by every method.
+"""The training loop shared by every method (evaluation: `train.evaluate`).
 
 One step: target forward (with taps), source forward (no grad, eval mode) when the method needs
-its feature maps, loss = CE + reg + head, a non-finite check on each term before the update (so
-the model keeps its last good state), SGD with momentum, lr from the schedule.
+its feature maps, loss = CE + reg + head, SGD with momentum, lr from the schedule. Each step's
+stats (the terms, the gradient norm, the norm of the BN statistics) are checked for non-finite
+values so that the model keeps its last good state: on the CPU before the update; on CUDA they are
+read a step later (`train.deferred`) while a device flag cancels a bad update and the BN statistics
+are restored from a snapshot.
 """
 from __future__ import annotations
 
@@ -180,14 +183,20 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Datas
                                             and done % spec.checkpoint_every == 0)
                 or (spec.on_step_reads_model is not None and spec.on_step_reads_model(done)))
 
-    def finish(it: int, lr: float, t_data: float, out: Optional[StepOutput], bar) -> None:
-        """Step `it` as the host sees it: checked (a failed step's BN statistics restored), then logged,
-        handed to on_step and checkpointed."""
-        out = out if out is not None else reads.pop(it)
+    def check(it: int, out: StepOutput) -> None:
+        """A non-finite step stops the run; its update never happened and its BN statistics are restored
+        (every rank sees the same averaged values, so all stop together)."""
         bad = first_nonfinite(out, stepper.skips_nonfinite_grads)
-        if bad is not None:  # its update never happened; every rank sees the same averaged values
+        if bad is not None:
             snapshots.restore(it)
             raise NonFiniteLossError(it, *bad, history)
+
+    def finish(it: int, lr: float, t_data: float, out: Optional[StepOutput], bar) -> None:
+        """Step `it` as the host sees it (`out` None: a deferred step, read and checked now), then logged,
+        handed to on_step and checkpointed."""
+        if out is None:
+            out = reads.pop(it)
+            check(it, out)
         t_step = t_data + timer.seconds(it)
         history.append({"iteration": it, **out.values, "loss": out.values["ce"] + out.values["reg"] + out.values["head"],
                         "grad_norm": out.grad_norm, "lr": lr, "train_acc": out.train_acc,
@@ -240,10 +249,7 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Datas
                 stats = torch.cat([stepper.forward_backward(x, y, lr), ctx.all_reduce_sum(snapshots.norm(like=x))])
                 if not deferred:
                     out = StepOutput.read(stats)
-                    bad = first_nonfinite(out, stepper.skips_nonfinite_grads)
-                    if bad is not None:
-                        snapshots.restore(it)
-                        raise NonFiniteLossError(it, *bad, history)
+                    check(it, out)
                     stepper.update()
                     timer.stop(it)
                     finish(it, lr, t_data, out, bar)

@@ -13,9 +13,10 @@
   compiled by AOTAutograd; CUDA graphs through mode "reduce-overhead" (`cuda_graphs=True`);
 - parameter-norm terms (L2, L2-SP, L2-SP(ATT), the head's beta/wd term of L2/L2-SP/L2-FE) are not in
   the graph: `optim.PullSGD` adds their gradient after the backward with foreach ops and reports their
-  value; the momentum update is torch SGD, fused on CUDA, foreach on CPU;
-- one host synchronisation per step: ce, reg, head, gradient norm and correct count in one copy, read
-  before the update so a non-finite step is never applied (fp16: GradScaler skips it instead).
+  value; the momentum update is torch SGD, fused on CUDA or when guarded, foreach otherwise;
+- the step's stats (ce, reg, head, gradient norm, correct count) leave the device in one copy; the loop
+  reads them before the update, or a step later with the update guarded (`GuardedUpdate`: a non-finite
+  step is cancelled on the device); fp16's GradScaler skips such a step itself.
 
 `resolve_step_options` maps the settings (`precision`, `compile`, `channels_last`, `cuda_graphs`,
 `step_engine`) to a `StepOptions`, or to None for the reference step. On CPU "auto" everywhere gives
@@ -128,13 +129,16 @@ class GuardedUpdate:
 
     def __init__(self, opt: torch.optim.Optimizer):
         self.opt = opt
+        self.buffers_ready = False  # at the first step, after any resumed optimizer state was loaded
 
     def step(self, ok: torch.Tensor) -> None:
-        for group in self.opt.param_groups:
-            for p in group["params"]:
-                state = self.opt.state[p]
-                if group["momentum"] and state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if not self.buffers_ready:
+            for group in self.opt.param_groups:
+                for p in group["params"]:
+                    state = self.opt.state[p]
+                    if group["momentum"] and state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self.buffers_ready = True
         self.opt.grad_scale, self.opt.found_inf = None, (~ok).to(torch.float32)
         try:
             self.opt.step()
@@ -187,9 +191,8 @@ class ReferenceStep:
             else target
         self.target_taps = self.source_taps = None
         if reg.uses_source_features:
-            rectify = reg.feature_map == "activation"  # a BN output can be changed in place later: keep ReLU of it
-            self.target_taps = FeatureTaps(target, reg.taps, self.forward, rectify, reg.tap_follows)
-            self.source_taps = FeatureTaps(source, reg.taps, None, rectify)
+            self.target_taps = FeatureTaps(target, reg.taps, self.forward, reg.rectify_at_tap, reg.tap_follows)
+            self.source_taps = FeatureTaps(source, reg.taps, None, reg.rectify_at_tap)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """Loss and gradients; returns the stats (STATS, float64, on the step's device)."""
@@ -242,7 +245,7 @@ class FastStep:
         if self.features:
             self.model = TargetFeatures(target, reg.taps)
             self.source = source_features(source, reg.taps, options.fold_source_bn,
-                                          reg.feature_map == "activation").to(self.device)
+                                          reg.rectify_at_tap).to(self.device)
             if options.channels_last:
                 self.source.to(memory_format=torch.channels_last)
         else:
