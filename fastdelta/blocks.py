@@ -28,7 +28,8 @@ import torch.nn as nn
 
 from .methods.attention import ChannelAttention, channel_loss_increase
 from .methods.base import Pull
-from .methods.feature_map import channel_scales, feature_map_distance
+from .methods.parameter_norm import L2SP
+from .methods.feature_map import channel_scales, feature_map_term
 from .methods.taps import FeatureTaps, rectified_at_tap, rectifies, tap_modules
 from .networks.models import find_head
 from .train.optim import apply_pulls
@@ -58,10 +59,9 @@ class FeatureMapRegularizer(nn.Module):
         with torch.no_grad():
             source_maps = self.source(x)
         weights = [getattr(self, f"attention_{i}") for i in range(self.n_attention)] or None
-        total = target_maps[0].new_zeros((), dtype=torch.float32)
-        for t, s, scale in zip(target_maps, source_maps, channel_scales(weights, target_maps, self.delta_no_att_scale)):
-            total = total + feature_map_distance(t, s, scale, self.relu, self.distance_impl)
-        return total
+        return feature_map_term(target_maps, source_maps,
+                                channel_scales(weights, target_maps, self.delta_no_att_scale), self.relu,
+                                self.distance_impl)
 
     def remove(self) -> None:
         """Take the hooks off the target network."""
@@ -82,11 +82,9 @@ class SourcePull:
     parameter's gradient (the gradient of alpha/2 ||w - w*||^2) and returns that term's value."""
 
     def __init__(self, model: nn.Module, source: nn.Module, alpha: float, head_name: Optional[str] = None):
-        head = (head_name or find_head(model)) + "."
-        src = dict(source.named_parameters())
-        named = [(n, p) for n, p in model.named_parameters() if not n.startswith(head)]
-        self.pulls: List[Pull] = [Pull("reg", [p for _, p in named], alpha,
-                                       [src[n].detach().clone().to(p.device) for n, p in named])]
+        l2sp = L2SP(model, source, head_name or find_head(model), [], alpha=alpha, beta=0.0)
+        # L2-SP's own pull: the anchors w* in each parameter's layout and device (copied only if they differ)
+        self.pulls: List[Pull] = [p for p in l2sp.pulls(trainable=[]) if p.term == "reg"]
 
     def apply_(self) -> torch.Tensor:
         return apply_pulls(self.pulls)["reg"]

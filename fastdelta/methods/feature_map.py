@@ -42,6 +42,16 @@ def channel_scales(attention_weights: Optional[Sequence[torch.Tensor]], feats: S
     return scales
 
 
+def feature_map_term(target_feats: Sequence[torch.Tensor], source_feats: Sequence[torch.Tensor],
+                     scales: Sequence[torch.Tensor], relu: bool, impl: str = "auto") -> torch.Tensor:
+    """sum_l 0.5 sum_{b,j} scale_lj ||FM_bj(target_l) - FM_bj(source_l)||^2 (fp32): DELTA's behavioural
+    term before alpha, for DeltaNoAtt/Delta and for blocks.FeatureMapRegularizer alike."""
+    total = target_feats[0].new_zeros((), dtype=torch.float32)
+    for t, s, scale in zip(target_feats, source_feats, scales):
+        total = total + feature_map_distance(t, s, scale, relu, impl)
+    return total
+
+
 @register
 class DeltaNoAtt(Method):
     """DELTA w/o ATT: feature-map distillation without attention.
@@ -65,9 +75,7 @@ class DeltaNoAtt(Method):
         return scales
 
     def terms(self, target_feats=None, source_feats=None) -> Terms:
-        total = self.zero()
-        for t, s, scale in zip(target_feats, source_feats, self.scales(target_feats)):
-            total = total + feature_map_distance(t, s, scale, self.relu, self.distance_impl)
+        total = feature_map_term(target_feats, source_feats, self.scales(target_feats), self.relu, self.distance_impl)
         return Terms(self.alpha * self.sum_scale * total, 0.5 * self.beta * squared_norm(self.head_params))
 
     def pulls(self, trainable):
