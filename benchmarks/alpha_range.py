@@ -21,6 +21,8 @@ from fastdelta.compare.comparison import PAPER_GRID
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.demo import environment
 from fastdelta.ioutil import atomic_write_text
+from fastdelta.settings import DEFAULT_RECIPE, RECIPES
+from rowlog import RowLog
 
 
 
@@ -41,7 +43,7 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--iterations", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipe", default="public")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES), help="fit recipe")
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--summary-only", action="store_true")
     p.add_argument("--command", help="with --summary-only: the command that made the runs, for the summary")
@@ -54,7 +56,8 @@ def main(argv=None):
         train = few_shot_subset(*load_fashion_mnist("train"), a.per_class, 0)
         x, y = load_fashion_mnist("test")
         test = (x[:a.test_images], y[:a.test_images])
-        done = {(r["variant"], r["alpha"]) for r in read_runs(runs_path)}
+        done = {(r["variant"], r["alpha"]) for r in RowLog.rows(runs_path)}
+        emit = RowLog(runs_path, resume=True)
         for name, settings in a.variant:
             for alpha in alphas:
                 if (name, alpha) in done:
@@ -72,18 +75,12 @@ def main(argv=None):
                 except fastdelta.NonFiniteLossError as e:
                     row.update(test_top1=None, status=f"diverged at iteration {e.iteration} ({e.term})")
                 row["seconds"] = round(time.perf_counter() - t0, 1)
-                with open(runs_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(name, alpha, row["test_top1"], row["status"], row["seconds"], flush=True)
+                emit(row)
     summarise(out, a, alphas, a.command or " ".join(sys.argv))
 
 
-def read_runs(path: Path) -> list:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
-
-
 def summarise(out: Path, a, alphas, command: str) -> None:
-    runs = read_runs(out / "runs.jsonl")
+    runs = RowLog.rows(out / "runs.jsonl")
     names = list(dict.fromkeys(r["variant"] for r in runs))
     cell = {(r["variant"], r["alpha"]): r for r in runs}
     atomic_write_text(out / "alpha_range.json", json.dumps(

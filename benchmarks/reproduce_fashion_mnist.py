@@ -21,7 +21,7 @@ from fastdelta.compare.comparison import CompareSettings, compare
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.compare.figures import label
 from fastdelta.ioutil import atomic_write_text
-from fastdelta.settings import METHODS, describe_conventions
+from fastdelta.settings import DEFAULT_RECIPE, METHODS, RECIPES, describe_conventions
 
 
 def main(argv=None):
@@ -35,7 +35,7 @@ def main(argv=None):
     p.add_argument("--search", default="alpha", choices=["alpha", "grid", "none"])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--curve-images", type=int, default=1000, help="test images per learning-curve point")
-    p.add_argument("--recipe", default="public", help="fit recipe: public or paper")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES), help="fit recipe")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="another fit setting (JSON value, or a plain string), e.g. feature_map=relu_conv")
     p.add_argument("--reuse-search", action="store_true",

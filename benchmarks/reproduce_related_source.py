@@ -34,7 +34,7 @@ from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset,
 from fastdelta.compare.figures import label  # noqa: E402
 from fastdelta.demo import environment  # noqa: E402
 from fastdelta.ioutil import atomic_write_text  # noqa: E402
-from fastdelta.settings import describe_conventions  # noqa: E402
+from fastdelta.settings import DEFAULT_RECIPE, RECIPES, describe_conventions  # noqa: E402
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
@@ -164,7 +164,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default=",".join(fastdelta.METHODS))
     p.add_argument("--curve-images", type=int, default=1000)
-    p.add_argument("--recipe", default="public")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES), help="fit recipe")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="another fit setting")
     p.add_argument("--name", default=None, help="folder name of this target run (default: recipe + settings)")
     p.add_argument("--reuse-search", action="store_true",

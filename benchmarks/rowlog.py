@@ -8,11 +8,19 @@ from typing import Optional
 class RowLog:
     """Appends each row as one JSON line to `path` (flushed and synced), and prints it."""
 
-    def __init__(self, path: Optional[str]):
+    def __init__(self, path: Optional[str], resume: bool = False):
+        """resume=True keeps the rows already in `path` (a run that continues where it stopped)."""
         self.path = None if path is None else Path(path)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")  # one run per file
+            if not resume or not self.path.is_file():
+                self.path.write_text("")  # one run per file
+
+    @staticmethod
+    def rows(path) -> list:
+        """The rows in a row log (none if it does not exist)."""
+        path = Path(path)
+        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
 
     @classmethod
     def beside(cls, out: Optional[str]) -> "RowLog":

@@ -33,18 +33,15 @@ from fastdelta.demo import environment
 from fastdelta.ioutil import atomic_write_text
 from fastdelta.networks.models import build_networks
 from fastdelta.methods import make_method
-from fastdelta.settings import FEATURE_MAPS
+from fastdelta.settings import DEFAULT_RECIPE, FEATURE_MAPS, RECIPES
 from fastdelta.methods.taps import FeatureTaps
+from rowlog import RowLog
 
 FORM_METHODS = ("delta", "delta_no_att")
 
 
 def run_key(r: dict) -> tuple:
     return r["method"], r["feature_map"], r["seed"]
-
-
-def done_runs(path: Path) -> list:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
 
 
 @torch.no_grad()
@@ -110,7 +107,7 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--iterations", type=int, default=150)
     p.add_argument("--alpha", type=float, default=1e-4)
-    p.add_argument("--recipe", default="public")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES), help="fit recipe")
     p.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
     p.add_argument("--diagnose-every", type=int, default=25, help="checkpoint spacing of the share measurement")
     p.add_argument("--summary-only", action="store_true")
@@ -126,7 +123,8 @@ def main(argv=None):
             x_test, y_test = x_test[:a.test_images], y_test[:a.test_images]
         base = dict(iterations=a.iterations, batch_size=32, lr=0.01, beta=0.01, recipe=a.recipe,
                     resize=round(a.image_size * 256 / 224), crop=a.image_size, progress=False)
-        done = {run_key(r) for r in done_runs(runs_path)}
+        done = {run_key(r) for r in RowLog.rows(runs_path)}
+        emit = RowLog(runs_path, resume=True)
         for seed in range(a.seeds):
             for method in a.methods.split(","):
                 for form in (a.forms.split(",") if method in FORM_METHODS else [None]):
@@ -152,14 +150,12 @@ def main(argv=None):
                     finally:
                         shutil.rmtree(run_dir, ignore_errors=True)
                     row["seconds"] = round(time.perf_counter() - t0, 1)
-                    with open(runs_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    print(method, form, seed, row.get("test_top1"), row["seconds"], flush=True)
+                    emit(row)
     summarise(out, a, a.command or " ".join(sys.argv))
 
 
 def summarise(out: Path, a, command: str) -> None:
-    runs = done_runs(out / "runs.jsonl")
+    runs = RowLog.rows(out / "runs.jsonl")
     if not runs:
         return
     table = {}

@@ -68,12 +68,12 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="images for the attention: a number or 'all' (public: 128, paper: all)")
     p.add_argument("--attention-augmented", type=_bool, default=None,
                    help="yes: those images with the training augmentation (public); no: centre crop (paper)")
-    p.add_argument("--source-bn", choices=SOURCE_BN_MODES, default="running",
+    p.add_argument("--source-bn", choices=SOURCE_BN_MODES, default=FitSettings.source_bn,
                    help="source maps with running BN statistics (public, paper) or the batch's own (not in the paper)")
-    p.add_argument("--feature-scale", choices=FEATURE_SCALES, default="none",
+    p.add_argument("--feature-scale", choices=FEATURE_SCALES, default=FitSettings.feature_scale,
                    help="source_energy: each layer's term divided by the source maps' energy (not in the paper)")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (tllib)")
-    p.add_argument("--backbone-lr-mult", type=float, default=1.0,
+    p.add_argument("--backbone-lr-mult", type=float, default=FitSettings.backbone_lr_mult,
                    help="lr of the pre-trained layers = lr x this (tllib: 0.1)")
     p.add_argument("--temperature", type=float, default=5.0, help="attention softmax temperature")
     p.add_argument("--attention-impl", choices=["prefix", "masked_forward", "first_order"], default="prefix",

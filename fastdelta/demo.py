@@ -15,7 +15,7 @@ from typing import List, Optional
 from .data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
 from .ioutil import atomic_write, atomic_write_text
 from .methods import L2, L2SP, Delta, method_class
-from .settings import describe_conventions, make_settings
+from .settings import DEFAULT_RECIPE, describe_conventions, make_settings
 from .train.loop import NonFiniteLossError
 
 DEMO_MODEL = "efficientnet_lite0"
@@ -39,7 +39,7 @@ class DemoConfig:
     out: str = "fastdelta-demo"
     progress: bool = True
     attention_impl: str = "prefix"    # "first_order" for the Taylor estimate
-    recipe: str = "public"            # the conventions where the paper and its public code differ
+    recipe: str = DEFAULT_RECIPE      # the conventions where the paper and its public code differ
 
 
 def _alpha(cfg: DemoConfig, method: str) -> float:
