@@ -2,7 +2,8 @@
 
 The Triton distance kernel against float64 on the four ResNet-101 tap shapes (fp32 and bf16, NCHW
 and channels_last, forward and gradient); the custom op inside torch.compile(fullgraph=True); three
-iterations of fit's fast step (bf16, channels_last, compiled) against its reference step on CUDA.
+iterations of fit's fast step (bf16, channels_last, compiled) against its reference step on CUDA; the
+loop's deferred reads on CUDA (pinned stats, events, the guarded fused update, BN snapshots).
 """
 import pytest
 import torch
@@ -61,3 +62,32 @@ def test_three_fast_steps_match_the_reference_step():
     for h1, h2 in zip(ref.history, fast.history):
         for key in ("ce", "reg"):
             assert h2[key] == pytest.approx(h1[key], rel=5e-2, abs=1e-4), key
+
+
+@pytest.mark.parametrize("method", ["delta", "l2_sp"])
+def test_deferred_reads_on_cuda_train_as_the_checked_step(method):
+    """The CUDA loop reads each step's stats a step later; it must train as the step checked on the host."""
+    from test_loop import run, values
+    cuda = torch.device("cuda")
+    a, ha, _ = run(method, deferred=False, device=cuda)
+    b, hb, _ = run(method, deferred=True, device=cuda)
+    assert [h["iteration"] for h in ha] == [h["iteration"] for h in hb]
+    for x, y in zip(values(ha), values(hb)):
+        for k in ("ce", "reg", "head"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(v.double(), w.double(), rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("method", ["delta", "l2"])
+def test_a_failed_deferred_cuda_step_leaves_the_state_of_the_step_before(method):
+    """A NaN batch at step 3: the guarded update is cancelled on the device and the BN statistics are
+    restored, so the model equals a run stopped after step 2."""
+    from test_loop import run, values
+    cuda = torch.device("cuda")
+    good, hist, _ = run(method, iterations=3, deferred=True, device=cuda)
+    bad, partial, error = run(method, iterations=6, deferred=True, poison_at=3, device=cuda)
+    assert error is not None and error.iteration == 3
+    assert values(partial) == values(hist)
+    for (k, v), w in zip(good.state_dict().items(), bad.state_dict().values()):
+        assert torch.equal(v, w), k

@@ -23,12 +23,14 @@ def batches(n=6, poison_at=None, seed=0):
     return out
 
 
-def run(method="delta", iterations=6, deferred=False, poison_at=None, fast=False, alpha=0.05, **spec_kw):
+def run(method="delta", iterations=6, deferred=False, poison_at=None, fast=False, alpha=0.05, device=CPU,
+        **spec_kw):
     torch.manual_seed(0)
     source = tiny_net().eval().requires_grad_(False)
     target = copy.deepcopy(source)
     target.fc = torch.nn.Linear(16, 3)
     att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
+    source, target, att = source.to(device), target.to(device), [a.to(device) for a in att]
     reg = make_method(method, target, source, "fc", TINY_LAYERS, alpha, 0.01, 1e-4, "conv",
                       att if method in ("delta", "l2_sp_att") else None)
     data = batches(max(iterations, 6), poison_at)
@@ -37,7 +39,7 @@ def run(method="delta", iterations=6, deferred=False, poison_at=None, fast=False
                      step=StepOptions() if fast else None, **spec_kw)
     error = None
     try:
-        history = train_loop(target, source, reg, None, spec, CPU)
+        history = train_loop(target, source, reg, None, spec, device)
     except NonFiniteLossError as e:
         history, error = e.history, e
     return target, history, error
