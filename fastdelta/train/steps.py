@@ -170,7 +170,28 @@ def first_nonfinite(out: StepOutput, skips_nonfinite_grads: bool = False) -> Opt
     return None
 
 
-class ReferenceStep:
+class _Update:
+    """What both steps share: the optimizer `opt` (with `guard` when guarded) and its update."""
+    scaler: Optional[torch.amp.GradScaler] = None
+    guard: Optional[GuardedUpdate] = None
+
+    def update(self, ok: Optional[torch.Tensor] = None) -> None:
+        """The optimizer step; `ok` (a device flag, guarded steps only) cancels it without a host read."""
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # skipped when unscale_ found an inf/NaN gradient
+            self.scaler.update()
+        elif ok is None:
+            self.opt.step()
+        else:
+            self.guard.step(ok)
+
+
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model wrapped for DDP (gradients averaged over ranks)."""
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class ReferenceStep(_Update):
     """The reference step: eager fp32, forward hooks on the full networks, every term in autograd.
 
     Same interface as FastStep: `forward_backward` (loss, gradients and the stats tensor; nothing
@@ -186,9 +207,7 @@ class ReferenceStep:
         self.params = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=guarded or None)
         self.guard = GuardedUpdate(self.opt) if guarded else None
-        # gradients averaged over ranks by DDP
-        self.forward = DDP(target, device_ids=[device.index] if device.type == "cuda" else None) if ctx.active \
-            else target
+        self.forward = _ddp(target, device) if ctx.active else target
         self.target_taps = self.source_taps = None
         if reg.uses_source_features:
             self.target_taps = FeatureTaps(target, reg.taps, self.forward, reg.rectify_at_tap, reg.tap_follows)
@@ -210,15 +229,9 @@ class ReferenceStep:
         values = self.ctx.all_reduce_sum(torch.stack([ce, terms.reg, terms.head]).detach().double())
         self.opt.zero_grad(set_to_none=True)
         (ce + terms.reg + terms.head).backward()
-        gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        gnorm = grad_norm(self.params).to(values.device)
         acc = (logits.argmax(1) == y).float().mean()
         return torch.cat([values / self.ctx.world_size, gnorm.double().reshape(1), acc.double().reshape(1)])
-
-    def update(self, ok: Optional[torch.Tensor] = None) -> None:
-        if ok is None:
-            self.opt.step()
-        else:
-            self.guard.step(ok)
 
     def close(self) -> None:
         for taps in (self.target_taps, self.source_taps):
@@ -226,7 +239,7 @@ class ReferenceStep:
                 taps.close()
 
 
-class FastStep:
+class FastStep(_Update):
     """The compiled step for one (target, source, method); owns the optimizer (`opt`)."""
 
     def __init__(self, target: nn.Module, source: nn.Module, reg: Method, params: Sequence,
@@ -250,8 +263,8 @@ class FastStep:
                 self.source.to(memory_format=torch.channels_last)
         else:
             self.model, self.source = target, None
-        if ctx.active:  # gradients averaged over ranks by DDP
-            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if ctx.active:
+            self.model = _ddp(self.model, self.device)
         pulls = reg.pulls(self.params)
         self.graph_terms = pulls is None  # a method without a pull form: its terms in the graph
         self.pulls = pulls or []
@@ -260,7 +273,6 @@ class FastStep:
         self.opt = PullSGD(groups, lr, momentum, self.pulls, foreach=None if fused else True,
                            fused=True if fused else None, nesterov=nesterov)
         self.guard = GuardedUpdate(self.opt) if guarded else None
-        self.scaler = None
         if options.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
             self.opt.scaler = self.scaler
@@ -329,16 +341,6 @@ class FastStep:
             self.ctx.all_reduce_sum(terms)
             terms = terms / self.ctx.world_size
         return torch.cat([terms.double(), gn.double().reshape(1), correct.double().reshape(1) / len(y)])
-
-    def update(self, ok: Optional[torch.Tensor] = None) -> None:
-        """The optimizer step; `ok` (a device flag, guarded steps only) cancels it without a host read."""
-        if self.scaler is not None:
-            self.scaler.step(self.opt)  # skipped when unscale_ found an inf/NaN gradient
-            self.scaler.update()
-        elif ok is None:
-            self.opt.step()
-        else:
-            self.guard.step(ok)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
         """forward_backward + update, raising FloatingPointError on a non-finite term (benchmarks)."""
