@@ -195,3 +195,17 @@ def test_reuse_search_takes_finished_runs_with_the_same_settings(twice, tmp_path
     first = {(r["method"], r["alpha"]): r["val_top1"] for r in report["search"]["results"]}
     assert by_key[("delta", 0.001)]["val_top1"] == first[("delta", 0.001)]  # refitted: same seed, same number
     assert json.loads(other.read_text())["settings"]["iterations"] == QUICK["iterations"]
+
+
+@pytest.mark.parametrize("means, verdict", [
+    ({"l2": 80.0, "l2_sp": 79.0, "delta_no_att": 78.0, "delta": 82.0}, "DELTA has the best mean, by 2.00 at least: less than"),
+    ({"l2": 80.0, "l2_sp": 79.0, "delta_no_att": 70.0, "delta": 85.0}, "DELTA has the best mean, by more than"),
+    ({"l2": 80.0, "l2_sp": 79.0, "delta_no_att": 70.0, "delta": 78.0}, "does not beat L2, L2-SP: behind by up to 2.00, within"),
+    ({"l2": 90.0, "l2_sp": 79.0, "delta_no_att": 70.0, "delta": 78.0}, "does not beat L2, L2-SP: behind by up to 12.00, more than"),
+])
+def test_accuracy_claim_text_says_what_the_margin_is(means, verdict):
+    from fastdelta.compare.report import claims
+    table = {m: {"mean": v, "std": 3.0 if m == "delta" else 0.5} for m, v in means.items()}
+    c = claims({"table": table, "activation_maps": {"images": []}})["accuracy"]
+    assert c["holds"] == (means["delta"] > max(v for m, v in means.items() if m != "delta"))
+    assert verdict in c["text"], c["text"]

@@ -19,6 +19,18 @@ def _fmt(mean: Optional[float], std: Optional[float], n: int) -> str:
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
 
 
+def _accuracy_verdict(rivals, beaten, margin, noise: float) -> str:
+    """Whether DELTA's mean is best, and whether the deciding margin exceeds the seed noise."""
+    if len(beaten) == len(rivals):
+        closest = min(margin.values())
+        return "DELTA has the best mean" + (f", by {closest:.2f} at least: less than the largest seed std."
+                                            if closest < noise else ", by more than the largest seed std.")
+    behind = [m for m in rivals if m not in beaten]
+    gap = -min(margin[m] for m in behind)
+    return (f"DELTA does not beat {', '.join(label(m) for m in behind)}: behind by up to {gap:.2f}, "
+            + ("more than the largest seed std." if gap > noise else "within the largest seed std."))
+
+
 def claims(report: dict) -> Dict[str, dict]:
     """Each of the paper's claims, decided from the numbers where a number can decide it."""
     out = {}
@@ -35,11 +47,7 @@ def claims(report: dict) -> Dict[str, dict]:
         out["accuracy"] = {
             "holds": len(beaten) == len(rivals),
             "text": (f"DELTA {d:.2f}% vs " + ", ".join(f"{label(m)} {v:.2f}% ({margin[m]:+.2f})" for m, v in rivals.items())
-                     + f"; largest seed std {noise:.2f}. "
-                     + ("DELTA has the best mean" if len(beaten) == len(rivals) else
-                        f"DELTA does not beat {', '.join(label(m) for m in rivals if m not in beaten)}")
-                     + (" but the margin is within one std" if beaten and min(margin[m] for m in beaten) < noise else "")
-                     + ".")}
+                     + f"; largest seed std {noise:.2f}. " + _accuracy_verdict(rivals, beaten, margin, noise))}
     rough = report.get("roughness", {})
     pairs = [(s, rough.get(f"{delta}/{s}"), rough.get(f"{l2_sp}/{s}")) for s in ("step", "exp")]
     pairs = [(s, a, b) for s, a, b in pairs if a is not None and b is not None]
