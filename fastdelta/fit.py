@@ -297,6 +297,10 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSetting
         history = train_loop(nets.target, feature_source, reg, data.train, spec, device, ctx, start)
     except NonFiniteLossError as e:
         timings["train"] = round(time.perf_counter() - t0, 3)
+        if reg.uses_source_features and s.feature_map == "conv" and s.feature_scale == "none":
+            e.args = (f"{e.args[0]}; with raw conv taps the feature-map term grows with the network's "
+                      "pre-BN activations, so an alpha tuned elsewhere can diverge here: lower alpha, or use "
+                      "feature_map='activation' (recipe='paper') or feature_scale='source_energy'",)
         e.partial_result = FitResult(nets.target, s.method, settings_record, info, data_record, e.history,
                                      {}, attention, timings, f"diverged: {e}")
         raise

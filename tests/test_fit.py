@@ -133,6 +133,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_state():
     assert partial.status.startswith("diverged")
     assert all(torch.isfinite(p).all() for p in partial.model.parameters())
     assert all(torch.isfinite(b).all() for b in partial.model.buffers() if b.is_floating_point())
+    assert "feature_scale" not in str(e)  # the raw-tap advice is for feature-map methods only
+
+
+def test_a_diverging_feature_map_method_names_the_options_that_keep_alpha_usable():
+    with pytest.raises(NonFiniteLossError) as info:
+        fastdelta.fit(tiny_net(), arrays(), None, method="delta_no_att", layers=TINY_LAYERS,
+                      **{**QUICK, "iterations": 50, "lr": 1e6})
+    assert "feature_map='activation'" in str(info.value) and "feature_scale='source_energy'" in str(info.value)
 
 
 def test_bad_settings_and_model_errors(tmp_path):
