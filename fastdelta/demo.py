@@ -109,14 +109,16 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
 
 def environment() -> dict:
-    """Device, torch, python and date: recorded with every result file."""
+    """Device, torch, python, CPU threads and date: recorded with every result file (CPU results depend on
+    the thread count: it changes the order of floating-point sums)."""
     import os
     import platform
 
     import torch
     gpu = torch.cuda.is_available()
     return {"device": torch.cuda.get_device_name(0) if gpu else f"cpu ({os.cpu_count()} cores)",
-            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+            "torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def _fmt(v) -> str:

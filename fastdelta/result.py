@@ -45,7 +45,9 @@ class FitResult:
                     "layers": self.attention.layers, "images": self.attention.images, "impl": self.attention.impl,
                     "file": "channel_attention.json"},
                 "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                                "device": self.settings.get("device_used")}}
+                                "device": self.settings.get("device_used"),
+                                # CPU results depend on it: the summation order changes with the thread count
+                                "cpu_threads": torch.get_num_threads()}}
 
     def save(self, directory, weights: bool = True) -> Path:
         """result.json, history.jsonl, model.pt (unless weights=False), channel_attention.json (if any),
