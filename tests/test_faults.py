@@ -323,6 +323,9 @@ def append_then_signal(self, record):  # a real signal, at a known iteration
         os.kill(os.getpid(), signal.{signal})
 
 loop.HistoryWriter.append = append_then_signal
+# a job started with `&` from a script inherits SIGINT ignored, which fit rightly keeps: start from the defaults
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 try:
     fastdelta.fit(tiny_net(), arrays(), None, run_dir={run!r}, **{kw!r})
 except fastdelta.Preempted as e:

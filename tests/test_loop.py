@@ -65,13 +65,14 @@ def host_reads(monkeypatch):
     """Counts conversions of tensors to host values made by the loop's thread (other threads, such as a
     previous test's leftovers, do not count), except the loop's own deferred stats buffers."""
     counted = {"n": 0}
-    allowed = set()
+    allowed, kept = set(), []  # kept: the allowed tensors stay alive, so their ids are never reused
     loop_thread = threading.get_ident()
     real_init = DeferredStats.__init__
 
     def init(self, *a, **k):
         real_init(self, *a, **k)
         allowed.update(id(t) for t in self.host)
+        kept.extend(self.host)
     monkeypatch.setattr(DeferredStats, "__init__", init)
     for name in READS:
         real = getattr(torch.Tensor, name)

@@ -48,7 +48,11 @@ else
 fi
 
 public_anchor() {  # the public recipe as its anchor script measures it, rows into $OUT/anchor.json
-  if [ ! -f "$ANCHOR" ]; then echo "no $ANCHOR: run 'bash benchmarks/gpu/session.sh prepare' and carry .carry"; return 1; fi
+  if [ ! -f "$ANCHOR" ]; then
+    echo "no $ANCHOR: run 'bash benchmarks/gpu/session.sh prepare' and carry .carry"
+    [ "$SMOKE" = 1 ] && { echo "(smoke: the anchor part is skipped)"; return 0; }
+    return 1
+  fi
   if [ "$SMOKE" = 1 ]; then python3 -m py_compile "$ANCHOR" && echo "anchor compiles (it needs CUDA to run)"; return $?; fi
   OUT="$OUT" timeout 40 python3 "$ANCHOR" resnet101  # the eager fp32 rows come first; the rest as time allows
 }
