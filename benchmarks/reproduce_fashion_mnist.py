@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fastdelta.compare.comparison import CompareSettings, compare
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.compare.figures import label
@@ -119,6 +121,14 @@ def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=(
             alpha = r["chosen"].get(m, {}).get("alpha")
             cells.append(c + (f" (α {alpha:g})" if alpha is not None else ""))
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
+    lines += ["", "## DELTA minus another method, paired by seed (points of test top-1; the seeds in brackets)", "",
+              "| versus | " + " | ".join(f"{n}/class" for n in reports) + " |", "|---|" + "---|" * len(reports)]
+    for other in ("l2", "l2_sp", "delta_no_att"):
+        cells = []
+        for r in reports.values():
+            d = paired_difference(r, other) if "runs" in r else None
+            cells.append("-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f} ({', '.join(f'{v:+.2f}' for v in d[2])})")
+        lines.append(f"| {label(other)} | " + " | ".join(cells) + " |")
     lines += ["", "## The paper's claims, per size", ""]
     for n, r in reports.items():
         lines.append(f"### {n} images per class ([report](per_class_{n}/report.md))")
@@ -130,6 +140,17 @@ def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=(
             lines.append(f"- **{name.replace('_', ' ')}: {verdict}.** {c['text']}")
         lines.append("")
     atomic_write_text(out / "README.md", "\n".join(lines))
+
+
+def paired_difference(report: dict, other: str):
+    """(mean, std, per-seed values) of DELTA minus `other`, seed by seed (step schedule), or None."""
+    top1 = {(r["method"], r["seed"]): r["test_top1"] for r in report["runs"] if r["schedule"] == "step"}
+    seeds = sorted(s for m, s in top1 if m == "delta")
+    diffs = [top1[("delta", s)] - top1[(other, s)] for s in seeds
+             if top1.get(("delta", s)) is not None and top1.get((other, s)) is not None]
+    if not diffs:
+        return None
+    return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0, diffs
 
 
 def test_images(report: dict) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_fashion_mnist import parse_setting, run_sizes, write_summary  # noqa: E402
+from reproduce_fashion_mnist import paired_difference, parse_setting, run_sizes, write_summary  # noqa: E402
 
 import fastdelta  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
@@ -97,17 +97,6 @@ def run_target(a) -> None:
                   str(weights), a, extra)
     write_summary(out, sizes, a.command or " ".join(sys.argv),
                   "related source (Fashion-MNIST classes 0-4) -> Fashion-MNIST classes 5-9", preamble)
-
-
-def paired_difference(report: dict, other: str):
-    """(mean, std, per-seed values) of DELTA minus `other`, seed by seed (step schedule), or None."""
-    top1 = {(r["method"], r["seed"]): r["test_top1"] for r in report["runs"] if r["schedule"] == "step"}
-    seeds = sorted(s for m, s in top1 if m == "delta")
-    diffs = [top1[("delta", s)] - top1[(other, s)] for s in seeds
-             if top1.get(("delta", s)) is not None and top1.get((other, s)) is not None]
-    if not diffs:
-        return None
-    return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0, diffs
 
 
 def write_overview(a) -> None:

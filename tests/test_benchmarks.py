@@ -57,6 +57,7 @@ def test_reproduction_summary_from_reports(tmp_path):
     assert "| DELTA | **70.00 ± 1.00** (α 0.01) | 50.00 ± 1.00 (α 0.01) |" in text
     assert "DELTA 70.0 > L2-SP 61.0 > L2 60.0 > L2-SP(ATT) 59.0 > L2-FE 12.0; diverged: DELTA w/o ATT" in text
     assert "**accuracy: holds.**" in text and "**accuracy: does not hold.**" in text
+    assert "| L2 | - | - |" in text  # reports without runs: no paired difference to show
 
 
 def test_related_source_overview_pairs_seeds(tmp_path):
