@@ -123,12 +123,7 @@ def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=(
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     lines += ["", "## DELTA minus another method, paired by seed (points of test top-1; the seeds in brackets)", "",
               "| versus | " + " | ".join(f"{n}/class" for n in reports) + " |", "|---|" + "---|" * len(reports)]
-    for other in ("l2", "l2_sp", "delta_no_att"):
-        cells = []
-        for r in reports.values():
-            d = paired_difference(r, other) if "runs" in r else None
-            cells.append("-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f} ({', '.join(f'{v:+.2f}' for v in d[2])})")
-        lines.append(f"| {label(other)} | " + " | ".join(cells) + " |")
+    lines += paired_rows(list(reports.values()))
     lines += ["", "## The paper's claims, per size", ""]
     for n, r in reports.items():
         lines.append(f"### {n} images per class ([report](per_class_{n}/report.md))")
@@ -151,6 +146,18 @@ def paired_difference(report: dict, other: str):
     if not diffs:
         return None
     return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0, diffs
+
+
+def paired_rows(reports) -> list:
+    """Markdown rows: per rival, DELTA's paired difference in each report ('-' without runs)."""
+    rows = []
+    for other in ("l2", "l2_sp", "delta_no_att"):
+        cells = []
+        for r in reports:
+            d = paired_difference(r, other) if "runs" in r else None
+            cells.append("-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f} ({', '.join(f'{v:+.2f}' for v in d[2])})")
+        rows.append(f"| {label(other)} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def test_images(report: dict) -> str:

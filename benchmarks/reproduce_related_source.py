@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_fashion_mnist import paired_difference, parse_setting, run_sizes, write_summary  # noqa: E402
+from reproduce_fashion_mnist import paired_rows, parse_setting, run_sizes, write_summary  # noqa: E402
 
 import fastdelta  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
@@ -132,12 +132,7 @@ def write_overview(a) -> None:
     lines += ["", "## DELTA minus another method, paired by seed (points of test top-1)", "",
               "| versus | " + " | ".join(f"{name}, {n}/class" for name, n, _ in columns) + " |",
               "|---|" + "---|" * len(columns)]
-    for other in ("l2", "l2_sp", "delta_no_att"):
-        cells = []
-        for _, _, r in columns:
-            d = paired_difference(r, other)
-            cells.append("-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f} ({', '.join(f'{v:+.2f}' for v in d[2])})")
-        lines.append(f"| {label(other)} | " + " | ".join(cells) + " |")
+    lines += paired_rows([r for _, _, r in columns])
     atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
     print(f"wrote {out / 'README.md'}")
 
