@@ -99,6 +99,27 @@ def run_target(a) -> None:
                   "related source (Fashion-MNIST classes 0-4) -> Fashion-MNIST classes 5-9", preamble)
 
 
+def recipe_rows(columns) -> list:
+    """Markdown: DELTA of each other recipe minus DELTA of `public` at the same size, seed by seed."""
+    base = {n: r for name, n, r in columns if name == "public"}
+    rows = []
+    for name, n, r in columns:
+        if name == "public" or n not in base:
+            continue
+        top1 = lambda rep: {x["seed"]: x["test_top1"] for x in rep["runs"]
+                            if x["method"] == "delta" and x["schedule"] == "step" and x["test_top1"] is not None}
+        mine, ref = top1(r), top1(base[n])
+        diffs = [mine[k] - ref[k] for k in sorted(mine) if k in ref]
+        if diffs:
+            std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
+            rows.append(f"| {name}, {n}/class | {np.mean(diffs):+.2f} ± {std:.2f} "
+                        f"({', '.join(f'{v:+.2f}' for v in diffs)}) |")
+    if not rows:
+        return []
+    return ["", "## DELTA of each recipe minus DELTA of the public recipe, paired by seed (points)", "",
+            "| recipe, size | difference |", "|---|---|", *rows]
+
+
 def write_overview(a) -> None:
     """OUT/README.md: the table of every recipe x size found under OUT, and DELTA's paired differences."""
     out = Path(a.out)
@@ -133,6 +154,7 @@ def write_overview(a) -> None:
               "| versus | " + " | ".join(f"{name}, {n}/class" for name, n, _ in columns) + " |",
               "|---|" + "---|" * len(columns)]
     lines += paired_rows([r for _, _, r in columns])
+    lines += recipe_rows(columns)
     atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
     print(f"wrote {out / 'README.md'}")
 

@@ -83,6 +83,8 @@ def test_related_source_overview_pairs_seeds(tmp_path):
     assert "| L2 | **71.00 ± 1.00** | **71.00 ± 1.00** | **71.00 ± 1.00** |" in text
     # DELTA - L2 per seed: paper 69-70, 70-71, 71-72 -> -1 each; public/10 70-70, 73-71, 71-72 -> 0, +2, -1
     assert "| L2 | -1.00 ± 0.00 (-1.00, -1.00, -1.00) | +0.33 ± 1.53 (+0.00, +2.00, -1.00) |" in text
+    # DELTA paper - DELTA public at 10/class: 69-70, 70-73, 71-71
+    assert "| paper, 10/class | -1.33 ± 1.53 (-1.00, -3.00, +0.00) |" in text
 
 
 def test_bench_cpu_layout_smoke(tmp_path):
