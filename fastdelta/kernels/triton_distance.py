@@ -3,7 +3,7 @@
     loss_b = 0.5 * sum_{j,p} scale_j * (relu(t_bjp) - relu(s_bjp))^2          (per sample; summed: the loss)
     grad_t = grad_out_b * scale_j * (relu(t) - relu(s)) * (t > 0)              (relu=False: t - s, no mask)
 
-One kernel, two uses (constexpr switches): forward (loss only: reads t and s once) and backward (reads
+One kernel, two uses (constexpr BACKWARD): forward (loss only: reads t and s once) and backward (reads
 t and s once, writes grad_t once). Autograd is the custom op's (fastdelta.kernels.op). Layouts: contiguous NCHW or channels_last, read in memory order with
 the channel computed from the offset, so neither layout is copied. Any B, C, H*W (masked tails).
 fp32 / bf16 / fp16 inputs, fp32 arithmetic and accumulation; fp64 inputs are computed in fp32.
@@ -30,9 +30,8 @@ import triton.language as tl
 @triton.jit
 def _fmd_kernel(t_ptr, s_ptr, scale_ptr, loss_ptr, grad_ptr, gout_ptr,
                 CHW, HW, C, n_blk,
-                RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, COMPUTE_LOSS: tl.constexpr,
-                WRITE_GRAD: tl.constexpr, ATOMIC: tl.constexpr, HAS_GOUT: tl.constexpr,
-                GOUT_PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+                RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, BACKWARD: tl.constexpr,
+                ATOMIC: tl.constexpr, GOUT_PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)  # offset inside sample b (both layouts keep samples contiguous)
@@ -49,19 +48,18 @@ def _fmd_kernel(t_ptr, s_ptr, scale_ptr, loss_ptr, grad_ptr, gout_ptr,
         d = tl.where(t < 0.0, 0.0, t) - tl.where(s < 0.0, 0.0, s)
     else:
         d = t - s
-    if COMPUTE_LOSS:
+    if not BACKWARD:  # forward: the loss only
         part = 0.5 * tl.sum(w * d * d, axis=0)
         if ATOMIC:
             tl.atomic_add(loss_ptr + b, part)
         else:
             tl.store(loss_ptr + b * n_blk + blk, part)
-    if WRITE_GRAD:
+    else:  # backward: the gradient only, scaled by the incoming gradient
         g = w * d
-        if HAS_GOUT:
-            if GOUT_PER_SAMPLE:
-                g = g * tl.load(gout_ptr + b).to(tl.float32)
-            else:
-                g = g * tl.load(gout_ptr).to(tl.float32)
+        if GOUT_PER_SAMPLE:
+            g = g * tl.load(gout_ptr + b).to(tl.float32)
+        else:
+            g = g * tl.load(gout_ptr).to(tl.float32)
         if RELU:
             g = tl.where(t <= 0.0, 0.0, g)  # relu'(t) = (t > 0); a NaN t keeps its NaN gradient
         tl.store(grad_ptr + base + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -113,8 +111,8 @@ def fm_distance_forward(t: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, r
     buf = loss if not deterministic else torch.empty(B, n_blk, device=t.device, dtype=torch.float32)
     kernel(t)[(B, n_blk)](
         t, s, scale, buf, t, t, chw, hw, C, n_blk,
-        RELU=relu, CHANNELS_LAST=channels_last, COMPUTE_LOSS=True, WRITE_GRAD=False,
-        ATOMIC=not deterministic, HAS_GOUT=False, GOUT_PER_SAMPLE=False, BLOCK=block, num_warps=num_warps)
+        RELU=relu, CHANNELS_LAST=channels_last, BACKWARD=False,
+        ATOMIC=not deterministic, GOUT_PER_SAMPLE=False, BLOCK=block, num_warps=num_warps)
     if deterministic:
         loss = buf.sum(dim=1)  # fixed-order reduction of the per-block partials
     return loss
@@ -135,7 +133,7 @@ def fm_distance_backward(grad_out: torch.Tensor, t: torch.Tensor, s: torch.Tenso
     block, n_blk, num_warps = _config(t, chw, block)
     kernel(t)[(B, n_blk)](
         t, s, scale, t, grad, gout, chw, H * W, C, n_blk,
-        RELU=relu, CHANNELS_LAST=channels_last, COMPUTE_LOSS=False, WRITE_GRAD=True,
-        ATOMIC=False, HAS_GOUT=True, GOUT_PER_SAMPLE=gout.numel() != 1,
+        RELU=relu, CHANNELS_LAST=channels_last, BACKWARD=True,
+        ATOMIC=False, GOUT_PER_SAMPLE=gout.numel() != 1,
         BLOCK=block, num_warps=num_warps)
     return grad
