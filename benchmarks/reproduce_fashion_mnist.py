@@ -15,7 +15,9 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 
@@ -54,27 +56,52 @@ def main(argv=None):
         return
     x_all, y_all = load_fashion_mnist("train")
     run_sizes(out, sizes, lambda n: few_shot_subset(x_all, y_all, n, 0), load_fashion_mnist("test"), "imagenet",
-              a, dict(parse_setting(v) for v in a.set))
+              Plan.from_args(a))
     write_summary(out, sizes, " ".join(sys.argv))
 
 
-def run_sizes(out: Path, sizes, train_of_size, test, weights: str, a, extra: dict) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """What every training size of one reproduction shares (one command line)."""
+    iterations: int
+    batch_size: int
+    image_size: int
+    recipe: str
+    methods: Tuple[str, ...]
+    seeds: int
+    curve_images: int
+    search: str = "alpha"
+    reuse_search: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # further fastdelta.fit settings (--set NAME=VALUE)
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> "Plan":
+        return cls(iterations=a.iterations, batch_size=a.batch_size, image_size=a.image_size, recipe=a.recipe,
+                   methods=tuple(a.methods.split(",")), seeds=a.seeds, curve_images=a.curve_images,
+                   search=getattr(a, "search", "alpha"), reuse_search=a.reuse_search,
+                   progress=not getattr(a, "no_progress", False), extra=dict(parse_setting(v) for v in a.set))
+
+    def fit_settings(self) -> dict:
+        return dict(iterations=self.iterations, batch_size=self.batch_size, lr=0.01, beta=0.01,
+                    resize=round(self.image_size * 256 / 224), crop=self.image_size, attention_head_epochs=10,
+                    recipe=self.recipe, **self.extra)
+
+
+def run_sizes(out: Path, sizes, train_of_size, test, weights: str, plan: Plan) -> None:
     """One `fastdelta.compare` per training size into out/per_class_N (a size whose report exists is
-    skipped, so an interrupted reproduction continues). `a`: the parsed command line."""
-    settings = dict(iterations=a.iterations, batch_size=a.batch_size, lr=0.01, beta=0.01,
-                    resize=round(a.image_size * 256 / 224), crop=a.image_size, attention_head_epochs=10,
-                    recipe=a.recipe, **extra)
+    skipped, so an interrupted reproduction continues)."""
     for n in sizes:
         folder = out / f"per_class_{n}"
         if (folder / "report.json").is_file():
             print(f"{folder}: report exists, skipped")
             continue
         t0 = time.perf_counter()
-        compare("efficientnet_lite0", train_of_size(n), test, methods=a.methods.split(","), seeds=a.seeds,
-                search=getattr(a, "search", "alpha"), out=folder, weights=weights,
-                compare_settings=CompareSettings(curve_points=10, curve_images=a.curve_images,
-                                                 reuse_search=getattr(a, "reuse_search", False)),
-                progress=not getattr(a, "no_progress", False), **settings)
+        compare("efficientnet_lite0", train_of_size(n), test, methods=list(plan.methods), seeds=plan.seeds,
+                search=plan.search, out=folder, weights=weights,
+                compare_settings=CompareSettings(curve_points=10, curve_images=plan.curve_images,
+                                                 reuse_search=plan.reuse_search),
+                progress=plan.progress, **plan.fit_settings())
         print(f"{folder}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_fashion_mnist import paired_rows, parse_setting, run_sizes, write_summary  # noqa: E402
+from reproduce_fashion_mnist import Plan, paired_rows, run_sizes, write_summary  # noqa: E402
 
 import fastdelta  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
@@ -81,8 +81,8 @@ def run_target(a) -> None:
     weights = Path(a.out) / "source" / "model.pt"
     if sha256(weights) != source["weights_sha256"]:
         raise SystemExit(f"{weights} does not match the SHA-256 recorded in source.json")
-    extra = dict(parse_setting(v) for v in a.set)
-    name = a.name or "_".join([a.recipe] + [f"{k}-{v}" for k, v in sorted(extra.items())])
+    plan = Plan.from_args(a)
+    name = a.name or "_".join([a.recipe] + [f"{k}-{v}" for k, v in sorted(plan.extra.items())])
     out = Path(a.out) / name
     sizes = [int(s) for s in a.sizes.split(",")]
     preamble = [f"- source: ImageNet EfficientNet-Lite0 fine-tuned by fastdelta (L2) on all "
@@ -94,7 +94,7 @@ def run_target(a) -> None:
     if not a.summary_only:
         x_all, y_all = classes_subset("train", TARGET_CLASSES)
         run_sizes(out, sizes, lambda n: few_shot_subset(x_all, y_all, n, 0), classes_subset("test", TARGET_CLASSES),
-                  str(weights), a, extra)
+                  str(weights), plan)
     write_summary(out, sizes, a.command or " ".join(sys.argv),
                   "related source (Fashion-MNIST classes 0-4) -> Fashion-MNIST classes 5-9", preamble)
 

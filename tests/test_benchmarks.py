@@ -94,3 +94,26 @@ def test_bench_cpu_layout_smoke(tmp_path):
     assert set(result["rows"]) == {"train_l2", "train_delta", "eval_forward"}
     assert all(r["contiguous_ms"] > 0 and r["channels_last_ms"] > 0 for r in result["rows"].values())
     assert json.load(open(out))["rows"] == result["rows"]
+
+
+def test_reproduction_passes_its_command_line_to_compare(tmp_path, monkeypatch):
+    """Every size gets the same fit settings from the command line (recipe, crop, --set, search reuse); a
+    size whose report exists is not rerun."""
+    mod = load("reproduce_fashion_mnist")
+    calls = []
+    monkeypatch.setattr(mod, "compare", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(mod, "load_fashion_mnist", lambda split: (None, None))
+    monkeypatch.setattr(mod, "few_shot_subset", lambda x, y, n, seed: ("subset", n))
+    monkeypatch.setattr(mod, "write_summary", lambda *a, **kw: None)
+    (tmp_path / "per_class_100").mkdir()
+    (tmp_path / "per_class_100" / "report.json").write_text("{}")
+    mod.main(["--out", str(tmp_path), "--sizes", "10,100", "--image-size", "64", "--iterations", "7",
+              "--recipe", "paper", "--set", "feature_scale=source_energy", "--set", "nesterov=true",
+              "--methods", "l2,delta", "--reuse-search"])
+    assert len(calls) == 1
+    (model, train, test), kw = calls[0]
+    assert (model, train) == ("efficientnet_lite0", ("subset", 10))
+    assert kw["methods"] == ["l2", "delta"] and kw["out"] == tmp_path / "per_class_10"
+    assert (kw["crop"], kw["resize"], kw["iterations"], kw["recipe"]) == (64, 73, 7, "paper")
+    assert kw["feature_scale"] == "source_energy" and kw["nesterov"] is True
+    assert kw["compare_settings"].reuse_search is True and kw["search"] == "alpha"
