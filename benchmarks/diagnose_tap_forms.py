@@ -29,6 +29,7 @@ from fastdelta.ioutil import atomic_write_text
 from fastdelta.methods import make_method
 from fastdelta.methods.taps import FeatureTaps
 from fastdelta.networks.models import build_networks
+from fastdelta.train.deferred import BufferSnapshots
 from fastdelta.train.distributed import DistContext
 from fastdelta.train.evaluate import evaluate
 from fastdelta.train.loop import TrainSpec, lr_at, make_loader, make_train_loader
@@ -42,7 +43,8 @@ def backbone_grad(loss, params):
 
 def measure(reg, target, source, x, y):
     """The probe of one batch (the model in train mode, as in the step; BN statistics restored after)."""
-    buffers = {k: v.clone() for k, v in target.state_dict().items() if "running" in k or "num_batches" in k}
+    bn = BufferSnapshots(target)
+    bn.save(0)
     rectify = reg.rectify_at_tap
     with FeatureTaps(target, reg.taps, rectify=rectify) as tt, FeatureTaps(source, reg.taps, rectify=rectify) as st:
         logits, t_feats = tt(x)
@@ -53,7 +55,7 @@ def measure(reg, target, source, x, y):
     head = set(id(p) for p in reg.head_params)
     backbone = [p for p in target.parameters() if id(p) not in head]
     g_ce, g_reg = backbone_grad(ce, backbone), backbone_grad(term, backbone)
-    target.load_state_dict(buffers, strict=False)  # the probe's forward leaves the BN statistics as they were
+    bn.restore(0)  # the probe's forward leaves the BN statistics as they were
     layers = {}
     with torch.no_grad():
         per_layer = []

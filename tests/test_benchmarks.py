@@ -3,6 +3,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -117,3 +119,21 @@ def test_reproduction_passes_its_command_line_to_compare(tmp_path, monkeypatch):
     assert (kw["crop"], kw["resize"], kw["iterations"], kw["recipe"]) == (64, 73, 7, "paper")
     assert kw["feature_scale"] == "source_energy" and kw["nesterov"] is True
     assert kw["compare_settings"].reuse_search is True and kw["search"] == "alpha"
+
+
+@pytest.mark.filterwarnings("ignore:fastdelta. NO PRE-TRAINED WEIGHTS")
+def test_tap_form_probe_leaves_the_bn_statistics_as_they_were():
+    """The diagnosis measures a batch in train mode between steps; the training it observes must not see it."""
+    import torch
+    from fastdelta.methods import make_method
+    from fastdelta.networks.models import build_networks
+    mod = load("diagnose_tap_forms")
+    nets = build_networks("resnet18", 3, None, None, 0)
+    reg = make_method("delta_no_att", nets.target, nets.source, nets.head_name, nets.layers, 1e-4, 0.01, 1e-4,
+                      "relu_conv", None, "sum")
+    nets.target.train()
+    before = {k: v.clone() for k, v in nets.target.state_dict().items() if "running" in k or "num_batches" in k}
+    probe = mod.measure(reg, nets.target, nets.source, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    after = nets.target.state_dict()
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert abs(sum(row["share"] for row in probe["layers"].values()) - 1.0) < 1e-9
