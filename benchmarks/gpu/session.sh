@@ -3,7 +3,8 @@
 # row on disk as soon as it is measured (a timeout loses nothing). Results go to $OUT (the device
 # tool brings them back) and are then committed under benchmarks/results/ with the card and versions.
 #
-#   bash benchmarks/gpu/session.sh prepare   here, once: copies the public-recipe anchor into .carry/
+#   bash benchmarks/gpu/session.sh prepare ANCHOR.py   here, once: copies the public-recipe anchor script
+#                                            (it writes its rows to $OUT/anchor.json) into .carry/
 #   bash benchmarks/gpu/session.sh           on the GPU machine (carry .carry), <= 480 s by default
 #   SMOKE=1 bash benchmarks/gpu/session.sh   the same parts on the CPU with tiny shapes (CI runs it)
 #
@@ -18,10 +19,10 @@
 #              .dali_site/ (benchmarks/gpu/dali_wheels.sh here, dali_install.sh there)            <= 120 s
 set -u
 cd "$(dirname "$0")/../.."
-ANCHOR_SRC=${ANCHOR_SRC:-../shared/anchors/public_recipe_gpu.py}
 ANCHOR=.carry/anchors/public_recipe_gpu.py
 if [ "${1:-}" = "prepare" ]; then
-  mkdir -p "$(dirname "$ANCHOR")" && cp "$ANCHOR_SRC" "$ANCHOR" && echo "anchor copied to $ANCHOR"
+  if [ ! -f "${2:-}" ]; then echo "usage: session.sh prepare ANCHOR.py (the public-recipe anchor script; '${2:-}' is not a file)"; exit 2; fi
+  mkdir -p "$(dirname "$ANCHOR")" && cp "$2" "$ANCHOR" && echo "anchor copied to $ANCHOR"
   exit $?
 fi
 OUT=${OUT:-/tmp/fastdelta-gpu-out}
@@ -49,7 +50,7 @@ fi
 
 public_anchor() {  # the public recipe as its anchor script measures it, rows into $OUT/anchor.json
   if [ ! -f "$ANCHOR" ]; then
-    echo "no $ANCHOR: run 'bash benchmarks/gpu/session.sh prepare' and carry .carry"
+    echo "no $ANCHOR: run 'bash benchmarks/gpu/session.sh prepare ANCHOR.py' and carry .carry"
     [ "$SMOKE" = 1 ] && { echo "(smoke: the anchor part is skipped)"; return 0; }
     return 1
   fi
