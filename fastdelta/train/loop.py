@@ -32,7 +32,7 @@ from .distributed import DistContext
 from .evaluate import flush_denormals
 from .deferred import BufferSnapshots, DeferredStats, DevicePrefetcher, StepTimer
 from .preempt import Preempted, StopRequest, ignore_stop_signals
-from .steps import STATS, FastStep, ReferenceStep, StepOptions, StepOutput, finite_on_device, first_nonfinite
+from .steps import STATS, FastStep, ReferenceStep, StepOptions, StepOutput, finite_on_device, first_nonfinite, mean_over_ranks
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -245,8 +245,8 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Datas
                 lr = lr_at(it, spec.lr, spec.lr_schedule, spec.lr_step, spec.lr_gamma)
                 snapshots.save(it)
                 timer.start(it)
-                # + the BN statistics' norm, summed over ranks so that all agree on a failure
-                stats = torch.cat([stepper.forward_backward(x, y, lr), ctx.all_reduce_sum(snapshots.norm(like=x))])
+                # + the BN statistics' norm; one all-reduce makes every rank read the same stats
+                stats = mean_over_ranks(torch.cat([stepper.forward_backward(x, y, lr), snapshots.norm(like=x)]), ctx)
                 if not deferred:
                     out = StepOutput.read(stats)
                     check(it, out)

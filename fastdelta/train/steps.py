@@ -99,7 +99,7 @@ def resolve_step_options(device: torch.device, precision: str = "auto", compile=
 
 @dataclass
 class StepOutput:
-    values: Dict[str, float]   # ce, reg, head: averaged over ranks
+    values: Dict[str, float]   # ce, reg, head; in the loop, every stat is averaged over ranks
     grad_norm: float
     train_acc: float
     bn_norm: float = 0.0       # the norm of the BN statistics after the step (the loop appends it)
@@ -113,6 +113,14 @@ class StepOutput:
 
 # a step's stats: one float64 device tensor, so that reading them is one copy, made when the loop chooses
 STATS = ("ce", "reg", "head", "grad_norm", "train_acc")
+
+
+def mean_over_ranks(stats: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """A step's stats (this rank's, the loop's BN norm appended) averaged over ranks in one all-reduce, so
+    that every rank reads the same values and all stop together on a non-finite one."""
+    if not ctx.active:
+        return stats
+    return ctx.all_reduce_sum(stats) / ctx.world_size
 
 
 def finite_on_device(stats: torch.Tensor, skips_nonfinite_grads: bool = False) -> torch.Tensor:
@@ -225,13 +233,12 @@ class ReferenceStep(_Update):
             logits = self.forward(x)
             terms = self.reg.terms()
         ce = F.cross_entropy(logits.float(), y)
-        # every rank gets the same (averaged) values, so all stop together on a NaN
-        values = self.ctx.all_reduce_sum(torch.stack([ce, terms.reg, terms.head]).detach().double())
+        values = torch.stack([ce, terms.reg, terms.head]).detach().double()
         self.opt.zero_grad(set_to_none=True)
         (ce + terms.reg + terms.head).backward()
         gnorm = grad_norm(self.params).to(values.device)
         acc = (logits.argmax(1) == y).float().mean()
-        return torch.cat([values / self.ctx.world_size, gnorm.double().reshape(1), acc.double().reshape(1)])
+        return torch.cat([values, gnorm.double().reshape(1), acc.double().reshape(1)])
 
     def close(self) -> None:
         for taps in (self.target_taps, self.source_taps):
@@ -336,15 +343,11 @@ class FastStep(_Update):
         extra = torch.stack([pulled.get("reg", terms.new_zeros(())), pulled.get("head", terms.new_zeros(()))])
         terms = terms + torch.cat([terms.new_zeros(1), extra.to(terms.device)])
         gn = grad_norm(self.params).to(terms.device)
-        if self.ctx.active:
-            terms = terms.double()
-            self.ctx.all_reduce_sum(terms)
-            terms = terms / self.ctx.world_size
         return torch.cat([terms.double(), gn.double().reshape(1), correct.double().reshape(1) / len(y)])
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
         """forward_backward + update, raising FloatingPointError on a non-finite term (benchmarks)."""
-        out = StepOutput.read(self.forward_backward(x, y, lr))
+        out = StepOutput.read(mean_over_ranks(self.forward_backward(x, y, lr), self.ctx))
         bad = first_nonfinite(out, self.skips_nonfinite_grads)
         if bad is not None:
             raise FloatingPointError(f"non-finite {bad[0]}: {bad[1]}")
