@@ -32,7 +32,8 @@ from .distributed import DistContext
 from .evaluate import flush_denormals
 from .deferred import BufferSnapshots, DeferredStats, DevicePrefetcher, StepTimer
 from .preempt import Preempted, StopRequest, ignore_stop_signals
-from .steps import STATS, FastStep, ReferenceStep, StepOptions, StepOutput, finite_on_device, first_nonfinite, mean_over_ranks
+from .steps import (STATS, FastStep, ReferenceStep, StepOptions, StepOutput, finite_on_device, first_nonfinite,
+                    mean_over_ranks)
 
 
 class NonFiniteLossError(FloatingPointError):
