@@ -169,6 +169,8 @@ def main(argv=None):
     p.add_argument("--sizes", default="10,30,100")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default=",".join(fastdelta.METHODS))
+    p.add_argument("--search", default="alpha", choices=["alpha", "grid", "none"],
+                   help="none: every method at the --set alpha (e.g. to re-run chosen fits with one setting changed)")
     p.add_argument("--curve-images", type=int, default=1000)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES), help="fit recipe")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="another fit setting")
