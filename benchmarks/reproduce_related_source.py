@@ -137,6 +137,10 @@ def write_overview(a) -> None:
              f"SHA-256 `{source['weights_sha256']}`, command `{source['command']}`",
              f"- target: {', '.join(FASHION_MNIST_CLASSES[c] for c in TARGET_CLASSES)}, all 5,000 test images; "
              "six methods, three seeds, alpha chosen on a validation split per method, recipe and size", ""]
+    if any(not c[2].get("search") for c in columns):  # no alpha search recorded
+        lines[-1:-1] = ["- a folder run with `--search none` (e.g. `tap_form_*`: the public recipe with one "
+                        "`feature_map` changed) fits its methods at the alpha its README names, with the seeds "
+                        "and data of the others, so its DELTA pairs seed by seed with the public recipe's"]
     for name in dict.fromkeys(c[0] for c in columns):
         r = next(c[2] for c in columns if c[0] == name)
         lines.append(f"- `{name}` ([README]({name}/README.md)): {describe_conventions(r['settings'])}")
