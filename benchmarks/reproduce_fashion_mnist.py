@@ -79,7 +79,7 @@ class Plan:
     def from_args(cls, a: argparse.Namespace) -> "Plan":
         return cls(iterations=a.iterations, batch_size=a.batch_size, image_size=a.image_size, recipe=a.recipe,
                    methods=tuple(a.methods.split(",")), seeds=a.seeds, curve_images=a.curve_images,
-                   search=getattr(a, "search", "alpha"), reuse_search=a.reuse_search,
+                   search=a.search, reuse_search=a.reuse_search,
                    progress=not getattr(a, "no_progress", False), extra=dict(parse_setting(v) for v in a.set))
 
     def fit_settings(self) -> dict:
@@ -170,9 +170,19 @@ def paired_difference(report: dict, other: str):
     seeds = sorted(s for m, s in top1 if m == "delta")
     diffs = [top1[("delta", s)] - top1[(other, s)] for s in seeds
              if top1.get(("delta", s)) is not None and top1.get((other, s)) is not None]
+    return paired_stats(diffs)
+
+
+def paired_stats(diffs):
+    """(mean, std, the values) of per-seed differences, or None without any."""
     if not diffs:
         return None
     return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0, diffs
+
+
+def paired_cell(d) -> str:
+    """'+0.54 ± 1.21 (+1.08, +1.38, -0.85)' for paired_stats' result, '-' for None."""
+    return "-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f} ({', '.join(f'{v:+.2f}' for v in d[2])})"
 
 
 def paired_rows(reports) -> list:
@@ -182,7 +192,7 @@ def paired_rows(reports) -> list:
         cells = []
         for r in reports:
             d = paired_difference(r, other) if "runs" in r else None
-            cells.append("-" if d is None else f"{d[0]:+.2f} ± {d[1]:.2f} ({', '.join(f'{v:+.2f}' for v in d[2])})")
+            cells.append(paired_cell(d))
         rows.append(f"| {label(other)} | " + " | ".join(cells) + " |")
     return rows
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_fashion_mnist import Plan, paired_rows, run_sizes, write_summary  # noqa: E402
+from reproduce_fashion_mnist import Plan, paired_cell, paired_rows, paired_stats, run_sizes, write_summary  # noqa: E402
 
 import fastdelta  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
@@ -109,11 +109,9 @@ def recipe_rows(columns) -> list:
         top1 = lambda rep: {x["seed"]: x["test_top1"] for x in rep["runs"]
                             if x["method"] == "delta" and x["schedule"] == "step" and x["test_top1"] is not None}
         mine, ref = top1(r), top1(base[n])
-        diffs = [mine[k] - ref[k] for k in sorted(mine) if k in ref]
-        if diffs:
-            std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
-            rows.append(f"| {name}, {n}/class | {np.mean(diffs):+.2f} ± {std:.2f} "
-                        f"({', '.join(f'{v:+.2f}' for v in diffs)}) |")
+        d = paired_stats([mine[k] - ref[k] for k in sorted(mine) if k in ref])
+        if d is not None:
+            rows.append(f"| {name}, {n}/class | {paired_cell(d)} |")
     if not rows:
         return []
     return ["", "## DELTA of each recipe minus DELTA of the public recipe, paired by seed (points)", "",
