@@ -37,6 +37,7 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--search", default="alpha", choices=["alpha", "grid", "none"])
+    p.add_argument("--folds", type=int, default=1, help="K >= 2: K-fold cross-validation for the search (paper: 5)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--curve-images", type=int, default=1000, help="test images per learning-curve point")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES), help="fit recipe")
@@ -71,6 +72,7 @@ class Plan:
     seeds: int
     curve_images: int
     search: str = "alpha"
+    folds: int = 1
     reuse_search: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)  # further fastdelta.fit settings (--set NAME=VALUE)
@@ -79,7 +81,7 @@ class Plan:
     def from_args(cls, a: argparse.Namespace) -> "Plan":
         return cls(iterations=a.iterations, batch_size=a.batch_size, image_size=a.image_size, recipe=a.recipe,
                    methods=tuple(a.methods.split(",")), seeds=a.seeds, curve_images=a.curve_images,
-                   search=a.search, reuse_search=a.reuse_search,
+                   search=a.search, folds=getattr(a, "folds", 1), reuse_search=a.reuse_search,
                    progress=not getattr(a, "no_progress", False), extra=dict(parse_setting(v) for v in a.set))
 
     def fit_settings(self) -> dict:
@@ -100,9 +102,21 @@ def run_sizes(out: Path, sizes, train_of_size, test, weights: str, plan: Plan) -
         compare("efficientnet_lite0", train_of_size(n), test, methods=list(plan.methods), seeds=plan.seeds,
                 search=plan.search, out=folder, weights=weights,
                 compare_settings=CompareSettings(curve_points=10, curve_images=plan.curve_images,
-                                                 reuse_search=plan.reuse_search),
+                                                 reuse_search=plan.reuse_search, folds=plan.folds),
                 progress=plan.progress, **plan.fit_settings())
         print(f"{folder}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+
+
+def search_rule(report: dict) -> str:
+    """How the report's alpha was chosen, in words (none: given)."""
+    search = report.get("search")
+    if search is None:
+        return "hand (no search; `--search none`)"
+    split = search["split"]
+    if "folds" in split:
+        return f"{split['folds']}-fold cross-validation on the training images (seed {search['seed']})"
+    return (f"a validation split ({round(100 * split.get('val_fraction', 0.2))}% of each class's training images, "
+            f"seed {search['seed']})")
 
 
 def parse_setting(text: str):
@@ -132,9 +146,8 @@ def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=(
              f"- CPU-feasible size: {run['crop']}x{run['crop']} crops (resize {run['resize']}), "
              f"{run['iterations']} iterations of batch {run['batch_size']} per run (the paper: 224 px, 9,000 iterations of 64)",
              f"- conventions: {describe_conventions(run)}",
-             "- alpha per method and size chosen on a validation split (20% of each class's training images, "
-             "seed 0) over 0.0001, 0.001, 0.01, 0.1, 0.2 with beta 0.01; the test set "
-             f"({test_images(any_r)} images) only measures", "",
+             f"- alpha per method and size chosen by {search_rule(any_r)} over 0.0001, 0.001, 0.01, 0.1, 0.2 "
+             f"with beta 0.01; the test set ({test_images(any_r)} images) only measures", "",
              "## Table 1 analog: test top-1 (%), mean ± std over seeds", "",
              "| method | " + " | ".join(f"{n}/class" for n in reports) + " |",
              "|---|" + "---|" * len(reports)]

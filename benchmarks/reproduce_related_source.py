@@ -173,6 +173,7 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(fastdelta.METHODS))
     p.add_argument("--search", default="alpha", choices=["alpha", "grid", "none"],
                    help="none: every method at the --set alpha (e.g. to re-run chosen fits with one setting changed)")
+    p.add_argument("--folds", type=int, default=1, help="K >= 2: K-fold cross-validation for the search (paper: 5)")
     p.add_argument("--curve-images", type=int, default=1000)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES), help="fit recipe")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="another fit setting")

@@ -10,6 +10,9 @@ Trainer, a Lightning module); the README shows a 25-line loop whose losses equal
       with attention W:    sum_l 0.5 sum_j c W_lj ||FM_lj(target) - FM_lj(source)||^2 / (h w)   (DELTA)
       without:             sum_l 0.5 sum_j ||FM_lj(target) - FM_lj(source)||^2                (DELTA w/o ATT)
 
+  (the public code's scaling; `delta_scale="paper_eq8"` / `delta_no_att_scale="paper_eq5"` give the
+  paper's per-image forms, averaged over the batch: see fastdelta.methods.feature_map.channel_scales)
+
   FM per `feature_map` ("conv", "relu_conv", "activation"; see fastdelta.methods.taps). The source is
   a frozen copy truncated after the last regularised layer with BN folded where exact, it moves with
   `.to()`, runs under your autocast, and the distance is the fused kernel (fastdelta.kernels).
@@ -41,9 +44,11 @@ class FeatureMapRegularizer(nn.Module):
 
     def __init__(self, target: nn.Module, source: nn.Module, layers: Sequence[str],
                  attention: Optional[Sequence[torch.Tensor]] = None, feature_map: str = "conv",
-                 delta_no_att_scale: str = "sum", distance_impl: str = "auto", fold_source_bn: bool = True):
+                 delta_no_att_scale: str = "sum", distance_impl: str = "auto", fold_source_bn: bool = True,
+                 delta_scale: str = "public"):
         super().__init__()
         self.layers, self.feature_map, self.delta_no_att_scale = list(layers), feature_map, delta_no_att_scale
+        self.delta_scale = delta_scale
         self.relu, self.distance_impl = rectifies(feature_map), distance_impl
         taps = tap_modules(target, self.layers, feature_map)
         rectify = rectified_at_tap(feature_map)
@@ -60,7 +65,8 @@ class FeatureMapRegularizer(nn.Module):
             source_maps = self.source(x)
         weights = [getattr(self, f"attention_{i}") for i in range(self.n_attention)] or None
         return feature_map_term(target_maps, source_maps,
-                                channel_scales(weights, target_maps, self.delta_no_att_scale), self.relu,
+                                channel_scales(weights, target_maps, self.delta_no_att_scale, self.delta_scale),
+                                self.relu,
                                 self.distance_impl)
 
     def remove(self) -> None:
@@ -69,12 +75,15 @@ class FeatureMapRegularizer(nn.Module):
 
 
 def channel_attention(model: nn.Module, layers: Sequence[str], batches: Iterable, temperature: float = 5.0,
-                      impl: str = "prefix", progress: bool = False) -> ChannelAttention:
+                      impl: str = "prefix", progress: bool = False,
+                      normalisation: str = "zscore_softmax") -> ChannelAttention:
     """Algorithm 1 on `model` (eval mode): per channel of each layer, the loss increase when its filter is
-    removed, summed over `batches` of (images, labels); `.weights` = softmax(zscore / temperature) per layer."""
+    removed, summed over `batches` of (images, labels); `.weights` per layer = softmax(zscore / temperature)
+    (public code) or, with normalisation="softmax", softmax(raw) (the paper's text)."""
     batches = list(batches)
     raws, ran, seconds = channel_loss_increase(model, list(layers), batches, impl, progress, lambda *_: None)
-    return ChannelAttention(list(layers), raws, temperature, sum(len(y) for _, y in batches), ran, seconds)
+    return ChannelAttention(list(layers), raws, temperature, sum(len(y) for _, y in batches), ran, seconds,
+                            normalisation=normalisation)
 
 
 class SourcePull:

@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 
 from .demo import DEMO_METHODS
-from .settings import (DEFAULT_RECIPE, DELTA_NO_ATT_SCALES, FEATURE_MAPS, FEATURE_SCALES, HEAD_BN_MODES, METHODS,
-                       RECIPES, SOURCE_BN_MODES, FitSettings)
+from .settings import (ATTENTION_SAMPLES, DEFAULT_RECIPE, DELTA_NO_ATT_SCALES, DELTA_SCALES, FEATURE_MAPS,
+                       FEATURE_SCALES, HEAD_BN_MODES, METHODS, NORMALISATIONS, RECIPES, SOURCE_BN_MODES, FitSettings)
 
 
 def _csv(value: str):
@@ -60,8 +60,16 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-map", choices=FEATURE_MAPS, default=None,
                    help="conv: raw conv output (public code); activation: ReLU after the conv's BN (paper); "
                         "relu_conv: ReLU of the pre-BN conv output (neither)")
+    p.add_argument("--delta-scale", choices=DELTA_SCALES, default=None,
+                   help="delta: public (0.5 sum_j c W_j ||d_j||^2 / (h w), summed over the batch) or paper_eq8 "
+                        "(sum_j W_j ||d_j||^2 per image, mean over the batch)")
     p.add_argument("--delta-no-att-scale", choices=DELTA_NO_ATT_SCALES, default=None,
-                   help="delta_no_att: sum (public fea_map, 0.5 sum ||d||^2) or uniform_attention (/ h w)")
+                   help="delta_no_att: sum (public fea_map, 0.5 sum ||d||^2), uniform_attention (/ h w) or "
+                        "paper_eq5 (sum_j ||d_j||^2 per image, mean over the batch)")
+    p.add_argument("--attention-normalisation", choices=NORMALISATIONS, default=None,
+                   help="W from the loss increases: zscore_softmax (public, softmax(zscore / T)) or softmax (paper)")
+    p.add_argument("--attention-sample", choices=ATTENTION_SAMPLES, default=FitSettings.attention_sample,
+                   help="which training images the attention measures when capped: random (seeded) or first")
     p.add_argument("--attention-head-bn", choices=HEAD_BN_MODES, default=None,
                    help="attention head training: train (BN statistics adapt, public) or frozen (eval mode)")
     p.add_argument("--attention-max-images", type=_images, default=None,
@@ -92,7 +100,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 def _settings(a) -> dict:
     return dict(weights=a.weights, layers=a.layers, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
                 resize=a.resize, crop=a.crop, augmentation=a.augmentation, recipe=a.recipe, feature_map=a.feature_map,
-                delta_no_att_scale=a.delta_no_att_scale, attention_head_bn=a.attention_head_bn,
+                delta_no_att_scale=a.delta_no_att_scale, delta_scale=a.delta_scale,
+                attention_normalisation=a.attention_normalisation, attention_sample=a.attention_sample,
+                attention_head_bn=a.attention_head_bn,
                 attention_augmented=a.attention_augmented, source_bn=a.source_bn, feature_scale=a.feature_scale,
                 nesterov=a.nesterov, backbone_lr_mult=a.backbone_lr_mult,
                 attention_temperature=a.temperature, attention_max_images=a.attention_max_images,
@@ -113,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "by SIGTERM or SIGINT after the step in progress, with a checkpoint written: continue with --resume OUT."))
     _add_training_args(p)
     p.add_argument("--method", choices=list(METHODS), default=FitSettings.method)
-    p.add_argument("--alpha", type=float, default=0.01)
+    p.add_argument("--alpha", type=float, default=None,
+                   help="weight of the regulariser (default: the method's, see the README's method table)")
     p.add_argument("--beta", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="for l2 and l2_fe")
     p.add_argument("--iterations", type=int, default=9000)
@@ -144,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-grid", type=_floats, default=[0.0001, 0.001, 0.01, 0.1, 0.2])
     p.add_argument("--beta-grid", type=_floats, default=[0.0001, 0.001, 0.01, 0.1, 0.2])
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out for the search")
-    p.add_argument("--alpha", type=float, default=0.01, help="with --search none, or the fixed alpha")
+    p.add_argument("--folds", type=int, default=1,
+                   help="K >= 2: choose alpha (and beta) by K-fold cross-validation, as the paper (5), "
+                        "instead of one holdout of --val-fraction")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="alpha with --search none (default: each method's own default)")
     p.add_argument("--beta", type=float, default=0.01, help="the fixed beta of --search alpha / none")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="for l2 and l2_fe")
     p.add_argument("--iterations", type=int, default=9000)
@@ -209,12 +224,13 @@ def _compare(args) -> None:
         raise ValueError("--per-class only applies to --data fashion-mnist")
     kw = _settings(args)
     kw.pop("seed")
+    kw.pop("weights")  # compare takes weights as its own argument
     cs = CompareSettings(alpha_grid=args.alpha_grid, beta_grid=args.beta_grid, val_fraction=args.val_fraction,
                          schedules=args.schedules, curve_points=args.curve_points, curve_images=args.curve_images,
-                         reuse_search=args.reuse_search)
+                         reuse_search=args.reuse_search, folds=args.folds)
     compare(args.model, train, test, methods=args.methods, seeds=args.seeds, search=args.search,
-                     out=args.out, weights=args.weights, compare_settings=cs, alpha=args.alpha, beta=args.beta,
-                     weight_decay=args.weight_decay, iterations=args.iterations, **kw)
+            out=args.out, weights=args.weights, compare_settings=cs, alpha=args.alpha, beta=args.beta,
+            weight_decay=args.weight_decay, iterations=args.iterations, **kw)
     print((Path(args.out) / "report.md").read_text().split("## The paper")[0])
     print(f"report: {(Path(args.out) / 'report.md').resolve()}")
 

@@ -84,15 +84,41 @@ def _shard(dataset, ctx: DistContext):
     return dataset if not ctx.active else Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
 
 
+def attention_indices(total: int, limit, sample: str, seed: int) -> list:
+    """Which of `total` training images Algorithm 1 measures: all of them, or `limit` of them drawn by
+    `sample` ("random": a seeded random sample, the same on every rank; "first": the first ones)."""
+    n = total if limit == "all" else min(limit, total)
+    if n == total or sample == "first":
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 7_919 + 104_729)
+    return torch.randperm(total, generator=g)[:n].tolist()
+
+
+def _sample_record(data, indices: list, sample: str) -> dict:
+    labels = _labels_of(data.train_eval)
+    record = {"rule": "all" if len(indices) == len(data.train_eval) else sample, "images": len(indices)}
+    if labels is not None:
+        counts = np.bincount([labels[i] for i in indices], minlength=len(data.classes)).tolist()
+        record["per_class"] = dict(zip(map(str, data.classes), counts))
+    return record
+
+
+def _labels_of(dataset):
+    targets = getattr(dataset, "targets", None)
+    return None if targets is None else [int(t) for t in targets]
+
+
 def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistContext = DistContext(),
                       log=print) -> ChannelAttention:
     """Algorithm 1 on a copy of the target: train the L2-FE head (identically on every rank), then
     sum each channel's loss increase over the images (split across ranks, sums all-reduced).
-    A result cached for the same weights, images and settings is read instead (single process)."""
+    A result cached for the same weights, images and settings is read instead (single process); the
+    loss increases are what is measured and cached, W is normalised by this run's settings."""
     t0 = time.perf_counter()
-    n = len(data.train_eval) if s.attention_max_images == "all" else min(s.attention_max_images, len(data.train_eval))
+    indices = attention_indices(len(data.train_eval), s.attention_max_images, s.attention_sample, s.seed)
+    n = len(indices)
     pool = FixedAugmentation(data.train, s.seed) if s.attention_augmented else data.train_eval
-    images = _shard(Subset(pool, range(n)), ctx)
+    images = _shard(Subset(pool, indices), ctx)
     loader = make_loader(images, max(1, min(s.eval_batch_size, len(images))), False, s.seed, s.num_workers)
     batches = list(loader)
     cache = None if ctx.active else cache_dir(s.attention_cache)
@@ -103,7 +129,7 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
         cached = load_cached(cache, key)
         if cached is not None:
             cached.timings = {**cached.timings, "cache_hit": True, "total": round(time.perf_counter() - t0, 3)}
-            return cached
+            return cached.normalised(s.attention_temperature, s.attention_normalisation)
     fe = Networks(nets.source, copy.deepcopy(nets.target), nets.arch, nets.head_name, nets.layers, nets.weights)
     batch = min(s.attention_head_batch_size or s.batch_size, len(data.train))
     head_iters = max(1, s.attention_head_min_iterations, s.attention_head_epochs * max(1, len(data.train) // batch))
@@ -124,7 +150,8 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
                            {"iterations": head_iters, "batch_size": batch, "lr": s.lr, "schedule": "exp to 0.1x at 60%",
                             "bn": s.attention_head_bn, "images_augmented": s.attention_augmented,
                             "final_ce": head_history[-1]["ce"]},
-                           torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)")
+                           torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+                           s.attention_normalisation, _sample_record(data, indices, s.attention_sample))
     if key is not None:
         store(cache, key, att)
     return att
@@ -150,10 +177,11 @@ def source_energy(reg, source: nn.Module, data, s: FitSettings, device) -> list:
 
 
 def _load_attention(given, nets: Networks, s: FitSettings) -> ChannelAttention:
-    att = given if isinstance(given, ChannelAttention) else ChannelAttention.load(given, nets.layers, s.attention_temperature)
+    """A precomputed attention (object or file): its loss increases, normalised by this run's settings."""
+    att = given if isinstance(given, ChannelAttention) else ChannelAttention.load(given, nets.layers)
     if list(att.layers) != list(nets.layers):
         raise SettingsError(f"attention is for layers {att.layers}, but the regularised layers are {nets.layers}")
-    return att
+    return att.normalised(s.attention_temperature, s.attention_normalisation)
 
 
 def _identity(s: FitSettings, nets: Networks, data, world_size: int) -> dict:
@@ -260,7 +288,8 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSetting
         timings["attention"] = attention.timings.get("total", 0.0)
     reg = make_method(s.method, nets.target, nets.source, nets.head_name, nets.layers, s.alpha, s.beta,
                       s.weight_decay, s.feature_map, None if attention is None else attention.weights,
-                      s.delta_no_att_scale, distance_impl=s.distance_impl, world_size=ctx.world_size)
+                      s.delta_no_att_scale, delta_scale=s.delta_scale, distance_impl=s.distance_impl,
+                      world_size=ctx.world_size)
     feature_source = nets.source if s.source_bn == "running" else batch_statistics_copy(nets.source)
     energy = None
     if reg.uses_source_features and s.feature_scale == "source_energy":

@@ -17,6 +17,7 @@ from .data.backend import DATA_BACKENDS
 from .data.transforms import AUGMENTATIONS
 from .kernels.dispatch import IMPLS as DISTANCE_IMPLS
 from .methods import METHODS, Delta
+from .methods.attention import NORMALISATIONS
 from .methods.taps import FEATURE_MAPS
 
 LR_SCHEDULES = ("step", "exp")
@@ -25,7 +26,16 @@ ATTENTION_DTYPES = ("fp32", "bf16")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STEP_ENGINES = ("auto", "reference", "fast")
-DELTA_NO_ATT_SCALES = ("sum", "uniform_attention")
+# DELTA w/o ATT's term: "sum" = 0.5 sum_b sum_j ||d_j||^2 (public fea_map); "uniform_attention" = DELTA's
+# public term with W_j = 1/c; "paper_eq5" = the paper's eq. 5, sum_j ||d_j||^2 per image, mean over the batch
+DELTA_NO_ATT_SCALES = ("sum", "uniform_attention", "paper_eq5")
+# DELTA's term: "public" = 0.5 sum_b sum_j c W_j ||d_j||^2 / (h w) (train.py); "paper_eq8" = the paper's eq. 8,
+# sum_j W_j ||d_j||^2 per image, mean over the batch
+DELTA_SCALES = ("public", "paper_eq8")
+# which training images Algorithm 1 measures when it may not take them all: "random" (a seeded random
+# sample of the whole set, as the public code's shuffled loader) or "first" (the first n in the dataset's
+# order: with class-ordered data only the first classes; kept to reproduce results made that way)
+ATTENTION_SAMPLES = ("random", "first")
 HEAD_BN_MODES = ("train", "frozen")
 SOURCE_BN_MODES = ("running", "batch")
 FEATURE_SCALES = ("none", "source_energy")
@@ -36,16 +46,21 @@ RECIPES = {
     # the public code: raw conv output before BN; DELTA w/o ATT = 0.5 sum_j ||d_j||^2 (`fea_map`); the
     # attention head trained with the model in train() mode (BN statistics adapt), batch 32, and the
     # channel ablation measured on 4 augmented training batches of 32
-    "public": dict(feature_map="conv", delta_no_att_scale="sum", attention_head_bn="train",
-                   attention_head_batch_size=32, attention_max_images=128, attention_augmented=True),
+    "public": dict(feature_map="conv", delta_scale="public", delta_no_att_scale="sum", attention_head_bn="train",
+                   attention_head_batch_size=32, attention_max_images=128, attention_augmented=True,
+                   attention_normalisation="zscore_softmax"),
     # the article's text: the rectified output of each filter (in a BN network: ReLU after its BN),
-    # DELTA w/o ATT = DELTA with uniform attention, Algorithm 1 over every training image (centre crop)
-    # with the source feature extractor frozen, BN statistics included
-    "paper": dict(feature_map="activation", delta_no_att_scale="uniform_attention", attention_head_bn="frozen",
-                  attention_head_batch_size=None, attention_max_images="all", attention_augmented=False),
+    # DELTA's eq. 8 and DELTA w/o ATT's eq. 5 per image (mean over the batch, no c / (2 h w)),
+    # Algorithm 1 over every training image (centre crop) with the source feature extractor frozen, BN
+    # statistics included, W = softmax of the summed loss increases
+    "paper": dict(feature_map="activation", delta_scale="paper_eq8", delta_no_att_scale="paper_eq5",
+                  attention_head_bn="frozen", attention_head_batch_size=None, attention_max_images="all",
+                  attention_augmented=False, attention_normalisation="softmax"),
 }
 DEFAULT_RECIPE = "public"
 RECIPE_SETTINGS = tuple(RECIPES[DEFAULT_RECIPE])
+# what a result file written before a recipe setting existed used (describe_conventions reads old files)
+LEGACY_VALUES = {"delta_scale": "public", "attention_normalisation": "zscore_softmax", "attention_sample": "first"}
 
 
 class SettingsError(ValueError):
@@ -55,7 +70,8 @@ class SettingsError(ValueError):
 @dataclass
 class FitSettings:
     method: str = Delta.name
-    alpha: float = 0.01            # weight of the behavioural (feature-map) or L2-SP term
+    alpha: Optional[float] = None  # weight of the behavioural (feature-map) or L2-SP term; None: the method's
+                                   # default for the run's conventions (Method.default_alpha)
     beta: float = 0.01             # weight of the L2 term on target-only (head) parameters
     weight_decay: float = 1e-4     # the plain L2 / L2-FE methods' weight decay
     lr: Optional[float] = None     # None: 0.01, or 0.001 for Inception-V3
@@ -75,14 +91,19 @@ class FitSettings:
     # FM of a regularised conv: "conv" (its raw output, public code), "relu_conv" (ReLU of the raw,
     # pre-BN output: in neither), "activation" (ReLU of the BN that follows it: the paper's rectified map)
     feature_map: Optional[str] = None
-    # DELTA w/o ATT: "sum" = 0.5 sum_j ||d_j||^2 (public fea_map), "uniform_attention" = DELTA's term with W_j = 1/c
+    # DELTA's term: "public" (c W_j / (2 h w), summed over the batch) or "paper_eq8" (W_j per image)
+    delta_scale: Optional[str] = None
+    # DELTA w/o ATT: "sum" = 0.5 sum_j ||d_j||^2 (public fea_map), "uniform_attention" = DELTA's public term
+    # with W_j = 1/c, "paper_eq5" = sum_j ||d_j||^2 per image
     delta_no_att_scale: Optional[str] = None
     # not in the paper: "batch" computes the source maps with the batch's own BN statistics (running ones untouched)
     source_bn: str = "running"
     # not in the paper: "source_energy" divides each layer's term by the source maps' energy per image
     feature_scale: str = "none"
     layers: Optional[Sequence[str]] = None  # None: per-architecture defaults
-    attention_temperature: float = 5.0
+    attention_temperature: float = 5.0          # T of "zscore_softmax" (the public code's 5)
+    attention_normalisation: Optional[str] = None  # "zscore_softmax" (public) or "softmax" (paper); None: recipe's
+    attention_sample: str = "random"            # ATTENTION_SAMPLES: which images when not all are measured
     attention_max_images: object = None         # images for Algorithm 1: an int, or "all"; None: the recipe's
     attention_augmented: Optional[bool] = None  # those images with the training augmentation (public) or centre crop
     attention_head_epochs: int = 10             # public code: 10 epochs of L2-FE head training
@@ -137,6 +158,8 @@ class FitSettings:
         if s.lr_step is None:
             s.lr_step = max(1, round(s.iterations * 2 / 3))
         s.validate()
+        if s.alpha is None:
+            s.alpha = METHODS[s.method].default_alpha(s)
         return s
 
     def validate(self) -> None:
@@ -144,6 +167,8 @@ class FitSettings:
             raise SettingsError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
         for name in ("alpha", "beta", "weight_decay", "momentum"):
             v = getattr(self, name)
+            if v is None and name == "alpha":
+                continue  # the method's default, filled in by resolved()
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise SettingsError(f"{name}={v!r}: must be a finite number >= 0")
         if self.momentum >= 1:
@@ -185,6 +210,8 @@ class FitSettings:
         if self.recipe not in RECIPES:
             raise SettingsError(f"recipe={self.recipe!r}: expected one of {tuple(RECIPES)}")
         for name, allowed in (("feature_map", FEATURE_MAPS), ("delta_no_att_scale", DELTA_NO_ATT_SCALES),
+                              ("delta_scale", DELTA_SCALES), ("attention_normalisation", NORMALISATIONS),
+                              ("attention_sample", ATTENTION_SAMPLES),
                               ("attention_head_bn", HEAD_BN_MODES), ("source_bn", SOURCE_BN_MODES),
                               ("feature_scale", FEATURE_SCALES)):
             v = getattr(self, name)
@@ -241,9 +268,20 @@ FEATURE_MAP_NAMES = {"conv": "raw conv output, before BN (public code)",
                      "activation": "ReLU after the conv's BN (the paper's rectified map)"}
 
 
+DELTA_SCALE_NAMES = {"public": "DELTA: 0.5 sum_j c W_j ||d_j||^2 / (h w), summed over the batch (public train.py)",
+                     "paper_eq8": "DELTA: sum_j W_j ||d_j||^2 per image, mean over the batch (paper eq. 8)"}
+DELTA_NO_ATT_NAMES = {"sum": "DELTA w/o ATT: 0.5 sum ||d||^2 (public fea_map)",
+                      "uniform_attention": "DELTA w/o ATT: DELTA's public term with W = 1/c (/ h w)",
+                      "paper_eq5": "DELTA w/o ATT: sum_j ||d_j||^2 per image, mean over the batch (paper eq. 5)"}
+NORMALISATION_NAMES = {"zscore_softmax": "W = softmax(zscore(raw) / T) (public)",
+                       "softmax": "W = softmax(raw) (paper)"}
+
+
 def describe_conventions(settings: dict) -> str:
-    """One line naming the conventions a run used (resolved settings as a dict), for reports."""
-    g = settings.get
+    """One line naming the conventions a run used (resolved settings as a dict), for reports. A setting
+    missing from an older result file is read as the value every run used before it existed."""
+    def g(key, default=None):
+        return settings.get(key, LEGACY_VALUES.get(key, default))
     if "feature_relu" in settings and "feature_map" not in settings:  # written before recipes existed
         form = "relu_conv" if settings["feature_relu"] else "conv"
         return (f"feature maps: {FEATURE_MAP_NAMES[form]}; DELTA w/o ATT: uniform attention (/ h w); attention "
@@ -253,10 +291,13 @@ def describe_conventions(settings: dict) -> str:
     # a run that changed a convention of its recipe is not that recipe: say so first
     recipe = f"recipe {g('recipe')}" + (f" with {', '.join(changed)} (so not the {g('recipe')} conventions)"
                                         if changed else "")
+    images = "all" if n == "all" else f"up to {n} ({g('attention_sample')} sample of the training set)"
     parts = [recipe, f"feature maps: {FEATURE_MAP_NAMES.get(g('feature_map'), g('feature_map'))}",
-             f"DELTA w/o ATT: {'0.5 sum ||d||^2 (public fea_map)' if g('delta_no_att_scale') == 'sum' else 'uniform attention (/ h w)'}",
-             f"attention head BN {g('attention_head_bn')}, attention on {'all' if n == 'all' else f'up to {n}'} "
-             f"{'augmented' if g('attention_augmented') else 'centre-crop'} images"]
+             DELTA_SCALE_NAMES.get(g("delta_scale"), str(g("delta_scale"))),
+             DELTA_NO_ATT_NAMES.get(g("delta_no_att_scale"), str(g("delta_no_att_scale"))),
+             f"attention head BN {g('attention_head_bn')}, attention on {images} "
+             f"{'augmented' if g('attention_augmented') else 'centre-crop'} images, "
+             f"{NORMALISATION_NAMES.get(g('attention_normalisation'), g('attention_normalisation'))}"]
     if g("source_bn", "running") != "running":
         parts.append("source maps with batch BN statistics (not in the paper)")
     if g("feature_scale", "none") != "none":

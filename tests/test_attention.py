@@ -103,3 +103,13 @@ def test_rank_agreement_measures():
     a = torch.tensor([0.5, 3.0, -1.0, 2.0, 0.0, 9.0, 4.0, 1.0, 7.0, 8.0])
     assert spearman(a, a * 2 + 1) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
     assert top_overlap(a, a) == 1.0 and top_overlap(a, -a) == 0.0  # top 10% of 10 = the largest one
+
+
+def test_paper_normalisation_is_a_softmax_of_the_summed_increases():
+    raw = torch.tensor([0.5, -0.2, 3.0, 1.0], dtype=torch.float64)
+    want = torch.exp(raw) / torch.exp(raw).sum()  # Algorithm 1's text: no z-score, no temperature
+    for t in (0.1, 5.0):
+        assert torch.allclose(normalize_attention(raw, t, "softmax").double(), want, atol=1e-7)
+    assert not torch.allclose(normalize_attention(raw, 5.0).double(), want, atol=1e-3)
+    with pytest.raises(ValueError, match="normalisation"):
+        normalize_attention(raw, 5.0, "zscore")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fastdelta import SettingsError
-from fastdelta.compare.comparison import CompareSettings, compare, stratified_split, validation_split
+from fastdelta.compare.comparison import (CompareSettings, compare, stratified_folds, stratified_split,
+                                          validation_split)
 from fastdelta.data.errors import DataError
 from tiny import TINY_LAYERS, arrays, tiny_net
 
@@ -108,6 +109,39 @@ def test_validation_split_is_stratified_and_disjoint():
         stratified_split(np.array([0, 0, 1, 1, 2]), 0.2, 0)
 
 
+def test_cross_validation_folds_partition_each_class():
+    y = np.repeat(np.arange(3), [5, 10, 7])
+    folds = stratified_folds(y, 5, seed=0)
+    assert len(folds) == 5
+    vals = np.concatenate([v for _, v in folds])
+    assert sorted(vals.tolist()) == list(range(len(y)))  # every image validates exactly once
+    for fit_idx, val_idx in folds:
+        assert not set(fit_idx) & set(val_idx) and len(fit_idx) + len(val_idx) == len(y)
+        assert np.bincount(y[val_idx], minlength=3).tolist() in ([1, 2, 1], [1, 2, 2])
+    assert [v.tolist() for _, v in folds] == [v.tolist() for _, v in stratified_folds(y, 5, seed=0)]
+    with pytest.raises(DataError, match="5-fold"):
+        stratified_folds(np.array([0, 0, 0, 1, 1, 1, 1, 1]), 5, 0)
+
+
+def test_cross_validated_search_scores_the_mean_over_folds(tmp_path):
+    import dataclasses
+    cs = dataclasses.replace(SETTINGS, folds=3, schedules=("step",), curve_points=0)
+    report = compare(tiny_net(), arrays(n_per_class=6), arrays(seed=1), methods=["l2_sp", "delta"], seeds=1,
+                     out=tmp_path, compare_settings=cs, **QUICK)
+    search = report["search"]
+    assert search["split"] == {"folds": 3, "fit": [12, 12, 12], "val": [6, 6, 6]}
+    for r in search["results"]:
+        assert [f["fold"] for f in r["folds"]] == [0, 1, 2]
+        if r["status"] == "ok":
+            assert r["val_top1"] == pytest.approx(np.mean([f["val_top1"] for f in r["folds"]]))
+        for k in range(3):
+            name = f"{r['method']}_a{r['alpha']:g}_b{r['beta']:g}_fold{k}"
+            assert (tmp_path / "runs" / "search" / name / "result.json").is_file()
+    ok = [r for r in search["results"] if r["method"] == "l2_sp" and r["status"] == "ok"]
+    assert report["chosen"]["l2_sp"]["alpha"] == max(ok, key=lambda r: (r["val_top1"], -r["alpha"]))["alpha"]
+    assert "3-fold cross-validation" in (tmp_path / "report.md").read_text()
+
+
 def test_bad_settings_fail_before_any_run(tmp_path):
     data = arrays()
     with pytest.raises(SettingsError, match="methods"):
@@ -195,6 +229,25 @@ def test_reuse_search_takes_finished_runs_with_the_same_settings(twice, tmp_path
     first = {(r["method"], r["alpha"]): r["val_top1"] for r in report["search"]["results"]}
     assert by_key[("delta", 0.001)]["val_top1"] == first[("delta", 0.001)]  # refitted: same seed, same number
     assert json.loads(other.read_text())["settings"]["iterations"] == QUICK["iterations"]
+
+
+def test_reuse_search_refits_attention_runs_made_before_the_attention_conventions(twice, tmp_path):
+    """A search fit saved before attention_sample existed measured the first images of the set: an
+    attention method's fit must be refitted, a method without attention may be reused."""
+    import dataclasses
+    import shutil
+    (report, out), _ = twice
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "runs" / "search", resumed / "runs" / "search")
+    for name in ("delta_a0.1_b0.01", "l2_sp_a0.1_b0.01"):
+        path = resumed / "runs" / "search" / name / "result.json"
+        saved = json.loads(path.read_text())
+        del saved["settings"]["attention_sample"]
+        path.write_text(json.dumps(saved))
+    again = compare(tiny_net(), arrays(n_per_class=5), arrays(seed=1), methods=["l2_sp", "delta"], seeds=1,
+                    out=resumed, compare_settings=dataclasses.replace(SETTINGS, reuse_search=True), **QUICK)
+    by_key = {(r["method"], r["alpha"]): r for r in again["search"]["results"]}
+    assert not by_key[("delta", 0.1)]["reused"] and by_key[("l2_sp", 0.1)]["reused"]
 
 
 @pytest.mark.parametrize("means, verdict", [

@@ -43,3 +43,29 @@ def test_short_real_fit_beats_the_untrained_head():
     untrained = build_networks("efficientnet_lite0", 10, "imagenet", seed=0).target
     before = evaluate(untrained, make_loader(data.test, 250, False, 0, 0), torch.device("cpu"), False)["top1"]
     assert res.test_top1 > before + 15, (before, res.test_top1)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method", ["delta", "delta_no_att"])
+def test_defaults_train_on_the_embedded_default_where_the_papers_alpha_diverges(method):
+    """fastdelta.fit with every setting but the size at its default: the method's own alpha trains, the
+    paper's 0.01 diverges within a few iterations (raw conv taps, public recipe)."""
+    from fastdelta.train.loop import NonFiniteLossError
+    x, y = few_shot_subset(*load_fashion_mnist("train"), per_class=30, seed=0)
+    size = dict(weights="imagenet", iterations=16, resize=73, crop=64, progress=False, attention_head_epochs=1)
+    res = fastdelta.fit("efficientnet_lite0", (x, y), None, method=method, **size)
+    assert res.status == "ok" and res.settings["alpha"] == 1e-4
+    assert all(np.isfinite(h["loss"]) for h in res.history)
+    with pytest.raises(NonFiniteLossError):
+        fastdelta.fit("efficientnet_lite0", (x, y), None, method=method, alpha=0.01, **size)
+
+
+def test_each_method_owns_its_default_alpha():
+    from fastdelta.settings import make_settings
+    alpha = {m: make_settings(m).resolved().alpha for m in fastdelta.METHODS}
+    assert alpha == {"l2_fe": 0.01, "l2": 0.01, "l2_sp": 0.01, "l2_sp_att": 0.01, "delta_no_att": 1e-4, "delta": 1e-4}
+    # the paper's per-image forms are ~B c / (2 h w) times smaller: there the paper's fixed 0.01
+    assert make_settings("delta", recipe="paper").resolved().alpha == 0.01
+    assert make_settings("delta_no_att", recipe="paper").resolved().alpha == 0.01
+    assert make_settings("delta", recipe="paper", delta_scale="public").resolved().alpha == 1e-4
+    assert make_settings("delta", alpha=0.3).resolved().alpha == 0.3

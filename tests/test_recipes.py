@@ -31,7 +31,9 @@ def test_recipes_fill_only_what_is_left_unset():
             public.attention_max_images, public.attention_augmented) == ("public", "conv", "sum", "train", 128, True)
     paper = make_settings(recipe="paper").resolved()
     assert (paper.feature_map, paper.delta_no_att_scale, paper.attention_head_bn, paper.attention_max_images,
-            paper.attention_augmented) == ("activation", "uniform_attention", "frozen", "all", False)
+            paper.attention_augmented) == ("activation", "paper_eq5", "frozen", "all", False)
+    assert (paper.delta_scale, paper.attention_normalisation) == ("paper_eq8", "softmax")
+    assert (public.delta_scale, public.attention_normalisation) == ("public", "zscore_softmax")
     mixed = make_settings(recipe="paper", feature_map="conv", attention_max_images=7).resolved()
     assert (mixed.feature_map, mixed.attention_max_images, mixed.attention_head_bn) == ("conv", 7, "frozen")
     assert set(RECIPES["public"]) == set(RECIPES["paper"])

@@ -159,3 +159,61 @@ def test_delta_without_attention_uniform_form_is_uniform_attention():
     b = make_method("delta", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "relu_conv",
                          uniform).terms(t_feats, s_feats)
     assert torch.allclose(a.reg, b.reg)
+
+
+def paper_reference(source, target, x, weights, feature_map):
+    """The paper's eq. 8 (weights given) or eq. 5 (weights None) as written, in float64: for each image
+    Omega'_i = sum_l sum_j W_lj ||FM_lj(w, x_i) - FM_lj(w*, x_i)||^2, and the loss takes its mean over
+    the images (eq. 1 sums L + alpha Omega over images; the cross-entropy is a batch mean)."""
+    s64, t64 = copy.deepcopy(source).double(), copy.deepcopy(target).double()
+    per_image = []
+    for i in range(x.shape[0]):
+        ft, fs = {}, {}
+        for model, store in ((t64, ft), (s64, fs)):
+            hooks = [model.get_submodule(TAPPED[feature_map][l]).register_forward_hook(
+                lambda m, inp, o, l=l, st=store: st.__setitem__(l, o.clone())) for l in TINY_LAYERS]
+            model(x[i:i + 1].double())
+            for h in hooks:
+                h.remove()
+        omega = 0.0
+        for k, l in enumerate(TINY_LAYERS):
+            a, b = (F.relu(ft[l]), F.relu(fs[l])) if feature_map != "conv" else (ft[l], fs[l])
+            for j in range(a.shape[1]):
+                W = 1.0 if weights is None else weights[k].double()[j]
+                omega = omega + W * (a[0, j] - b[0, j]).pow(2).sum()
+        per_image.append(omega)
+    return ALPHA * sum(per_image) / len(per_image)
+
+
+@pytest.mark.parametrize("feature_map", ["conv", "activation"])
+@pytest.mark.parametrize("method", ["delta", "delta_no_att"])
+def test_paper_forms_are_equations_5_and_8(method, feature_map):
+    torch.manual_seed(6)
+    source, target = nets()
+    source.eval(), target.eval()  # per-image forwards must see what the batch forward sees
+    x = torch.randn(5, 3, 12, 12)
+    weights = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
+    att = weights if method == "delta" else None
+    reg = make_method(method, target, source, "fc", TINY_LAYERS, ALPHA, BETA, WD, feature_map, att, "paper_eq5",
+                      delta_scale="paper_eq8")
+    want = paper_reference(source, target, x, att, feature_map)
+    assert float(want) > 0
+    assert float(regularizer_terms(reg, source, target, x).reg) == pytest.approx(float(want), rel=2e-5)
+    # under DDP each rank's term is its shard's mean, so the averaged gradient is the global mean's
+    reg2 = make_method(method, target, source, "fc", TINY_LAYERS, ALPHA, BETA, WD, feature_map, att, "paper_eq5",
+                       delta_scale="paper_eq8", world_size=2)
+    assert float(regularizer_terms(reg2, source, target, x).reg) == pytest.approx(float(want), rel=2e-5)
+
+
+def test_paper_source_energy_is_per_image_too():
+    torch.manual_seed(7)
+    source, target = nets()
+    x = torch.randn(3, 3, 12, 12)
+    reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "conv", None, "paper_eq5")
+    with FeatureTaps(source, reg.taps) as ts:
+        _, s_feats = ts(x)
+    energy = [e / 3 for e in reg.source_energy(s_feats)]
+    assert energy[1] == pytest.approx(float(s_feats[1].double().pow(2).sum() / 3), rel=1e-6)  # 2/B in fp32
+    reg.layer_scale = [1.0 / e for e in energy]
+    zeros = [torch.zeros_like(f) for f in s_feats]
+    assert float(reg.terms(zeros, s_feats).reg) == pytest.approx(len(TINY_LAYERS), rel=1e-5)  # a batch mean: 1 a layer

@@ -37,7 +37,7 @@ from ..methods import METHODS
 from ..methods.parameter_norm import tapped_conv
 from ..networks.models import build_networks, guess_arch
 from ..progress import progress_bar
-from ..settings import SettingsError, make_settings
+from ..settings import LEGACY_VALUES, SettingsError, make_settings
 from ..train.evaluate import evaluate
 from ..train.loop import NonFiniteLossError
 from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
@@ -56,11 +56,12 @@ class CompareSettings:
     alpha_grid: Sequence[float] = PAPER_GRID
     beta_grid: Sequence[float] = PAPER_GRID
     val_fraction: float = 0.2             # share of each class's training images held out for the search
+    folds: int = 1                        # >= 2: K-fold cross-validation (the paper: 5) instead of one holdout
     schedules: Sequence[str] = ("step", "exp")  # Fig. 3: the first seed's l2_sp and delta under each
     curve_points: int = 10                # test evaluations along training for the learning curves
     curve_images: Optional[int] = 2000    # test images per curve point (None: all); final tests use all
     map_images: int = 4                   # test images in Fig. 6
-    alphas: Optional[Dict[str, float]] = None  # per-method alpha when search="none" (default: fit's alpha)
+    alphas: Optional[Dict[str, float]] = None  # per-method alpha when search="none" (default: fit's alpha, else the method's)
     betas: Optional[Dict[str, float]] = None
     reuse_search: bool = False            # take finished search runs from out/runs/search (same settings)
 
@@ -79,6 +80,8 @@ class CompareSettings:
                 raise SettingsError(f"{name}={grid!r}: must be a non-empty list of numbers > 0")
         if not 0 < self.val_fraction < 1:
             raise SettingsError(f"val_fraction={self.val_fraction!r}: must be between 0 and 1")
+        if not isinstance(self.folds, int) or isinstance(self.folds, bool) or self.folds < 1:
+            raise SettingsError(f"folds={self.folds!r}: must be an integer >= 1 (1: one holdout of val_fraction)")
         if not set(self.schedules) <= {"step", "exp"}:
             raise SettingsError(f"schedules={list(self.schedules)!r}: expected 'step' and/or 'exp'")
         if self.curve_points < 0 or self.map_images < 0:
@@ -115,6 +118,22 @@ class _LabelledSubset(torch.utils.data.Dataset):
         return self.base[self.indices[i]]
 
 
+def stratified_folds(labels: np.ndarray, folds: int, seed: int):
+    """[(fit indices, validation indices)] for K-fold cross-validation: each class's images, shuffled
+    with `seed`, are dealt into K parts of near-equal size; fold k validates on part k of every class."""
+    rng = np.random.default_rng(seed)
+    parts = [[] for _ in range(folds)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) < folds:
+            raise DataError(f"class {c} has {len(idx)} training image(s); {folds}-fold cross-validation needs at "
+                            f"least {folds} per class (use fewer folds or search='none')")
+        for k, chunk in enumerate(np.array_split(idx, folds)):
+            parts[k] += chunk.tolist()
+    everything = np.arange(len(labels))
+    return [(np.setdiff1d(everything, part), np.sort(part)) for part in parts]
+
+
 def _raw_train(train):
     """The user's training data as (raw dataset or arrays, labels, class names), untransformed."""
     if isinstance(train, tuple):
@@ -133,14 +152,29 @@ def _raw_train(train):
     return train, labels, [str(c) for c in names] if names is not None else [str(i) for i in range(labels.max() + 1)]
 
 
+def _parts(raw, labels, classes, fit_idx, val_idx):
+    if isinstance(raw, tuple):
+        x, _ = raw
+        return (x[fit_idx], labels[fit_idx]), (x[val_idx], labels[val_idx])
+    return _LabelledSubset(raw, fit_idx, classes, labels), _LabelledSubset(raw, val_idx, classes, labels)
+
+
 def validation_split(train, fraction: float, seed: int):
     """(fit part, validation part) of the training data, stratified per class."""
     raw, labels, classes = _raw_train(train)
-    fit_idx, val_idx = stratified_split(labels, fraction, seed)
-    if isinstance(raw, tuple):
-        x, y = raw
-        return (x[fit_idx], labels[fit_idx]), (x[val_idx], labels[val_idx])
-    return _LabelledSubset(raw, fit_idx, classes, labels), _LabelledSubset(raw, val_idx, classes, labels)
+    return _parts(raw, labels, classes, *stratified_split(labels, fraction, seed))
+
+
+def validation_splits(train, cs: "CompareSettings", seed: int):
+    """The search's (fit part, validation part) pairs: one holdout, or cs.folds cross-validation folds."""
+    raw, labels, classes = _raw_train(train)
+    if cs.folds == 1:
+        return [_parts(raw, labels, classes, *stratified_split(labels, cs.val_fraction, seed))]
+    return [_parts(raw, labels, classes, f, v) for f, v in stratified_folds(labels, cs.folds, seed)]
+
+
+def _size(part) -> int:
+    return len(part[1]) if isinstance(part, tuple) else len(part)
 
 
 def _test_data(train, test):
@@ -207,6 +241,11 @@ class _Runner:
                 continue
             if _plain(stored.get(key, value)) != _plain(value):
                 return None
+        # conventions added later: a result written before them used LEGACY_VALUES, not today's default
+        resolved = make_settings(**{**self.base, **overrides, "method": method}).resolved()
+        for key in _conventions_of(METHODS[method]):
+            if _plain(stored.get(key, LEGACY_VALUES[key])) != _plain(getattr(resolved, key)):
+                return None
         status = str(saved.get("status", ""))
         return saved if status == "ok" or status.startswith("diverged") else None
 
@@ -215,35 +254,65 @@ class _Runner:
         return fastdelta.attention(self.model, train, weights=self.weights, **{**self.base, "seed": seed})
 
 
+def _conventions_of(method: type) -> tuple:
+    """The LEGACY_VALUES settings that change what `method` computes."""
+    if not method.uses_attention:
+        return ()
+    return ("attention_sample", "attention_normalisation") + (("delta_scale",) if method.uses_source_features else ())
+
+
 def _search(cs: CompareSettings, runner: _Runner, train, methods, base_beta: float, seed: int, bar) -> dict:
-    fit_part, val_part = validation_split(train, cs.val_fraction, seed)
-    att = runner.attention(fit_part, seed) if any(METHODS[m].uses_attention for m in methods) else None
+    """Every grid point of every method fitted on each split's fit part and scored on its validation part
+    (the mean over folds with cross-validation); the best score wins, ties keep the smaller alpha."""
+    splits = validation_splits(train, cs, seed)
+    uses_attention = any(METHODS[m].uses_attention for m in methods)
+    attention = [runner.attention(fit_part, seed) if uses_attention else None for fit_part, _ in splits]
     results, chosen = [], {}
     for method in methods:
         best = None
         for alpha, beta in _grid(cs, base_beta):
             bar.set_postfix_str(f"search {method} alpha={alpha:g} beta={beta:g}")
-            name = f"search/{method}_a{alpha:g}_b{beta:g}"
-            saved = runner.finished(name, method, alpha=alpha, beta=beta, seed=seed) if cs.reuse_search else None
-            if saved is not None:
-                status, secs = saved["status"], saved.get("timings_s", {}).get("total")
-                top1 = (saved.get("test") or {}).get("top1") if status == "ok" else None
-            else:
-                res, secs = runner.fit(name, fit_part, val_part, method, alpha=alpha, beta=beta, seed=seed,
-                                       attention=att if METHODS[method].uses_attention else None)
-                status, top1 = res.status, res.test_top1 if res.status == "ok" else None
-            results.append({"method": method, "alpha": alpha, "beta": beta, "val_top1": top1,
-                            "status": status, "seconds": secs, "reused": saved is not None})
+            folds = [_search_fit(runner, cs, method, alpha, beta, seed, k, part, att)
+                     for k, (part, att) in enumerate(zip(splits, attention))]
+            ok = all(f["status"] == "ok" for f in folds)
+            top1 = float(np.mean([f["val_top1"] for f in folds])) if ok else None
+            status = "ok" if ok else next(f["status"] for f in folds if f["status"] != "ok")
+            record = {"method": method, "alpha": alpha, "beta": beta, "val_top1": top1, "status": status,
+                      "seconds": _total_seconds(folds), "reused": all(f["reused"] for f in folds)}
+            if cs.folds > 1:
+                record["folds"] = folds
+            results.append(record)
             if top1 is not None and (best is None or top1 > best[0]):  # ties keep the smaller alpha
                 best = (top1, alpha, beta)
             bar.update(1)
         if best is None:
             raise RuntimeError(f"search: every {method} run diverged; see {runner.out / 'runs' / 'search'}")
         chosen[method] = {"alpha": best[1], "beta": best[2], "val_top1": best[0]}
-    n_fit = len(fit_part[1]) if isinstance(fit_part, tuple) else len(fit_part)
-    n_val = len(val_part[1]) if isinstance(val_part, tuple) else len(val_part)
-    return {"seed": seed, "split": {"fit": n_fit, "val": n_val, "val_fraction": cs.val_fraction},
-            "results": results, "chosen": chosen}
+    split = ({"fit": _size(splits[0][0]), "val": _size(splits[0][1]), "val_fraction": cs.val_fraction}
+             if cs.folds == 1 else {"folds": cs.folds, "fit": [_size(f) for f, _ in splits],
+                                    "val": [_size(v) for _, v in splits]})
+    return {"seed": seed, "split": split, "results": results, "chosen": chosen}
+
+
+def _search_fit(runner: _Runner, cs: CompareSettings, method: str, alpha: float, beta: float, seed: int,
+                fold: int, part, attention) -> dict:
+    """One search fit (or the finished one reused): its validation top-1 and status."""
+    fit_part, val_part = part
+    name = f"search/{method}_a{alpha:g}_b{beta:g}" + (f"_fold{fold}" if cs.folds > 1 else "")
+    saved = runner.finished(name, method, alpha=alpha, beta=beta, seed=seed) if cs.reuse_search else None
+    if saved is not None:
+        status, secs = saved["status"], saved.get("timings_s", {}).get("total")
+        top1 = (saved.get("test") or {}).get("top1") if status == "ok" else None
+    else:
+        res, secs = runner.fit(name, fit_part, val_part, method, alpha=alpha, beta=beta, seed=seed,
+                               attention=attention if METHODS[method].uses_attention else None)
+        status, top1 = res.status, res.test_top1 if res.status == "ok" else None
+    return {"fold": fold, "val_top1": top1, "status": status, "seconds": secs, "reused": saved is not None}
+
+
+def _total_seconds(folds) -> Optional[float]:
+    secs = [f["seconds"] for f in folds]
+    return None if any(v is None for v in secs) else round(float(sum(secs)), 1)
 
 
 def _plain(value):
@@ -457,5 +526,6 @@ def _chosen(cs: CompareSettings, search_record, s) -> Dict[str, dict]:
             c = search_record["chosen"][m]
             chosen[m] = {"alpha": c["alpha"], "beta": c["beta"]}
         else:
-            chosen[m] = {"alpha": (cs.alphas or {}).get(m, s.alpha), "beta": (cs.betas or {}).get(m, s.beta)}
+            alpha = s.alpha if s.alpha is not None else dataclasses.replace(s, method=m).resolved().alpha
+            chosen[m] = {"alpha": (cs.alphas or {}).get(m, alpha), "beta": (cs.betas or {}).get(m, s.beta)}
     return chosen

@@ -91,6 +91,15 @@ def _smooth(v, k: int = 5):
     return np.convolve(np.pad(v, (k // 2, k - 1 - k // 2), mode="edge"), np.ones(k) / k, mode="valid")
 
 
+def describe_split(search: dict) -> str:
+    """How the search scored its grid: one validation split, or K-fold cross-validation."""
+    split = search["split"]
+    if "folds" in split:
+        return (f"{split['folds']}-fold cross-validation (mean validation top-1 over folds of "
+                f"{min(split['val'])}-{max(split['val'])} training images, seed {search['seed']})")
+    return f"a validation split of {split['val']} training images (seed {search['seed']})"
+
+
 def search_figure(report: dict, path: Path) -> str:
     plt = _plt()
     search = report["search"]
@@ -120,8 +129,7 @@ def search_figure(report: dict, path: Path) -> str:
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, label="validation top-1 (%)")
-    fig.suptitle(f"validation split ({search['split']['val']} of the training images, seed {search['seed']}); "
-                 "div. = diverged", fontsize=9)
+    fig.suptitle(f"{describe_split(search)}; div. = diverged", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -10,7 +10,7 @@ import numpy as np
 from ..ioutil import atomic_write_text
 from ..methods import L2, L2SP, Delta, DeltaNoAtt
 from ..settings import describe_conventions
-from .figures import all_figures, label
+from .figures import all_figures, describe_split, label
 
 
 def _fmt(mean: Optional[float], std: Optional[float], n: int) -> str:
@@ -105,8 +105,8 @@ def markdown(report: dict, figures) -> str:
              f"- conventions: {describe_conventions(s)}",
              f"- seeds 0..{cs['seeds'] - 1} (same data order for every method of a seed); alpha/beta "
              + ("given" if report["search"] is None else
-                f"chosen by {cs['search']} search on a validation split of {report['search']['split']['val']} "
-                f"training images (seed {report['search']['seed']}); the test set was never used to choose"),
+                f"chosen by {cs['search']} search on {describe_split(report['search'])}; the test set was "
+                "never used to choose"),
              f"- device {report['environment']['device']}, torch {report['environment']['torch']}, "
              f"{report['environment']['date']}, wall time {report['wall_s'] / 60:.1f} min", "",
              "## Table 1 analog: test top-1 (%), mean ± std over seeds", "",

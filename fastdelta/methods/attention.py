@@ -6,8 +6,8 @@ a regularised layer is the loss increase when filter j is removed, summed over t
     raw_j = sum_i  L(z(x_i; w*\\j), y_i) - L(z(x_i; w*), y_i)
 
 Removing filter j equals zeroing output channel j of the tapped layer (its bias included), so the
-tapped output is masked and no weight is mutated. The normalised weights are, per layer (public
-code), W = softmax(zscore(raw) / T).
+tapped output is masked and no weight is mutated. The normalised weights are, per layer,
+W = softmax(zscore(raw) / T) (public code) or softmax(raw) (the paper's text): NORMALISATIONS.
 
 Implementations (`channel_loss_increase(..., impl=...)`), each per layer and batch:
 - "masked_forward": one full forward per channel (the literal algorithm);
@@ -23,6 +23,7 @@ Implementations (`channel_loss_increase(..., impl=...)`), each per layer and bat
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import operator
 import time
@@ -38,9 +39,24 @@ from ..ioutil import atomic_write_text
 from ..progress import progress_bar
 
 
-def normalize_attention(raw: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
-    """softmax(zscore(raw) / T): z-score with the population std; a constant vector gives uniform weights."""
+# How a layer's raw loss increases become weights W (per layer):
+# "zscore_softmax": softmax(zscore(raw) / T), the public code (channel_eval.py / train.py), T = temperature;
+# "softmax": softmax(raw), the paper's text (Algorithm 1: the loss increases summed over the training set,
+# then a softmax; no standardisation and no temperature, so the temperature is not used)
+NORMALISATIONS = ("zscore_softmax", "softmax")
+NORMALISATION_TEXT = {"zscore_softmax": "per layer softmax(zscore(raw) / temperature), population std",
+                      "softmax": "per layer softmax(raw) (the paper's text: no z-score, no temperature)"}
+
+
+def normalize_attention(raw: torch.Tensor, temperature: float = 5.0,
+                        normalisation: str = "zscore_softmax") -> torch.Tensor:
+    """W from raw loss increases (NORMALISATIONS); for "zscore_softmax" the z-score uses the population
+    std and a constant vector gives uniform weights."""
     raw = raw.double()
+    if normalisation == "softmax":
+        return torch.softmax(raw, dim=0).float()
+    if normalisation != "zscore_softmax":
+        raise ValueError(f"attention normalisation {normalisation!r}: expected one of {NORMALISATIONS}")
     std = raw.std(unbiased=False)
     z = (raw - raw.mean()) / std if std > 0 else torch.zeros_like(raw)
     return torch.softmax(z / temperature, dim=0).float()
@@ -69,14 +85,23 @@ class ChannelAttention:
     timings: Dict[str, float] = field(default_factory=dict)
     head: Dict[str, float] = field(default_factory=dict)  # how the L2-FE head was trained
     device: str = ""              # where it was computed (its timings are only comparable there)
+    normalisation: str = "zscore_softmax"  # NORMALISATIONS: how raw becomes W
+    sample: Dict[str, object] = field(default_factory=dict)  # which images Algorithm 1 measured
 
     @property
     def weights(self) -> List[torch.Tensor]:
-        return [normalize_attention(r, self.temperature) for r in self.raw]
+        return [normalize_attention(r, self.temperature, self.normalisation) for r in self.raw]
+
+    def normalised(self, temperature: float, normalisation: str) -> "ChannelAttention":
+        """The same measurement normalised another way (raw is what is measured; W follows the settings)."""
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"attention normalisation {normalisation!r}: expected one of {NORMALISATIONS}")
+        return dataclasses.replace(self, temperature=temperature, normalisation=normalisation)
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "temperature": self.temperature, "images": self.images, "impl": self.impl,
-                "normalisation": "per layer softmax(zscore(raw) / temperature), population std",
+                "normalisation": self.normalisation, "normalisation_text": NORMALISATION_TEXT[self.normalisation],
+                "sample": self.sample,
                 "raw": {l: r.tolist() for l, r in zip(self.layers, self.raw)},
                 "weights": {l: w.tolist() for l, w in zip(self.layers, self.weights)},
                 "public_layout": [r.tolist() for r in self.raw],
@@ -93,9 +118,13 @@ class ChannelAttention:
                 raise ValueError(f"public-layout attention has {len(d)} layers; pass the {len(d)} layer names")
             return cls(list(layers), [torch.tensor(v, dtype=torch.float64) for v in d], temperature or 5.0)
         raw = d["raw"]
+        # files written before the paper's normalisation existed hold a description, not a name
+        normalisation = d.get("normalisation", "zscore_softmax")
+        normalisation = normalisation if normalisation in NORMALISATIONS else "zscore_softmax"
         return cls(list(d["layers"]), [torch.tensor(raw[l], dtype=torch.float64) for l in d["layers"]],
                    temperature or d.get("temperature", 5.0), d.get("images", 0), d.get("impl", ""),
-                   d.get("timings_s", {}), d.get("head", {}), d.get("device", ""))
+                   d.get("timings_s", {}), d.get("head", {}), d.get("device", ""), normalisation,
+                   d.get("sample", {}))
 
     @classmethod
     def load(cls, path, layers=None, temperature=None) -> "ChannelAttention":

@@ -50,17 +50,25 @@ class Method:
     learning_curve = False         # one of the pair the paper's Fig. 3 compares
     activation_map = False         # a column of the paper's Fig. 6
     color = "tab:gray"             # its colour in figures
+    alpha_default = 0.01           # alpha when the settings leave it at None (the paper's fixed value)
+
+    @classmethod
+    def default_alpha(cls, settings) -> float:
+        """alpha for these (resolved) settings when the user gives none; a method whose term's scale
+        depends on a convention overrides this."""
+        return cls.alpha_default
 
     def __init__(self, target: nn.Module, source: nn.Module, head_name: str, layers: Sequence[str],
                  alpha: float = 0.01, beta: float = 0.01, weight_decay: float = 1e-4, feature_map: str = "conv",
                  attention: Optional[Sequence[torch.Tensor]] = None, delta_no_att_scale: str = "sum", *,
-                 distance_impl: str = "auto", world_size: int = 1):
+                 delta_scale: str = "public", distance_impl: str = "auto", world_size: int = 1):
         self.alpha, self.beta, self.weight_decay = alpha, beta, weight_decay
         self.layers = list(layers)
-        self.feature_map, self.delta_no_att_scale = feature_map, delta_no_att_scale
+        self.feature_map, self.delta_no_att_scale, self.delta_scale = feature_map, delta_no_att_scale, delta_scale
         self.distance_impl = distance_impl  # which fused kernel computes feature-map distances
         # per-batch sums x world size under DDP, so that gradients averaged over ranks match one process
         self.sum_scale = float(world_size)
+        self.world_size = world_size
         self.relu = rectifies(feature_map)
         self.rectify_at_tap = rectified_at_tap(feature_map)
         self.taps = tap_modules(target, self.layers, feature_map)  # the modules whose outputs are read
