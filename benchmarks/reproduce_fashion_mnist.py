@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Tuple
 
-import numpy as np
-
 from fastdelta.compare.comparison import CompareSettings, compare
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.compare.figures import label
+from fastdelta.compare.report import RULE_SHORT, verdict
+from fastdelta.compare.report import paired_difference as report_paired_difference, paired_stats as report_paired_stats
 from fastdelta.ioutil import atomic_write_text
 from fastdelta.settings import DEFAULT_RECIPE, METHODS, RECIPES, describe_conventions
 
@@ -164,33 +164,34 @@ def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=(
     lines += ["", "## DELTA minus another method, paired by seed (points of test top-1; the seeds in brackets)", "",
               "| versus | " + " | ".join(f"{n}/class" for n in reports) + " |", "|---|" + "---|" * len(reports)]
     lines += paired_rows(list(reports.values()))
-    lines += ["", "## The paper's claims, per size", ""]
+    lines += ["", "## The paper's claims, per size", "", f"Rule: {RULE_SHORT}; each report states it in full.",
+              ""]
     for n, r in reports.items():
         lines.append(f"### {n} images per class ([report](per_class_{n}/report.md))")
         lines.append("")
         lines.append(f"- **ranking by mean test top-1:** {ranking(r['table'])} (the paper's Table 1 mostly reads "
                      "DELTA > DELTA w/o ATT ≈ L2-SP > L2-SP(ATT) ≈ L2 > L2-FE)")
         for name, c in r["claims"].items():
-            verdict = {True: "holds", False: "does not hold", None: "qualitative"}[c["holds"]]
-            lines.append(f"- **{name.replace('_', ' ')}: {verdict}.** {c['text']}")
+            lines.append(f"- **{name.replace('_', ' ')}: {verdict(c, 'qualitative')}.** {c['text']}")
         lines.append("")
     atomic_write_text(out / "README.md", "\n".join(lines))
 
 
 def paired_difference(report: dict, other: str):
-    """(mean, std, per-seed values) of DELTA minus `other`, seed by seed (step schedule), or None."""
-    top1 = {(r["method"], r["seed"]): r["test_top1"] for r in report["runs"] if r["schedule"] == "step"}
-    seeds = sorted(s for m, s in top1 if m == "delta")
-    diffs = [top1[("delta", s)] - top1[(other, s)] for s in seeds
-             if top1.get(("delta", s)) is not None and top1.get((other, s)) is not None]
-    return paired_stats(diffs)
+    """(mean, std, per-seed values) of DELTA minus `other`, seed by seed (step schedule), or None: the
+    numbers the report's claims are decided on (fastdelta.compare.report.paired_difference)."""
+    return _as_tuple(report_paired_difference(report, other))
 
 
 def paired_stats(diffs):
-    """(mean, std, the values) of per-seed differences, or None without any."""
-    if not diffs:
+    """(mean, std, the values) of per-seed differences, or None without any (std 0.0 for one seed)."""
+    return _as_tuple(report_paired_stats(diffs))
+
+
+def _as_tuple(d: dict):
+    if d["n"] == 0:
         return None
-    return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0, diffs
+    return d["mean"], d["std"] if d["std"] is not None else 0.0, d["values"]
 
 
 def paired_cell(d) -> str:

@@ -32,6 +32,7 @@ from reproduce_fashion_mnist import Plan, paired_cell, paired_rows, paired_stats
 import fastdelta  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
 from fastdelta.compare.figures import label  # noqa: E402
+from fastdelta.compare.report import RULE_SHORT  # noqa: E402
 from fastdelta.demo import environment  # noqa: E402
 from fastdelta.ioutil import atomic_write_text  # noqa: E402
 from fastdelta.settings import DEFAULT_RECIPE, RECIPES, describe_conventions  # noqa: E402
@@ -153,6 +154,7 @@ def write_overview(a) -> None:
             cells.append(f"**{c}**" if r["best"] == m else c)
         lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     lines += ["", "## DELTA minus another method, paired by seed (points of test top-1)", "",
+              f"Rule: {RULE_SHORT}; each report states it in full.", "",
               "| versus | " + " | ".join(f"{name}, {n}/class" for name, n, _ in columns) + " |",
               "|---|" + "---|" * len(columns)]
     lines += paired_rows([r for _, _, r in columns])

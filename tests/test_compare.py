@@ -250,15 +250,106 @@ def test_reuse_search_refits_attention_runs_made_before_the_attention_convention
     assert not by_key[("delta", 0.1)]["reused"] and by_key[("l2_sp", 0.1)]["reused"]
 
 
-@pytest.mark.parametrize("means, verdict", [
-    ({"l2": 80.0, "l2_sp": 79.0, "delta_no_att": 78.0, "delta": 82.0}, "DELTA has the best mean, by 2.00 at least: less than"),
-    ({"l2": 80.0, "l2_sp": 79.0, "delta_no_att": 70.0, "delta": 85.0}, "DELTA has the best mean, by more than"),
-    ({"l2": 80.0, "l2_sp": 79.0, "delta_no_att": 70.0, "delta": 78.0}, "does not beat L2, L2-SP: behind by up to 2.00, within"),
-    ({"l2": 90.0, "l2_sp": 79.0, "delta_no_att": 70.0, "delta": 78.0}, "does not beat L2, L2-SP: behind by up to 12.00, more than"),
+def claim_report(delta_minus):
+    """A report whose step-schedule runs give DELTA − rival = delta_minus[rival][seed], an exp-schedule run
+    that must not be paired (it would replace L2's seed 0), and the table of the runs' means."""
+    seeds = range(len(next(iter(delta_minus.values()))))
+    runs = [{"method": "delta", "seed": k, "schedule": "step", "test_top1": 80.0 + k} for k in seeds]
+    for m, diffs in delta_minus.items():
+        runs += [{"method": m, "seed": k, "schedule": "step", "test_top1": 80.0 + k - d} for k, d in enumerate(diffs)]
+    runs.append({"method": "l2", "seed": 0, "schedule": "exp", "test_top1": 0.0})
+    table = {m: {"mean": float(np.mean([r["test_top1"] for r in runs if r["method"] == m and r["schedule"] == "step"])),
+                 "std": 1.0} for m in [*delta_minus, "delta"]}
+    return {"table": table, "runs": runs, "activation_maps": {"images": []}}
+
+
+@pytest.mark.parametrize("delta_minus, holds, verdict", [
+    # every rival: mean above its spread
+    ({"l2": [2.0, 2.5, 3.0], "l2_sp": [1.0, 1.2, 0.8], "delta_no_att": [5.0, 4.0, 6.0]}, True, "holds"),
+    # one rival below minus its spread: fails, whatever the others do
+    ({"l2": [-2.0, -2.5, -3.0], "l2_sp": [1.08, 1.38, -0.85], "delta_no_att": [5.0, 4.0, 6.0]}, False, "does not hold"),
+    # DELTA has the best mean against every rival, by less than the spread against L2: not decided (the old
+    # rule said it holds)
+    ({"l2": [1.08, 1.38, -0.85], "l2_sp": [1.0, 1.2, 0.8], "delta_no_att": [5.0, 4.0, 6.0]}, None,
+     "not decided: within the seed spread"),
+    # behind on the mean but within the spread: not decided either (not 'does not hold')
+    ({"l2": [-1.08, -1.38, 0.85], "l2_sp": [1.0, 1.2, 0.8]}, None, "not decided: within the seed spread"),
+    # one seed decides nothing, however large the difference
+    ({"l2": [9.0], "l2_sp": [9.0], "delta_no_att": [9.0]}, None, "not decided: one seed"),
+    ({"l2": [-9.0], "l2_sp": [9.0]}, None, "not decided: one seed"),
 ])
-def test_accuracy_claim_text_says_what_the_margin_is(means, verdict):
+def test_accuracy_claim_holds_only_where_the_paired_difference_exceeds_its_spread(delta_minus, holds, verdict):
+    from fastdelta.compare.report import RULE, claims
+    c = claims(claim_report(delta_minus))["accuracy"]
+    assert c["holds"] is holds and c["verdict"] == verdict and c["rule"] == RULE
+    assert set(c["paired"]) == set(delta_minus)
+    for m, diffs in delta_minus.items():
+        p = c["paired"][m]
+        assert p["values"] == pytest.approx(diffs) and p["n"] == len(diffs) and p["seeds"] == list(range(len(diffs)))
+        assert p["mean"] == pytest.approx(np.mean(diffs))
+        assert p["std"] == (pytest.approx(np.std(diffs, ddof=1)) if len(diffs) > 1 else None)
+    assert "paired by seed" in c["text"] and ("+1.08, +1.38, -0.85" in c["text"]) == ([1.08, 1.38, -0.85] in
+                                                                                     delta_minus.values())
+
+
+def test_accuracy_claim_pairs_only_seeds_both_finished():
+    """A diverged run (test_top1 None) leaves its seed out of the pairs: two pairs left still decide."""
     from fastdelta.compare.report import claims
-    table = {m: {"mean": v, "std": 3.0 if m == "delta" else 0.5} for m, v in means.items()}
-    c = claims({"table": table, "activation_maps": {"images": []}})["accuracy"]
-    assert c["holds"] == (means["delta"] > max(v for m, v in means.items() if m != "delta"))
-    assert verdict in c["text"], c["text"]
+    report = claim_report({"l2": [2.0, 2.1, 1.9]})
+    next(r for r in report["runs"] if r["method"] == "l2" and r["seed"] == 1)["test_top1"] = None
+    c = claims(report)["accuracy"]
+    assert c["paired"]["l2"]["seeds"] == [0, 2] and c["paired"]["l2"]["values"] == pytest.approx([2.0, 1.9])
+    assert c["holds"] is True
+
+
+def test_single_seed_claims_decide_nothing_and_say_so():
+    """The learning curves and the filter distances are measured on seed 0 only: one seed's measurement."""
+    from fastdelta.compare.report import claims
+    report = claim_report({"l2_sp": [3.0, 3.1, 2.9]})
+    report["roughness"] = {"delta/step": 1.0, "l2_sp/step": 2.0}
+    report["attention_split"] = {m: {"conv": {"low_attention_mean": v}} for m, v in [("delta", 0.5), ("l2_sp", 0.2)]}
+    c = claims(report)
+    for name in ("smoother_curve", "unactivated_filters_move"):
+        assert c[name]["holds"] is None and c[name]["seed0_agrees"] is True, name
+        assert c[name]["verdict"] == "not decided: one seed" and "one seed's measurement" in c[name]["text"]
+    assert c["accuracy"]["holds"] is True
+
+
+def test_report_md_states_the_rule_once(twice):
+    from fastdelta.compare.report import RULE
+    (report, out), _ = twice
+    md = (out / "report.md").read_text()
+    assert md.count(RULE) == 1 and md.index(RULE) > md.index("## The paper's claims on this data")
+    saved = json.loads((out / "report.json").read_text())["claims"]["accuracy"]
+    assert saved["holds"] is None and saved["verdict"] == "not decided: one seed"  # this comparison ran one seed
+    assert "**accuracy: not decided: one seed.**" in md
+
+
+def test_refresh_reports_rewrites_only_the_claims(twice, tmp_path):
+    """benchmarks/refresh_reports.py: report.json's claims and report.md's claims section are rewritten from
+    the runs; the rest of report.md (possibly from older report code) and the figures are kept."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+    (_, out), _ = twice
+    folder = tmp_path / "per_class_5"
+    shutil.copytree(out, folder, ignore=shutil.ignore_patterns("runs"))
+    saved = json.loads((folder / "report.json").read_text())
+    saved["claims"]["accuracy"] = {"holds": True, "text": "old"}
+    (folder / "report.json").write_text(json.dumps(saved, indent=1))
+    md = (folder / "report.md").read_text()
+    head, claims_and_after = md.split("## The paper's claims on this data")
+    old_md = "- an older header line\n" + head + "## The paper's claims on this data\n\n- **accuracy: holds.** old\n\n" \
+        + claims_and_after[claims_and_after.index("## Table 1 analog"):]
+    (folder / "report.md").write_text(old_md)
+    figure = (folder / "table1.png").read_bytes()
+    spec = importlib.util.spec_from_file_location(
+        "refresh_reports", Path(__file__).resolve().parent.parent / "benchmarks" / "refresh_reports.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main([str(folder)])
+    new = json.loads((folder / "report.json").read_text())
+    assert new["claims"]["accuracy"]["holds"] is None and new["claims"]["accuracy"]["text"] != "old"
+    assert {k: v for k, v in new.items() if k != "claims"} == {k: v for k, v in saved.items() if k != "claims"}
+    assert (folder / "report.md").read_text() == md.replace(head, "- an older header line\n" + head)
+    assert (folder / "table1.png").read_bytes() == figure
