@@ -4,6 +4,17 @@ with the public recipe (eager fp32, forward hooks, full source forward, L2-SP as
 Synthetic tensors (this measures the model step, not data loading). For each model, method and engine:
 ms/step, img/s, time to first step (building the step and compiling it included; with --warm-first-step also
 in a fresh process whose torch.compile caches are warm, as a second run sees it), peak GPU memory.
+
+Both engines run the method's default hyperparameters (`bench_hyperparameters`: alpha 1e-4 for DELTA and
+DELTA w/o ATT, 0.01 for the others; beta 0.01, lr 0.01, momentum 0.9, weight decay 1e-4), identical for
+the two, on a randomly initialised network whose BatchNorm running statistics are first calibrated on
+synthetic batches in train mode (`calibrate_batchnorm`): fresh statistics (mean 0, var 1) leave the
+eval-mode source's deep maps of a random ResNet-101 at an rms of ~1e4 (the target's: ~0.5), and DELTA's
+distance to them overflows within a few steps; calibrated, the source's maps have the scale a pre-trained
+network's have. No step reads the device (the loop's deferred reads on CUDA); a device flag collects
+whether every step's loss (and, for fastdelta, gradient norm) was finite, read once after the timed
+steps with the parameters' finiteness: a row that went non-finite is an error, not a timing.
+
 Writes `bench_step.json` (updated after every row, so a cut-off run keeps what it measured) and
 `bench_step.md` (a table of the ratios: fastdelta / public recipe per method,
 each method's step / the L2 step of the same engine).
@@ -31,9 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .methods import L2, make_method, method_class
-from .networks.models import build_networks
-from .settings import METHODS
-from .train.steps import FastStep, resolve_step_options
+from .networks.models import DEFAULT_LAYERS, build_architecture, build_networks
+from .settings import METHODS, make_settings
+from .train.evaluate import flush_denormals
+from .train.steps import FastStep, finite_on_device, resolve_step_options
 
 GPU_MODELS = ["resnet50", "resnet101", "efficientnet_lite0"]
 
@@ -78,7 +90,8 @@ class PublicStep:
                          0.5 * torch.sum(c * self.cws[i] * d ** 2 / (h * w)))
         return reg
 
-    def step(self, x, y):
+    def step(self, x, y) -> torch.Tensor:
+        """One step; returns the (detached) loss, on the device: nothing here waits for the GPU."""
         self.fs.clear()
         self.ft.clear()
         self.opt.zero_grad(set_to_none=True)
@@ -102,6 +115,7 @@ class PublicStep:
         self.opt.step()
         self.fs.clear()
         self.ft.clear()
+        return loss.detach()
 
 
 # ---------------------------------------------------------------------------------------- tiny CPU model
@@ -139,16 +153,80 @@ def _cleanup(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _networks(model: str, num_classes: int, device, seed=0):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights: speed does not depend on them
-        if model == "smoke":
-            nets = build_networks(SmokeNet(), num_classes, None, SMOKE_LAYERS, seed)
-        else:
-            nets = build_networks(model, num_classes, "random", None, seed)
+def bench_hyperparameters(method: str) -> dict:
+    """The method's default alpha/beta/lr/momentum/weight decay (fastdelta.settings, public recipe): both
+    engines of a row run these, so that they do the same work per step at settings that stay finite."""
+    s = make_settings(method).resolved()
+    return {"alpha": s.alpha, "beta": s.beta, "lr": s.lr, "momentum": s.momentum, "weight_decay": s.weight_decay}
+
+
+CALIBRATION_BATCHES = 2  # synthetic batches that set the BN running statistics
+CALIBRATION_VALUES = 32  # values per channel at the last (stride-32) stage per calibration batch at least
+
+
+def calibration_batch(batch: int, size: int) -> int:
+    """Images per calibration batch: the benchmark's batch, more where the last stage's map is small. A
+    running variance estimated from a few values per channel (batch 2 of a 1x1 map) is ~0 for some
+    channels, and the eval-mode source then amplifies them by up to 1/sqrt(eps)."""
+    last = max(1, -(-size // 32)) ** 2  # the stride-32 map: ceil(size / 32) squared
+    return max(batch, -(-CALIBRATION_VALUES // last))
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, batch: int, size: int, device, batches: int = CALIBRATION_BATCHES,
+                        seed: int = 0) -> dict:
+    """Set every BatchNorm's running statistics to their average over `batches` synthetic N(0, 1) batches
+    (train-mode forwards, cumulative average), then put the model in eval mode.
+
+    A randomly initialised network's fresh statistics (mean 0, var 1) do not normalise in eval mode: the
+    frozen source's deep maps grow with depth (rms ~1e4 at ResNet-101's layer3.22.conv3 / layer4.2.conv3
+    against ~0.5 for the train-mode target) and DELTA's distance to them overflows in a few steps. After
+    calibration the eval-mode maps have the train-mode scale, as a pre-trained network's have."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    info = {"batches": batches if bns else 0, "batch": batch, "size": size, "input": "randn N(0,1)",
+            "batchnorm_layers": len(bns)}
+    if not bns or batches <= 0:
+        return info
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every calibration batch counts the same
+    model.train()
+    g = torch.Generator(device="cpu").manual_seed(seed + 7919)
+    for _ in range(batches):
+        model(torch.randn(batch, 3, size, size, generator=g).to(device))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.eval()
+    return info
+
+
+_CALIBRATED: dict = {}  # the last calibrated network (on the CPU): the rows of one model share it
+
+
+def _networks(model: str, num_classes: int, device, seed=0, batch: int = 4, size: int = 32,
+              calibration_batches: int = CALIBRATION_BATCHES):
+    """Source and target from one randomly initialised network whose BN statistics are calibrated
+    (`calibrate_batchnorm`) before the two are built: the source's eval-mode maps then have a
+    realistic scale. Returns (networks, calibration record). The calibrated network is kept (one,
+    on the CPU) for the next row of the same model and shapes: calibrated once, every engine the same."""
+    key = (model, str(device), seed, calibration_batch(batch, size), size, calibration_batches)
+    if key not in _CALIBRATED:
+        _CALIBRATED.clear()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # random weights: speed does not depend on them
+                net = SmokeNet() if model == "smoke" else build_architecture(model)
+        net.to(device)
+        calibration = calibrate_batchnorm(net, key[3], size, device, calibration_batches, seed)
+        _CALIBRATED[key] = (net.cpu(), calibration)
+    net, calibration = _CALIBRATED[key]
+    layers = SMOKE_LAYERS if model == "smoke" else DEFAULT_LAYERS.get(model)
+    nets = build_networks(net, num_classes, None, layers, seed)  # deep copies: the kept one stays as it is
     nets.source.to(device)
     nets.target.to(device)
-    return nets
+    return nets, dict(calibration)
 
 
 def _attention(nets, device, seed=0):
@@ -168,22 +246,42 @@ def _out_channels(model, layer):
 
 
 def measure(model: str, method: str, engine: str, batch: int, size: int, num_classes: int, device,
-            warmup: int, iters: int, options=None, profile_steps: int = 0, profile_dir: Optional[Path] = None) -> dict:
-    """One row: build, first step (timed, compile included), warm-up, timed steps, peak memory."""
+            warmup: int, iters: int, options=None, profile_steps: int = 0, profile_dir: Optional[Path] = None,
+            calibration_batches: int = CALIBRATION_BATCHES) -> dict:
+    """One row: build, first step (timed, compile included), warm-up, timed steps, peak memory.
+
+    Both engines: the method's default hyperparameters (`bench_hyperparameters`), BN statistics
+    calibrated before source and target are built. Raises FloatingPointError when a step's loss (or
+    fastdelta's gradient norm) or the parameters after the steps are not finite. On the CPU denormal
+    floats are flushed to zero, as the training loop does (they make x86 float ops many times slower)."""
+    with flush_denormals(device):
+        return _measure(model, method, engine, batch, size, num_classes, device, warmup, iters, options,
+                        profile_steps, profile_dir, calibration_batches)
+
+
+def _measure(model, method, engine, batch, size, num_classes, device, warmup, iters, options, profile_steps,
+             profile_dir, calibration_batches) -> dict:
     _cleanup(device)
-    nets = _networks(model, num_classes, device)
+    hp = bench_hyperparameters(method)
+    nets, calibration = _networks(model, num_classes, device, batch=batch, size=size,
+                                  calibration_batches=calibration_batches)
     attention = _attention(nets, device)
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=g).to(device)
     y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every step so far finite (device side)
     _sync(device)
     t0 = time.perf_counter()
     if engine == "public":
-        runner = PublicStep(nets, method, attention)
-        step = lambda: runner.step(x, y)
+        runner = PublicStep(nets, method, attention, lr=hp["lr"], momentum=hp["momentum"], alpha=hp["alpha"],
+                            beta=hp["beta"], wd=hp["weight_decay"])
+
+        def step():
+            nonlocal finite
+            finite = finite & torch.isfinite(runner.step(x, y))
     else:
-        reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, 0.01, 0.01, 1e-4,
-                          "conv", attention if method_class(method).uses_attention else None)
+        reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, hp["alpha"], hp["beta"],
+                          hp["weight_decay"], "conv", attention if method_class(method).uses_attention else None)
         params = reg.trainable_parameters(nets.target)
         if reg.freezes_extractor:  # as train_loop sets up L2-FE
             nets.target.requires_grad_(False).eval()
@@ -191,8 +289,13 @@ def measure(model: str, method: str, engine: str, batch: int, size: int, num_cla
                 p.requires_grad_(True)
         else:
             nets.target.requires_grad_(True).train()
-        runner = FastStep(nets.target, nets.source, reg, params, options, device, 0.01, 0.9)
-        step = lambda: runner.step(x, y, 0.01)
+        runner = FastStep(nets.target, nets.source, reg, params, options, device, hp["lr"], hp["momentum"])
+
+        def step():  # forward_backward + update without reading the stats (the loop's deferred reads)
+            nonlocal finite
+            stats = runner.forward_backward(x, y, hp["lr"])
+            finite = finite & finite_on_device(stats, runner.skips_nonfinite_grads)
+            runner.update()
     cache_before = compile_cache_counters()
     step()
     _sync(device)
@@ -207,9 +310,17 @@ def measure(model: str, method: str, engine: str, batch: int, size: int, num_cla
     _sync(device)
     ms = (time.perf_counter() - t1) * 1000 / iters
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    steps = 1 + warmup + iters
+    with torch.no_grad():
+        params_finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(
+            [p.detach() for p in nets.target.parameters()]))).all())
+    if not bool(finite) or not params_finite:
+        raise FloatingPointError(f"non-finite {'loss or gradient' if not bool(finite) else 'parameters'} within "
+                                 f"{steps} steps (alpha {hp['alpha']}, lr {hp['lr']})")
     row = {"model": model, "method": method, "engine": engine, "batch": batch, "size": size,
            "ms_per_step": round(ms, 3), "img_per_s": round(batch * 1000 / ms, 1), "first_step_s": round(first, 2),
-           "peak_gib": None if peak is None else round(peak, 3)}
+           "peak_gib": None if peak is None else round(peak, 3), "steps": steps, "finite": True,
+           **hp, "bn_calibration": calibration}
     if options is not None:
         row["options"] = options.describe()
         if options.compile is not None:
@@ -250,6 +361,7 @@ def warm_first_steps(args, rows: list) -> None:
                "--num-classes", str(args.num_classes), "--device", args.device, "--precision", args.precision,
                "--channels-last", args.channels_last]
         cmd += ["--compile-modes", args.compile_modes] if args.compile_modes else ["--compile", args.compile]
+        cmd += ["--calibration-batches", str(getattr(args, "calibration_batches", CALIBRATION_BATCHES))]
         cmd += ["--cuda-graphs"] if args.cuda_graphs else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -368,6 +480,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "reduce-overhead (overrides --compile)")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--cuda-graphs", action="store_true", help="fastdelta: CUDA graphs (compile 'reduce-overhead')")
+    p.add_argument("--also-eager", action="store_true",
+                   help="also measure the fastdelta engine without torch.compile (engine 'fastdelta[eager]', same "
+                        "precision and layout), before the compiled one: a fastdelta figure even when the "
+                        "compile does not finish in time, and what the compile adds")
+    p.add_argument("--calibration-batches", type=int, default=CALIBRATION_BATCHES,
+                   help="synthetic batches that set the random network's BN running statistics before source "
+                        "and target are built (0: fresh statistics, whose eval-mode source maps overflow DELTA)")
     p.add_argument("--out", default="bench-step", help="folder for bench_step.json and bench_step.md")
     p.add_argument("--append", action="store_true",
                    help="keep the rows of an existing OUT/bench_step.json (same model/method/engine: replaced), "
@@ -404,6 +523,9 @@ def run(args) -> dict:
         for mode in modes:
             opts = resolve_step_options(device, args.precision, mode, cl, args.cuda_graphs, "fast")
             label = "fastdelta" if len(modes) == 1 else f"fastdelta[{mode}]"
+            if args.also_eager and len(modes) == 1 and opts is not None and opts.compile is not None:
+                eager = resolve_step_options(device, opts.precision, "off", opts.channels_last, False, "fast")
+                fast.append(("fastdelta[eager]", eager))
             fast.append((label, opts))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -413,10 +535,15 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     result = {"config": {"models": models, "methods": methods, "batch": batch, "size": size, "warmup": warmup,
                          "iters": iters, "num_classes": args.num_classes, "smoke": smoke,
-                         "fastdelta_options": {label: o.describe() for label, o in fast}},
+                         "fastdelta_options": {label: o.describe() for label, o in fast},
+                         "hyperparameters": {m: bench_hyperparameters(m) for m in methods},
+                         "bn_calibration_batches": args.calibration_batches,
+                         "host_reads_per_step": 0},
               "environment": environment(device), "rows": []}
     if previous is not None:
         result["previous_environments"] = previous.get("previous_environments", []) + [previous["environment"]]
+        result["config"]["hyperparameters"] = {**previous.get("config", {}).get("hyperparameters", {}),
+                                               **result["config"]["hyperparameters"]}
         result["rows"] = previous["rows"]
 
     def save():
@@ -433,7 +560,8 @@ def run(args) -> dict:
                     continue
                 try:
                     row = measure(model, method, "public" if label == "public" else label, batch, size,
-                                  args.num_classes, device, warmup, iters, opts, args.profile, out)
+                                  args.num_classes, device, warmup, iters, opts, args.profile, out,
+                                  args.calibration_batches)
                 except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
                     row = {"model": model, "method": method, "engine": label, "error": f"{type(e).__name__}: {e}"[:500]}
                     torch._dynamo.reset()

@@ -137,3 +137,108 @@ def test_tap_form_probe_leaves_the_bn_statistics_as_they_were():
     after = nets.target.state_dict()
     assert before and all(torch.equal(v, after[k]) for k, v in before.items())
     assert abs(sum(row["share"] for row in probe["layers"].values()) - 1.0) < 1e-9
+
+
+@pytest.mark.filterwarnings("ignore:fastdelta. NO PRE-TRAINED WEIGHTS")
+def test_bench_step_delta_rows_stay_finite_on_deep_random_resnets():
+    """A random ResNet's fresh BN statistics (mean 0, var 1) let the eval-mode source's deep taps reach an
+    rms of ~1e4 against ~0.5 for the target, and DELTA's term overflowed within a few steps (the smoke CNN
+    is too shallow to show it). With the BN statistics calibrated and the method's default hyperparameters,
+    identical for both engines, every row of ResNet-50 and ResNet-101 is finite (3 steps, 64 px, batch 2)."""
+    import math
+    import torch
+    from fastdelta import bench
+    from fastdelta.train.steps import resolve_step_options
+    cpu = torch.device("cpu")
+    fast = resolve_step_options(cpu, "fp32", "off", False, False, "fast")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU a thread team waits on its descheduled members: 3-30x slower
+    try:
+        for model in ("resnet50", "resnet101"):
+            for engine, options in (("public", None), ("fastdelta", fast)):
+                row = bench.measure(model, "delta", engine, 2, 64, 10, cpu, warmup=1, iters=1, options=options)
+                assert "error" not in row and row["finite"] is True and row["steps"] == 3, row
+                assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("ms_per_step", "img_per_s")), row
+                assert (row["alpha"], row["beta"], row["lr"]) == (1e-4, 0.01, 0.01)
+                assert row["bn_calibration"]["batches"] == bench.CALIBRATION_BATCHES
+                assert row["bn_calibration"]["batch"] >= 8  # enough values per channel at the 2x2 last stage
+    finally:
+        torch.set_num_threads(threads)
+        bench._CALIBRATED.clear()
+
+
+def test_bench_step_rows_are_checked_for_non_finite_steps(monkeypatch):
+    """A row whose steps go non-finite is an error, not a timing (the public step had no check)."""
+    import torch
+    from fastdelta import bench
+    monkeypatch.setattr(bench, "bench_hyperparameters",
+                        lambda method: {"alpha": float("inf"), "beta": 0.01, "lr": 0.01, "momentum": 0.9,
+                                        "weight_decay": 1e-4})
+    for engine in ("public", "fastdelta"):
+        from fastdelta.train.steps import resolve_step_options
+        options = resolve_step_options(torch.device("cpu"), "fp32", "off", False, False, "fast") \
+            if engine == "fastdelta" else None
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            bench.measure("smoke", "delta", engine, 2, 16, 10, torch.device("cpu"), 0, 1, options)
+    bench._CALIBRATED.clear()
+
+
+def test_step_timer_synchronises_the_stop_event_before_reading_cuda_events():
+    """CUDA's elapsed_time needs both events completed; the non-deferred loop asks right after recording
+    the stop event (the update still queued), so StepTimer.seconds must synchronise it first."""
+    import torch
+    from fastdelta.train.deferred import StepTimer
+    calls = []
+
+    class FakeEvent:
+        def __init__(self, name):
+            self.name = name
+
+        def record(self):
+            calls.append((self.name, "record"))
+
+        def synchronize(self):
+            calls.append((self.name, "synchronize"))
+
+        def elapsed_time(self, other):
+            calls.append((self.name, "elapsed_time", other.name))
+            if (other.name, "synchronize") not in calls:
+                raise RuntimeError("CUDA error: device not ready")  # what CUDA does for a pending event
+            return 250.0
+
+    timer = StepTimer(torch.device("cpu"))
+    timer.cuda = True  # the CUDA path, with events that record what is done to them
+    timer.marks = [[FakeEvent(f"start{i}"), FakeEvent(f"stop{i}")] for i in range(2)]
+    timer.start(3)
+    timer.stop(3)
+    assert timer.seconds(3) == 0.25
+    assert calls == [("start1", "record"), ("stop1", "record"), ("stop1", "synchronize"),
+                     ("start1", "elapsed_time", "stop1")]
+
+
+def test_session_summary_reads_step_and_anchor_rows(tmp_path):
+    """benchmarks/bench_step.py summary: anchor rows next to the step rows, ratios to the public
+    re-implementation, every part's exit status; the text ends with the parts table (no torch import)."""
+    mod = load("bench_step")
+    (tmp_path / "bench_step_gpu").mkdir()
+    timing = {"model": "resnet101", "batch": 64, "size": 224, "first_step_s": 1.0, "peak_gib": 5.0}
+    rows = [dict(timing, method="delta", engine="public", ms_per_step=66.0, img_per_s=969.7),
+            dict(timing, method="delta", engine="fastdelta", ms_per_step=33.0, img_per_s=1939.4),
+            {"model": "resnet101", "method": "l2", "engine": "fastdelta", "error": "RuntimeError: x"}]
+    (tmp_path / "bench_step_gpu" / "bench_step.json").write_text(json.dumps(
+        {"rows": rows, "environment": {"gpu": "NVIDIA H200", "torch": "2.11"},
+         "config": {"batch": 64, "size": 224, "iters": 20, "warmup": 5}}))
+    (tmp_path / "anchor.json").write_text(json.dumps({
+        "env": {}, "step/resnet101/delta/amp=0/cl=0/compile=0": {"ms_per_step": 66.02, "img_per_s": 969,
+                                                                 "first_step_s": 0.3, "peak_gib": 9.45},
+        "step/resnet101/l2sp/amp=1/cl=1/compile=0": "FAILED OutOfMemoryError"}))
+    (tmp_path / "status.tsv").write_text("step/delta\t0\t120\t160\npreflight\t124\t75\t75\ndistance\tskipped\t0\t60\n")
+    text = mod.summary(tmp_path)
+    assert "delta: fastdelta 1,939.4 img/s = 2.00x the public re-implementation" in text
+    assert "| resnet101 | delta | anchor fp32 | 969.0 | 66.02 | 1.00x | 0.30 | 9.45 |" in text
+    assert "| resnet101 | delta | fastdelta | 1,939.4 | 33.00 | 2.00x | 1.00 | 5.00 |" in text
+    assert "| resnet101 | l2 | fastdelta | error: RuntimeError: x |" in text
+    assert "| resnet101 | l2_sp | anchor bf16+cl | error: FAILED OutOfMemoryError |" in text
+    assert text.rstrip("\n").splitlines()[-3:] == ["| step/delta | 0 | 120 | 160 |",
+                                                  "| preflight | 124 (timed out) | 75 | 75 |",
+                                                  "| distance | skipped | 0 | 60 |"]

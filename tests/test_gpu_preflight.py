@@ -79,10 +79,34 @@ def test_deferred_reads_on_cuda_train_as_the_checked_step(method):
         assert torch.allclose(v.double(), w.double(), rtol=1e-4, atol=1e-6), k
 
 
+@pytest.fixture
+def deterministic_cuda():
+    """Bitwise comparisons of two CUDA runs: cuDNN's autotuner off (it may pick a different algorithm per
+    run) and deterministic algorithms only (no atomics-based convolution backward); the flags are
+    restored afterwards (the fast step turns the autotuner on for the benchmark-like tests)."""
+    import os
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
+
+
 @pytest.mark.parametrize("method", ["delta", "l2"])
-def test_a_failed_deferred_cuda_step_leaves_the_state_of_the_step_before(method):
+def test_a_failed_deferred_cuda_step_leaves_the_state_of_the_step_before(method, deterministic_cuda):
     """A NaN batch at step 3: the guarded update is cancelled on the device and the BN statistics are
-    restored, so the model equals a run stopped after step 2."""
+    restored, so the model equals a run stopped after step 2 (bitwise: deterministic kernels, no autotuner)."""
     from test_loop import run, values
     cuda = torch.device("cuda")
     good, hist, _ = run(method, iterations=3, deferred=True, device=cuda)

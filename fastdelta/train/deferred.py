@@ -88,8 +88,14 @@ class StepTimer:
             slot[which] = time.perf_counter()
 
     def seconds(self, iteration: int) -> float:
+        """The step's seconds. On CUDA both events must have completed before `elapsed_time` (else it
+        raises): the non-deferred loop asks right after recording the stop event, behind the queued
+        update, so the stop event is synchronised first (in the deferred loop it already has)."""
         start, stop = self.marks[iteration % len(self.marks)]
-        return start.elapsed_time(stop) / 1000.0 if self.cuda else stop - start
+        if not self.cuda:
+            return stop - start
+        stop.synchronize()  # the start event was recorded before it on the same stream: complete too
+        return start.elapsed_time(stop) / 1000.0
 
 
 class DevicePrefetcher:
