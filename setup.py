@@ -1,7 +1,7 @@
-"""fastdelta packaging. build_py also builds the native CPU kernel (CMakeLists.txt, via
-kernels/build_native.py) when torch is importable here; under pip's default build isolation it is
-not, and scripts/setup.sh builds it after the install. A failed or skipped native build only warns:
-fastdelta then uses its plain PyTorch path on CPU."""
+"""fastdelta packaging. The native CPU kernel (fastdelta/kernels/csrc/fm_distance.cpp) is compiled on its
+first use into a per-user cache, in every install mode. A non-editable build with torch importable
+(e.g. `pip wheel --no-build-isolation .`) also prebuilds it into the package (fastdelta/kernels/_native/
+<key>/), for machines that run without a compiler; a failed or skipped prebuild only warns."""
 import os
 import subprocess
 import sys
@@ -13,32 +13,33 @@ from setuptools.command.build_py import build_py
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def build_native() -> bool:
-    """Build fastdelta/kernels/_native/libfastdelta_native.so; never raises."""
+def build_native(out_dir: str) -> bool:
+    """Prebuild the native kernel into out_dir/<key>/; never raises."""
+    script = os.path.join(HERE, "kernels", "build_native.py")
     try:
         import torch  # noqa: F401
     except Exception:  # noqa: BLE001
         warnings.warn("fastdelta: torch is not importable in this build environment (pip build isolation?); "
-                      "native CPU kernel not built here - run `python3 kernels/build_native.py` "
-                      "(scripts/setup.sh does); the PyTorch reference path is used until then")
+                      "the native CPU kernel is not prebuilt: it is compiled on its first use instead")
         return False
     try:
-        r = subprocess.run([sys.executable, os.path.join(HERE, "kernels", "build_native.py"), "--quiet"], cwd=HERE)
-        ok = r.returncode == 0
+        ok = subprocess.run([sys.executable, script, "--quiet", "--out-dir", out_dir], cwd=HERE).returncode == 0
     except Exception as e:  # noqa: BLE001
         print(f"warning: fastdelta native CPU kernel build could not run: {e}", file=sys.stderr)
         ok = False
     if not ok:
-        warnings.warn("fastdelta: native CPU kernel build failed (see above); installing without it, "
-                      "the PyTorch reference path is used on CPU")
+        warnings.warn("fastdelta: native CPU kernel not prebuilt (see above); it is compiled on its first use "
+                      "(or the PyTorch reference path is used on CPU)")
     return ok
 
 
 class BuildPyWithNative(build_py):
     def run(self):
-        if os.environ.get("FASTDELTA_SKIP_NATIVE", "") not in ("1", "true"):
-            build_native()
         super().run()
+        # An editable install runs from the source tree: its first use fills the cache, nothing to prebuild.
+        if getattr(self, "editable_mode", False) or os.environ.get("FASTDELTA_SKIP_NATIVE", "") in ("1", "true"):
+            return
+        build_native(os.path.join(self.build_lib, "fastdelta", "kernels", "_native"))
 
 
 setup(
@@ -46,7 +47,7 @@ setup(
     version="0.1.0",
     description="DELTA transfer learning (feature maps with supervised attention) and its baselines, fast",
     packages=find_packages(include=["fastdelta", "fastdelta.*"]),
-    package_data={"fastdelta.kernels": ["_native/*.so", "_native/build.json"]},
+    package_data={"fastdelta.kernels": ["csrc/*.cpp"]},  # compiled on first use
     cmdclass={"build_py": BuildPyWithNative},
     python_requires=">=3.10",
     install_requires=[

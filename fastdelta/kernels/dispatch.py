@@ -1,7 +1,8 @@
 """Which implementation computes the DELTA feature-map distance, and the call that prepares inputs.
 
 ``impl``: "auto" (default) -> "triton" for CUDA tensors (when triton imports), "native" for CPU tensors
-when the C++ library is built and loads, else "reference"; float64 inputs always take "reference".
+when the C++ library builds (on first use, once per torch version: native.py) and loads, else
+"reference"; float64 inputs always take "reference".
 "triton" / "native" force that kernel (an error where it cannot run; "triton" on CPU tensors needs
 TRITON_INTERPRET=1). "reference" forces the plain PyTorch composite
 (fastdelta.kernels.op.reference_distance), e.g. for debugging: it never calls the custom op.
@@ -17,7 +18,9 @@ from .op import reference_distance
 
 IMPLS = ("auto", "triton", "native", "reference")
 _TRITON = importlib.util.find_spec("triton") is not None
-native.load()  # once, at import (not inside a torch.compile trace); a broken build warns here
+# Load an existing build at import (cheap, and outside any torch.compile trace); compiling waits for the
+# first use with a CPU tensor, so GPU-only runs never pay for it. A broken library warns here.
+native.load(build=False)
 
 
 def resolve(impl: str, t: torch.Tensor) -> str:
