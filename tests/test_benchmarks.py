@@ -242,3 +242,37 @@ def test_session_summary_reads_step_and_anchor_rows(tmp_path):
     assert text.rstrip("\n").splitlines()[-3:] == ["| step/delta | 0 | 120 | 160 |",
                                                   "| preflight | 124 (timed out) | 75 | 75 |",
                                                   "| distance | skipped | 0 | 60 |"]
+
+
+def test_public_step_is_the_six_methods_and_refuses_others():
+    """The public recipe's step is a fixed transcription: it agrees with fastdelta's own terms at step 0
+    (public conventions: raw conv taps, DELTA w/o ATT as 0.5 sum ||d||^2) and refuses a method it lacks."""
+    import copy
+    import torch
+    import torch.nn.functional as F
+    from fastdelta.bench import PublicStep
+    from fastdelta.methods import METHODS, make_method
+    from fastdelta.methods.taps import FeatureTaps
+    from fastdelta.networks.models import build_networks
+    from tiny import TINY_LAYERS, tiny_net
+    torch.manual_seed(0)
+    nets0 = build_networks(tiny_net(), 3, None, TINY_LAYERS, 0)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
+    att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
+    assert set(PublicStep.FORMULAS) == set(METHODS)
+    for method in METHODS:
+        nets = copy.deepcopy(nets0)
+        reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, 0.3, 0.2, 0.05, "conv",
+                          att if METHODS[method].uses_attention else None)
+        freeze = METHODS[method].freezes_extractor
+        nets.target.train(not freeze)
+        with FeatureTaps(nets.target, reg.taps) as tt, FeatureTaps(nets.source.eval(), reg.taps) as ts:
+            logits, t_feats = tt(x)
+            _, s_feats = ts(x)
+        terms = reg.terms(t_feats, s_feats) if reg.uses_source_features else reg.terms()
+        # the public step applies weight decay inside SGD: its loss is the cross-entropy alone
+        want = F.cross_entropy(logits, y) + (0 if METHODS[method].uses_weight_decay else terms.reg + terms.head)
+        got = PublicStep(copy.deepcopy(nets0), method, att, alpha=0.3, beta=0.2, wd=0.05).step(x, y)
+        assert float(got) == pytest.approx(float(want), rel=1e-5), method
+    with pytest.raises(ValueError, match="no step for method 'l1_sp'"):
+        PublicStep(copy.deepcopy(nets0), "l1_sp", att)
