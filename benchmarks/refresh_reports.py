@@ -12,14 +12,14 @@ reproduce_fashion_mnist.py (write_summary: "## The paper's claims, per size") or
 the refreshed reports; the rest of the README, hand-written notes included, is kept.
 """
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastdelta.compare.report import _json_default, claims, finish_report, markdown  # noqa: E402
+from fastdelta.compare.report import (REPORT_FILES, claims, finish_report, load_report, markdown,  # noqa: E402
+                                      report_path, save_report_json)
 from fastdelta.ioutil import atomic_write_text  # noqa: E402
 
 REPORT_CLAIMS = "## The paper's claims on this data"
@@ -50,13 +50,13 @@ def splice(old: str, new: str, heading: str) -> str:
 
 
 def refresh_report(folder: Path, full: bool = False) -> dict:
-    """The report in `folder` with the current claims (report.json, report.md's claims section)."""
-    path = folder / "report.json"
-    report = json.loads(path.read_text())
+    """The report in `folder` with the current claims (report.json or report.json.gz, written back in the
+    same form; report.md's claims section)."""
+    report = load_report(folder)
     if full:
         return finish_report(report, folder)
     report["claims"] = claims(report)
-    atomic_write_text(path, json.dumps(report, indent=1, default=_json_default))
+    save_report_json(report, folder)
     md = folder / "report.md"
     fresh = markdown(report, report.get("figures") or [])
     atomic_write_text(md, splice(md.read_text(), fresh, REPORT_CLAIMS) if md.is_file() else fresh)
@@ -64,14 +64,15 @@ def refresh_report(folder: Path, full: bool = False) -> dict:
 
 
 def _sizes(folder: Path):
-    return sorted(int(p.parent.name.split("_")[-1]) for p in folder.glob("per_class_*/report.json"))
+    return sorted({int(p.parent.name.split("_")[-1]) for name in REPORT_FILES for p in folder.glob(f"per_class_*/{name}")})
 
 
 def _generated(folder: Path, write) -> str:
     """The README `write` makes from a copy of the reports (and source.json) under `folder`."""
     with tempfile.TemporaryDirectory() as tmp:
-        for p in [*folder.glob("per_class_*/report.json"), *folder.glob("*/per_class_*/report.json"),
-                  *folder.glob("source/source.json")]:
+        reports = [p for name in REPORT_FILES for pattern in (f"per_class_*/{name}", f"*/per_class_*/{name}")
+                   for p in folder.glob(pattern)]  # report.json, or report.json.gz in committed results
+        for p in [*reports, *folder.glob("source/source.json")]:
             (Path(tmp) / p.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p, Path(tmp) / p.relative_to(folder))
         write(Path(tmp))
@@ -105,10 +106,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     above = []
     for folder in map(Path, a.folders):
-        if not (folder / "report.json").is_file():
+        if report_path(folder) is None:
             print(f"{folder}: no report.json, skipped")
             continue
-        before = json.loads((folder / "report.json").read_text()).get("claims", {}).get("accuracy", {}).get("holds")
+        before = load_report(folder).get("claims", {}).get("accuracy", {}).get("holds")
         report = refresh_report(folder, a.full)
         after = report["claims"].get("accuracy", {})
         print(f"{folder}: accuracy holds {before} -> {after.get('holds')} ({after.get('verdict', '')})")

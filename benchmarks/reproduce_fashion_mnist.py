@@ -22,7 +22,7 @@ from typing import Tuple
 from fastdelta.compare.comparison import CompareSettings, compare
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.compare.figures import label
-from fastdelta.compare.report import RULE_SHORT, verdict
+from fastdelta.compare.report import RULE_SHORT, load_report, report_path, verdict
 from fastdelta.compare.report import paired_difference as report_paired_difference, paired_stats as report_paired_stats
 from fastdelta.ioutil import atomic_write_text
 from fastdelta.settings import DEFAULT_RECIPE, METHODS, RECIPES, describe_conventions
@@ -95,7 +95,7 @@ def run_sizes(out: Path, sizes, train_of_size, test, weights: str, plan: Plan) -
     skipped, so an interrupted reproduction continues)."""
     for n in sizes:
         folder = out / f"per_class_{n}"
-        if (folder / "report.json").is_file():
+        if report_path(folder) is not None:
             print(f"{folder}: report exists, skipped")
             continue
         t0 = time.perf_counter()
@@ -133,8 +133,8 @@ TITLE = "ImageNet EfficientNet-Lite0 -> Fashion-MNIST"
 
 
 def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=()) -> None:
-    reports = {n: json.loads((out / f"per_class_{n}" / "report.json").read_text()) for n in sizes
-               if (out / f"per_class_{n}" / "report.json").is_file()}
+    reports = {n: load_report(out / f"per_class_{n}") for n in sizes
+               if report_path(out / f"per_class_{n}") is not None}  # report.json, or .gz in committed results
     if not reports:
         return
     any_r = next(iter(reports.values()))

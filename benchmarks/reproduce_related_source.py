@@ -32,7 +32,7 @@ from reproduce_fashion_mnist import Plan, paired_cell, paired_rows, paired_stats
 import fastdelta  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
 from fastdelta.compare.figures import label  # noqa: E402
-from fastdelta.compare.report import RULE_SHORT  # noqa: E402
+from fastdelta.compare.report import RULE_SHORT, load_report, report_path  # noqa: E402
 from fastdelta.demo import environment  # noqa: E402
 from fastdelta.ioutil import atomic_write_text  # noqa: E402
 from fastdelta.settings import DEFAULT_RECIPE, RECIPES, describe_conventions  # noqa: E402
@@ -80,7 +80,8 @@ def train_source(a) -> None:
 def run_target(a) -> None:
     source = json.loads((Path(a.out) / "source" / "source.json").read_text())
     weights = Path(a.out) / "source" / "model.pt"
-    if sha256(weights) != source["weights_sha256"]:
+    # the weights (not committed) are needed to train; a summary reads only the reports and source.json
+    if not a.summary_only and sha256(weights) != source["weights_sha256"]:
         raise SystemExit(f"{weights} does not match the SHA-256 recorded in source.json")
     plan = Plan.from_args(a)
     name = a.name or "_".join([a.recipe] + [f"{k}-{v}" for k, v in sorted(plan.extra.items())])
@@ -125,8 +126,9 @@ def write_overview(a) -> None:
     source = json.loads((out / "source" / "source.json").read_text())
     columns = []  # (recipe folder, size, report)
     for folder in sorted(p for p in out.iterdir() if p.is_dir() and p.name != "source"):
-        for rep in sorted(folder.glob("per_class_*/report.json"), key=lambda p: int(p.parent.name.split("_")[-1])):
-            columns.append((folder.name, int(rep.parent.name.split("_")[-1]), json.loads(rep.read_text())))
+        sizes = [p for p in folder.glob("per_class_*") if report_path(p) is not None]  # .json or .json.gz
+        for size in sorted(sizes, key=lambda p: int(p.name.split("_")[-1])):
+            columns.append((folder.name, int(size.name.split("_")[-1]), load_report(size)))
     if not columns:
         raise SystemExit(f"no per_class_N/report.json under {out}")
     lines = ["# Related source -> disjoint target: every recipe and size", "",

@@ -1,7 +1,9 @@
 """FitResult: everything a fit produced, and how it is written to disk (atomically)."""
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,20 +51,54 @@ class FitResult:
                                 # CPU results depend on it: the summation order changes with the thread count
                                 "cpu_threads": torch.get_num_threads()}}
 
-    def save(self, directory, weights: bool = True) -> Path:
+    def save(self, directory, weights: bool = True, plots: bool = True, attention_at=None) -> Path:
         """result.json, history.jsonl, model.pt (unless weights=False), channel_attention.json (if any),
-        history.png."""
+        history.png (unless plots=False: plot_history(load_history(directory), ...) draws it again).
+
+        attention_at: a channel_attention.json already on disk (e.g. the one a comparison shares between
+        its runs): where it holds this fit's attention (same content), result.json points at it (path
+        relative to `directory`) instead of a copy being written; otherwise the copy is written."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
         if weights:
             atomic_write(out / "model.pt", lambda tmp: torch.save(self.model.state_dict(), tmp))
+        summary = self.summary()
         if self.attention is not None:
-            self.attention.save(out / "channel_attention.json")
-        if self.history:
+            if attention_at is not None and same_attention(self.attention, attention_at):
+                summary["attention"]["file"] = os.path.relpath(Path(attention_at), out)
+            else:
+                self.attention.save(out / "channel_attention.json")
+        if self.history and plots:
             plot_history(self.history, out / "history.png", f"{self.method} — {self.model_info.get('arch')}")
-        atomic_write_text(out / "result.json", json.dumps(self.summary(), indent=1, default=str))
+        atomic_write_text(out / "result.json", json.dumps(summary, indent=1, default=str))
         return out
+
+
+def same_attention(attention: ChannelAttention, path) -> bool:
+    """Whether the channel_attention.json at `path` holds exactly `attention` (by content)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return saved == json.loads(json.dumps(attention.to_dict()))
+
+
+HISTORY_FILES = ("history.jsonl", "history.sampled.jsonl.gz")
+
+
+def load_history(run_dir) -> list:
+    """A run folder's history rows: history.jsonl (every iteration), else history.sampled.jsonl.gz (the
+    rows committed results keep: benchmarks/slim_results.py)."""
+    run_dir = Path(run_dir)
+    for name in HISTORY_FILES:
+        path = run_dir / name
+        if path.is_file():
+            data = path.read_bytes()
+            text = (gzip.decompress(data) if name.endswith(".gz") else data).decode()
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+    raise FileNotFoundError(f"no {' or '.join(HISTORY_FILES)} in {run_dir}")
 
 
 def plot_history(history: list, path, title: str) -> None:

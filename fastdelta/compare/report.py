@@ -1,13 +1,15 @@
 """The comparison report: the paper's four claims checked on the data, report.json and report.md."""
 from __future__ import annotations
 
+import gzip
 import json
+import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import numpy as np
 
-from ..ioutil import atomic_write_text
+from ..ioutil import atomic_write, atomic_write_text
 from ..methods import L2, L2SP, Delta, DeltaNoAtt
 from ..settings import describe_conventions
 from .figures import all_figures, describe_split, label
@@ -222,7 +224,7 @@ def finish_report(report: dict, out: Path) -> dict:
     report["claims"] = claims(report)
     figures = all_figures(report, out)
     report["figures"] = figures
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=_json_default))
+    save_report_json(report, out)
     atomic_write_text(out / "report.md", markdown(report, figures))
     return report
 
@@ -231,3 +233,65 @@ def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     return str(o)
+
+
+# ---------------------------------------------------------------- report.json on disk
+# report.json is written compact (no indentation) with the figures' data arrays (FIGURE_DATA) at float32's
+# shortest digits: those values come from float32 tensors, so the digits past float32's precision are noise
+# and dropping them loses nothing (the float32 value reads back the same). Committed results hold it gzipped
+# (report.json.gz, benchmarks/slim_results.py); load_report reads either.
+REPORT_FILES = ("report.json", "report.json.gz")
+FIGURE_DATA = ("train_loss", "curve", "sorted_quantiles", "maps", "images")
+
+
+def shortest_float32(value, keys=FIGURE_DATA, inside: bool = False):
+    """`value` with every float under one of `keys` (at any depth) that is exactly a float32 replaced by the
+    shortest decimal that reads back as the same float32; other values unchanged. Idempotent."""
+    if isinstance(value, dict):
+        return {k: shortest_float32(v, keys, inside or k in keys) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [shortest_float32(v, keys, inside) for v in value]
+    if inside and isinstance(value, float) and math.isfinite(value) and float(np.float32(value)) == value:
+        return float(str(np.float32(value)))
+    return value
+
+
+def dumps_report(report: dict) -> str:
+    """report.json's text: compact, the figures' data at float32's shortest digits."""
+    return json.dumps(shortest_float32(report), separators=(",", ":"), default=_json_default)
+
+
+def report_path(folder) -> Optional[Path]:
+    """folder/report.json, else folder/report.json.gz (committed results), else None."""
+    for name in REPORT_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def load_report(where: Union[str, Path]) -> dict:
+    """The report in a folder (report.json or report.json.gz) or in a file of either form."""
+    path = Path(where)
+    if path.is_dir():
+        found = report_path(path)
+        if found is None:
+            raise FileNotFoundError(f"no report.json or report.json.gz in {path}")
+        path = found
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.name.endswith(".gz") else data)
+
+
+def report_bytes(report: dict, gz: bool) -> bytes:
+    text = dumps_report(report).encode()
+    return gzip.compress(text, compresslevel=9, mtime=0) if gz else text  # mtime 0: the same bytes every time
+
+
+def save_report_json(report: dict, folder) -> Path:
+    """Write the report where the folder keeps it: report.json.gz if that is there (committed results),
+    else report.json."""
+    folder = Path(folder)
+    gz = (folder / "report.json.gz").is_file() and not (folder / "report.json").is_file()
+    path = folder / REPORT_FILES[gz]
+    data = report_bytes(report, gz)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return path
