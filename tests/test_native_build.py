@@ -18,6 +18,12 @@ import torch
 
 from fastdelta.kernels import native
 
+
+@pytest.fixture(autouse=True)
+def _cache_from_fastdelta_cache(monkeypatch):
+    """These scenarios build into FASTDELTA_CACHE/native under tmp_path, not the suite's shared build."""
+    monkeypatch.delenv("FASTDELTA_NATIVE_CACHE", raising=False)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILING = "fastdelta: compiling the native CPU kernel"
 
@@ -36,7 +42,8 @@ USE = textwrap.dedent("""
 
 
 def start(cache, python=sys.executable, cwd=ROOT):
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTDELTA_NATIVE_LIB", "FASTDELTA_NATIVE", "CXX")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FASTDELTA_NATIVE_LIB", "FASTDELTA_NATIVE", "CXX", "FASTDELTA_NATIVE_CACHE")}
     return subprocess.Popen([str(python), "-c", USE], cwd=str(cwd), text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**env, "FASTDELTA_CACHE": str(cache)})
 
@@ -176,3 +183,10 @@ def test_no_build_inside_a_compile_trace(monkeypatch, tmp_path):
     t, s, w = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.rand(3)
     got = torch.compile(lambda a, b: dispatch.fm_distance(a, b, w), fullgraph=True, backend="eager")(t, s)
     assert torch.allclose(got, reference_distance(t, s, w)) and native._STATE["loaded"] is None
+
+
+def test_native_cache_can_be_set_apart_from_the_attention_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTDELTA_CACHE", str(tmp_path / "a"))
+    assert native.cache_root() == str(tmp_path / "a" / "native")
+    monkeypatch.setenv("FASTDELTA_NATIVE_CACHE", str(tmp_path / "n"))
+    assert native.cache_root() == str(tmp_path / "n")

@@ -48,7 +48,11 @@ class BuildError(RuntimeError):
 # ---------------------------------------------------------------- where, and under which key
 
 def cache_root() -> str:
-    """$FASTDELTA_CACHE/native, else ~/.cache/fastdelta/native (the attention cache's base folder)."""
+    """$FASTDELTA_NATIVE_CACHE, else $FASTDELTA_CACHE/native, else ~/.cache/fastdelta/native (the attention
+    cache's base folder). The first lets a test suite give every test its own attention cache while the
+    compiled kernel, which does not depend on the test, is built once."""
+    if os.environ.get("FASTDELTA_NATIVE_CACHE"):
+        return os.environ["FASTDELTA_NATIVE_CACHE"]
     base = os.environ.get("FASTDELTA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdelta")
     return os.path.join(base, "native")
 
