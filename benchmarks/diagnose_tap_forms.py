@@ -27,7 +27,7 @@ from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.demo import environment
 from fastdelta.ioutil import atomic_write_text
 from fastdelta.methods import make_method
-from fastdelta.methods.taps import FeatureTaps
+from fastdelta.features.hooks import FeatureTaps
 from fastdelta.networks.models import build_networks
 from fastdelta.train.deferred import BufferSnapshots
 from fastdelta.train.distributed import DistContext

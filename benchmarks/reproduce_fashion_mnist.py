@@ -43,7 +43,7 @@ def main(argv=None):
     p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES), help="fit recipe")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="another fit setting (JSON value, or a plain string), e.g. feature_map=relu_conv")
-    p.add_argument("--reuse-search", action="store_true",
+    p.add_argument("--reuse-runs", "--reuse-search", dest="reuse_runs", action="store_true",
                    help="take search runs an interrupted run finished (same settings) instead of refitting them")
     p.add_argument("--summary-only", action="store_true",
                    help="only rewrite OUT/README.md from the per-size reports already in OUT (e.g. after "
@@ -73,7 +73,7 @@ class Plan:
     curve_images: int
     search: str = "alpha"
     folds: int = 1
-    reuse_search: bool = False
+    reuse_runs: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)  # further fastdelta.fit settings (--set NAME=VALUE)
 
@@ -81,7 +81,7 @@ class Plan:
     def from_args(cls, a: argparse.Namespace) -> "Plan":
         return cls(iterations=a.iterations, batch_size=a.batch_size, image_size=a.image_size, recipe=a.recipe,
                    methods=tuple(a.methods.split(",")), seeds=a.seeds, curve_images=a.curve_images,
-                   search=a.search, folds=getattr(a, "folds", 1), reuse_search=a.reuse_search,
+                   search=a.search, folds=getattr(a, "folds", 1), reuse_runs=a.reuse_runs,
                    progress=not getattr(a, "no_progress", False), extra=dict(parse_setting(v) for v in a.set))
 
     def fit_settings(self) -> dict:
@@ -102,7 +102,7 @@ def run_sizes(out: Path, sizes, train_of_size, test, weights: str, plan: Plan) -
         compare("efficientnet_lite0", train_of_size(n), test, methods=list(plan.methods), seeds=plan.seeds,
                 search=plan.search, out=folder, weights=weights,
                 compare_settings=CompareSettings(curve_points=10, curve_images=plan.curve_images,
-                                                 reuse_search=plan.reuse_search, folds=plan.folds),
+                                                 reuse_runs=plan.reuse_runs, folds=plan.folds),
                 progress=plan.progress, **plan.fit_settings())
         print(f"{folder}: done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 

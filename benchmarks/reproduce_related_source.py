@@ -182,8 +182,8 @@ def main(argv=None):
     p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES), help="fit recipe")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="another fit setting")
     p.add_argument("--name", default=None, help="folder name of this target run (default: recipe + settings)")
-    p.add_argument("--reuse-search", action="store_true",
-                   help="take search runs an interrupted run finished (same settings) instead of refitting them")
+    p.add_argument("--reuse-runs", "--reuse-search", dest="reuse_runs", action="store_true",
+                   help="take back the runs an interrupted run finished (same settings and data) instead of refitting them")
     p.add_argument("--summary-only", action="store_true")
     p.add_argument("--command", help="with --summary-only: the command that made the reports, for the README")
     p.add_argument("--no-progress", action="store_true")

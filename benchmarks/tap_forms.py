@@ -34,7 +34,7 @@ from fastdelta.ioutil import atomic_write_text
 from fastdelta.networks.models import build_networks
 from fastdelta.methods import make_method
 from fastdelta.settings import DEFAULT_RECIPE, FEATURE_MAPS, RECIPES
-from fastdelta.methods.taps import FeatureTaps
+from fastdelta.features.hooks import FeatureTaps
 from rowlog import RowLog
 
 FORM_METHODS = ("delta", "delta_no_att")

@@ -1,11 +1,11 @@
 """fastdelta: DELTA transfer learning (feature maps with supervised attention) and its baselines."""
-from .blocks import FeatureMapRegularizer, SourcePull, channel_attention
 from .compare import CompareSettings, compare
 from .fit import attention, fit
 from .ioutil import OutputError
 from .methods import METHODS, Method, register
 from .methods.attention import ChannelAttention, normalize_attention
 from .networks.models import DEFAULT_LAYERS, ModelError
+from .own_loop import FeatureMapRegularizer, SourcePull, channel_attention
 from .result import FitResult
 from .settings import FitSettings, SettingsError
 from .train.loop import NonFiniteLossError

@@ -41,8 +41,10 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
 
 
-def _add_training_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/* (and test/<class>/*)")
+def _add_training_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+    p.add_argument("--data", required=data_required,
+                   help="ImageFolder root with train/<class>/* (and test/<class>/*)"
+                        + ("" if data_required else "; with --resume: the run's, unless given"))
     p.add_argument("--test", default=None, help="test ImageFolder root (default: DATA/test if it exists)")
     p.add_argument("--model", default="resnet101", help="torchvision or timm model name (default: resnet101)")
     p.add_argument("--weights", default=None,
@@ -89,11 +91,22 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--attention-cache", default="auto",
                    help="attention cache folder ('auto': $FASTDELTA_CACHE or ~/.cache/fastdelta, 'off': none)")
+    _add_run_args(p)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Where and how the run goes: seed, device, workers, data strictness, output."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--strict-data", action="store_true", help="a bad image file is fatal instead of skipped")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="go on when test images are also training images (same file or same bytes; "
+                        "counted in result.json) instead of failing")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dist-timeout", type=float, default=FitSettings.dist_timeout, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others in a collective before the run "
+                        "fails (a stalled rank would otherwise hang the job)")
     p.add_argument("--out", default=None, help="output folder (required unless --resume gives it)")
 
 
@@ -108,20 +121,34 @@ def _settings(a) -> dict:
                 attention_temperature=a.temperature, attention_max_images=a.attention_max_images,
                 attention_impl=a.attention_impl, attention_dtype=a.attention_dtype,
                 attention_cache=None if a.attention_cache == "off" else a.attention_cache, seed=a.seed, device=a.device, num_workers=a.workers,
-                strict_data=a.strict_data, progress=not a.no_progress)
+                strict_data=a.strict_data, allow_overlap=a.allow_overlap, progress=not a.no_progress,
+                dist_timeout=a.dist_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdelta", description="DELTA transfer learning and its baselines")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_fit_command(sub)
+    _add_attention_command(sub)
+    _add_compare_command(sub)
+    _add_demo_command(sub)
+    _add_bench_command(sub)
+    return parser
 
+
+def _add_fit_command(sub) -> None:
     p = sub.add_parser("fit", help="fine-tune a pre-trained CNN with one method", description=(
         "Fine-tune with one of the DELTA paper's methods; writes result.json, history.jsonl, model.pt, "
         "channel_attention.json (attention methods) and history.png to --out."), epilog=(
         "Exit status: 0 done; 2 an error in the settings, the data or the output folder (checked before any "
         "work; a write failing later names the checkpoint to resume from); 3 a loss term diverged; 4 stopped "
-        "by SIGTERM or SIGINT after the step in progress, with a checkpoint written: continue with --resume OUT."))
-    _add_training_args(p)
+        "by SIGTERM or SIGINT (while training: after the step in progress, with a checkpoint written; continue "
+        "with --resume OUT, which reads every setting from OUT)."))
+    _add_fit_arguments(p)
+
+
+def _add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    _add_training_args(p, data_required=False)
     p.add_argument("--method", choices=list(METHODS), default=FitSettings.method)
     p.add_argument("--alpha", type=float, default=None,
                    help="weight of the regulariser (default: the method's, see the README's method table)")
@@ -134,14 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=500,
                    help="iterations between checkpoints in OUT/checkpoints (0: only at the end)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its latest valid checkpoint (same settings required)")
+                   help="continue the run in RUN_DIR from its latest valid checkpoint, with the data, model and "
+                        "settings it was started with (options given as well must agree with them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUT holds an earlier run: remove its files and start anew (default: refuse)")
+    p.add_argument("--allow-low-disk", action="store_true",
+                   help="start even though OUT's disk has less free space than the run needs (default: refuse)")
 
+
+def _add_attention_command(sub) -> None:
     p = sub.add_parser("attention", help="compute and save the channel attention (Algorithm 1) only",
                        description="Train the L2-FE head, measure each channel's loss increase, write "
                                    "channel_attention.json (ours and the public code's layout) to --out.")
     _add_training_args(p)
     p.add_argument("--head-epochs", type=int, default=10, help="epochs of L2-FE head training")
 
+
+def _add_compare_command(sub) -> None:
     p = sub.add_parser("compare", help="run several methods x seeds under identical settings; write a report",
                        description="The paper's comparison on your data: alpha/beta chosen on a validation split "
                                    "of the training set, every method per seed with the same data order, then "
@@ -170,10 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=None,
                    help="with --data fashion-mnist: training images per class (default 10)")
     p.add_argument("--subset-seed", type=int, default=0, help="with --data fashion-mnist: which images")
-    p.add_argument("--reuse-search", action="store_true",
-                   help="take the search runs an interrupted compare finished in --out (same settings) "
-                        "instead of refitting them")
+    p.add_argument("--reuse-runs", "--reuse-search", dest="reuse_runs", action="store_true",
+                   help="take back the runs (search and final) an interrupted compare finished in --out, with "
+                        "the same settings, data and source weights, instead of refitting them")
 
+
+def _add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="ImageNet EfficientNet-Lite0 -> few-shot Fashion-MNIST, several methods",
                        description="Runs the embedded default on real weights and real data and prints a table "
                                    "of test top-1 per method. Sizes are settings; defaults finish in minutes on a "
@@ -196,13 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="fastdelta-demo")
     p.add_argument("--no-progress", action="store_true")
 
+
+def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: `fastdelta bench step` times the training step of every method",
                        description="Benchmarks (fastdelta/bench.py).")
     bench_sub = p.add_subparsers(dest="bench", required=True)
     from .bench import add_arguments as _bench_arguments
     _bench_arguments(bench_sub.add_parser(
         "step", help="training step of every method vs the public recipe (JSON + Markdown table)"))
-    return parser
 
 
 def _under_torchrun() -> bool:
@@ -227,7 +266,7 @@ def _compare(args) -> None:
     kw.pop("weights")  # compare takes weights as its own argument
     cs = CompareSettings(alpha_grid=args.alpha_grid, beta_grid=args.beta_grid, val_fraction=args.val_fraction,
                          schedules=args.schedules, curve_points=args.curve_points, curve_images=args.curve_images,
-                         reuse_search=args.reuse_search, folds=args.folds)
+                         reuse_runs=args.reuse_runs, folds=args.folds)
     compare(args.model, train, test, methods=args.methods, seeds=args.seeds, search=args.search,
             out=args.out, weights=args.weights, compare_settings=cs, alpha=args.alpha, beta=args.beta,
             weight_decay=args.weight_decay, iterations=args.iterations, **kw)
@@ -237,11 +276,17 @@ def _compare(args) -> None:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command == "fit" and args.resume:
         args.out = args.out or args.resume
         if Path(args.out).resolve() != Path(args.resume).resolve():
             parser.error("--resume RUN_DIR continues in RUN_DIR; --out, if given, must be the same folder")
+        if args.overwrite:
+            parser.error("--resume continues the run in RUN_DIR, --overwrite replaces it: choose one")
+        args.given = _given_options(argv[1:])
+    elif args.command == "fit" and args.data is None:
+        parser.error("the following arguments are required: --data (or --resume RUN_DIR)")
     if args.command in ("fit", "attention") and not args.out:
         parser.error("--out is required")
     warnings.simplefilter("default", UserWarning)
@@ -253,52 +298,136 @@ def main(argv=None) -> int:
             print(f"fastdelta: error: {e}", file=sys.stderr)
             return 2
         return 0
-    import fastdelta
-    from .ioutil import OutputError, check_output_dir
     from .train.loop import NonFiniteLossError
     from .train.preempt import Preempted
     try:
-        if args.command == "fit":
-            kw = _settings(args)
-            res = fastdelta.fit(args.model, args.data, args.test, method=args.method, alpha=args.alpha,
-                                beta=args.beta, weight_decay=args.weight_decay, iterations=args.iterations,
-                                lr_schedule=args.lr_schedule, lr_step=args.lr_step, attention=args.attention,
-                                run_dir=args.out, checkpoint_every=args.checkpoint_every,
-                                resume=bool(args.resume), distributed=_under_torchrun(), **kw)
-            if _is_main():  # fit() has written OUT (rank 0 only)
-                print(json.dumps({"method": res.method, "test": res.test, "out": str(Path(args.out).resolve())}))
-        elif args.command == "attention":
-            if _is_main():
-                check_output_dir(args.out)  # before the work, not at its end
-            kw = _settings(args)
-            att = fastdelta.attention(args.model, args.data, attention_head_epochs=args.head_epochs,
-                                      distributed=_under_torchrun(), **kw)
-            if not _is_main():
-                return 0
-            att.save(Path(args.out) / "channel_attention.json")
-            print(json.dumps({"layers": att.layers, "images": att.images, "impl": att.impl,
-                              "out": str((Path(args.out) / "channel_attention.json").resolve())}))
-        elif args.command == "compare":
-            _compare(args)
-        else:
-            from .demo import DemoConfig, run_demo
-            unknown = [m for m in args.methods if m not in METHODS]
-            if unknown:
-                raise fastdelta.SettingsError(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
-            run_demo(DemoConfig(args.methods, args.per_class, args.test_images, args.image_size, args.iterations,
-                                args.batch_size, args.lr, args.alpha_feature, args.alpha_sp, args.beta,
-                                args.head_epochs, args.seed, args.out, not args.no_progress,
-                                args.attention_impl, args.recipe))
+        _run(args)
     except NonFiniteLossError as e:
-        if e.partial_result is not None and args.command == "fit" and _is_main():
-            e.partial_result.save(args.out)
         print(f"fastdelta: error: {e}", file=sys.stderr)
+        if e.partial_result is not None and args.command == "fit" and _is_main():
+            _save_partial(e.partial_result, args.out)
         return 3
     except Preempted as e:
         if _is_main():
             print(f"fastdelta: {e}", file=sys.stderr)
         return 4
-    except (ValueError, FileNotFoundError, OutputError) as e:
+    except (ValueError, OSError) as e:  # OutputError, a DataError, a file missing or a disk full
         print(f"fastdelta: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run(args) -> None:
+    import fastdelta
+    if args.command == "fit":
+        call = dict(model=args.model, train=args.data, test=args.test, method=args.method, alpha=args.alpha,
+                    beta=args.beta, weight_decay=args.weight_decay, iterations=args.iterations,
+                    lr_schedule=args.lr_schedule, lr_step=args.lr_step, attention=args.attention,
+                    checkpoint_every=args.checkpoint_every, allow_low_disk=args.allow_low_disk, **_settings(args))
+        if args.resume:
+            call = _resumed_call(call, args.resume, args.given)
+        res = fastdelta.fit(**call, run_dir=args.out, resume=bool(args.resume), distributed=_under_torchrun(),
+                            overwrite=args.overwrite)
+        if _is_main():  # fit() has written OUT (rank 0 only)
+            print(json.dumps({"method": res.method, "test": res.test, "out": str(Path(args.out).resolve())}))
+    elif args.command == "attention":
+        _attention(args)
+    elif args.command == "compare":
+        _compare(args)
+    else:
+        _demo(args)
+
+
+# fit options whose fastdelta.fit keyword has another name
+_OPTION_KEYS = {"data": "train", "temperature": "attention_temperature", "workers": "num_workers",
+                "no_progress": "progress"}
+
+
+def _given_options(tokens) -> set:
+    """The fit options written in `tokens` (their dests), told apart from defaults by parsing again with
+    every default suppressed: an option given with its default value must still agree with the run."""
+    p = argparse.ArgumentParser(prog="fastdelta fit", add_help=False)
+    _add_fit_arguments(p)
+    for action in p._actions:  # argparse has no public way to suppress the defaults of existing options
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(tokens)))
+
+
+def _resumed_call(call: dict, run_dir, given: set) -> dict:
+    """The fastdelta.fit call the run in `run_dir` was started with (its latest checkpoint keeps it), with
+    the options given on this command line put over it; fit then refuses any that changes the result,
+    naming it."""
+    from .settings import SettingsError
+    from .train.checkpoint import CheckpointError, load_latest
+    ckpt = load_latest(Path(run_dir) / "checkpoints")
+    if ckpt is None:
+        raise CheckpointError(f"resume: no checkpoint in {Path(run_dir) / 'checkpoints'}")
+    saved, keys = ckpt.get("call"), {_OPTION_KEYS.get(d, d) for d in given} & set(call)
+    if saved is None:  # written before checkpoints kept their call: the command line must give it
+        if "train" not in keys:
+            raise SettingsError(f"--resume {run_dir}: its checkpoint does not record how the run was started "
+                                "(an older fastdelta wrote it): give --data, --model, --weights and the other "
+                                "options of the original command")
+        return call
+    objects = [k for k in saved["objects"] if k not in keys]
+    if objects:
+        flags = ", ".join("--data" if k == "train" else f"--{k}" for k in objects)
+        raise SettingsError(f"--resume {run_dir}: the run was started from Python with its {', '.join(objects)} "
+                            f"given as objects: resume it with fastdelta.fit(..., resume=True), or give {flags}")
+    merged = {k: saved[k] for k in ("model", "train", "test", "weights")}
+    merged.update(saved["settings"])
+    merged.update({k: call[k] for k in keys})
+    return merged
+
+
+def _output_folder(out):
+    """OUT checked, marked as fastdelta's and locked for the command (rank 0 only under torchrun)."""
+    from contextlib import nullcontext
+
+    from .ioutil import check_output_dir
+    from .run_folder import RunFolder
+    if not _is_main():
+        return nullcontext()
+    check_output_dir(out)  # before the work, not at its end
+    return RunFolder.claim(out, check_earlier=False)
+
+
+def _attention(args) -> None:
+    import fastdelta
+    from .ioutil import OutputError, reason
+    from .train.preempt import StopOutsideTraining
+    # SIGTERM/SIGINT: a Preempted (exit 4) saying that nothing was kept, not a silent death
+    with _output_folder(args.out), StopOutsideTraining(phase="computing the channel attention").installed():
+        att = fastdelta.attention(args.model, args.data, attention_head_epochs=args.head_epochs,
+                                  distributed=_under_torchrun(), **_settings(args))
+        if not _is_main():
+            return
+        path = Path(args.out) / "channel_attention.json"
+        try:
+            att.save(path)
+        except OSError as e:
+            raise OutputError(f"could not write {path}: {reason(e)}", e.errno) from e
+    print(json.dumps({"layers": att.layers, "images": att.images, "impl": att.impl, "out": str(path.resolve())}))
+
+
+def _demo(args) -> None:
+    import fastdelta
+    from .demo import DemoConfig, run_demo
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise fastdelta.SettingsError(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+    with _output_folder(args.out):
+        run_demo(DemoConfig(args.methods, args.per_class, args.test_images, args.image_size, args.iterations,
+                            args.batch_size, args.lr, args.alpha_feature, args.alpha_sp, args.beta,
+                            args.head_epochs, args.seed, args.out, not args.no_progress,
+                            args.attention_impl, args.recipe))
+
+
+def _save_partial(partial, out) -> None:
+    """The diverged run's partial result in OUT; a failed write is said, and the exit status stays 3."""
+    from .ioutil import reason
+    try:
+        partial.save(out)
+    except (OSError, RuntimeError) as e:
+        why = reason(e) if isinstance(e, OSError) else str(e)
+        print(f"fastdelta: note: the partial result could not be saved in {out}: {why}", file=sys.stderr)

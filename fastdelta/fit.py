@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -15,26 +18,34 @@ from torch.utils.data import Subset
 
 from .data import resolve_data
 from .data.backend import choose_backend
+from .data.fingerprint import state_sha256
 from .data.sampling import FixedAugmentation
-from .ioutil import check_output_dir, warn_if_short_of_space
+from .ioutil import check_output_dir, require_free_space
 from .methods import L2FE, make_method, method_class
 from .methods.attention import ChannelAttention, channel_loss_increase
 from .methods.attention_cache import attention_key, cache_dir, load_cached, store
-from .methods.taps import FeatureTaps
+from .features.hooks import FeatureTaps
 from .networks.models import Networks, build_networks, guess_arch
 from .result import FitResult
+from .run_folder import RunFolder
 from .settings import FitSettings, SettingsError, make_settings
-from .train.checkpoint import KEEP, CheckpointError, checkpoint_bytes, load_latest, state_bytes, write_failed
-from .train.distributed import DistContext, device_for, init_distributed
+from .train.checkpoint import (KEEP, CheckpointError, checkpoint_bytes, load_latest, resume_hint, state_bytes,
+                               write_failed)
+from .train.distributed import DistContext, collective_timeout, device_for, init_distributed
 from .train.evaluate import evaluate
+from .train.identity import check_identity, run_identity
 from .train.loop import NonFiniteLossError, StartState, TrainSpec, make_loader, train_loop
-from .train.source_net import batch_statistics_copy
+from .train.preempt import StopOutsideTraining
+from .features.source import batch_statistics_copy
 from .train.steps import resolve_step_options
 
 # settings that may differ between a run and its resumption: they do not change the result (the
 # global batches are the same on any number of ranks, so a DDP run may resume on one process)
 RESUMABLE_DIFFERENCES = {"progress", "device", "num_workers", "eval_batch_size", "resume", "run_dir",
-                         "checkpoint_every", "attention", "extra", "distributed", "data_prefetch"}
+                         "checkpoint_every", "attention", "extra", "distributed", "data_prefetch", "overwrite",
+                         "allow_overlap", "allow_low_disk", "dist_timeout"}
+# what a run's call record leaves out: where and how this process runs it, not what it computes
+NOT_RECORDED = ("run_dir", "resume", "overwrite", "distributed", "attention")
 
 
 def seed_everything(seed: int) -> None:
@@ -43,17 +54,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare(model, train_data, test_data, weights, settings: FitSettings):
-    """Settings with the architecture's defaults, then data, then networks (the head needs the class count)."""
+def _prepare(model, train_data, test_data, weights, settings: FitSettings, stop: Optional[StopOutsideTraining] = None,
+             trains_target: bool = True):
+    """Settings with the architecture's defaults, then data, then networks (the head needs the class count);
+    trains_target=False: only the attention's head is trained (fastdelta.attention)."""
     arch = model if isinstance(model, str) else guess_arch(model) if isinstance(model, nn.Module) else None
     s = settings.resolved(arch)
     seed_everything(s.seed)
     data = resolve_data(train_data, test_data, augmentation=s.augmentation, resize=s.resize, crop=s.crop,
-                        strict=s.strict_data)
+                        strict=s.strict_data, allow_overlap=s.allow_overlap)
+    if stop is not None:
+        stop.phase = "building the networks, before training"
     nets = build_networks(model, len(data.classes), weights, s.layers, s.seed)
     if s.batch_size > len(data.train):
         raise SettingsError(f"batch_size={s.batch_size} is larger than the training set ({len(data.train)} images)")
+    _check_batch_norm_batches(s, nets, len(data.train), trains_target)
     return s, data, nets
+
+
+def _check_batch_norm_batches(s: FitSettings, nets: Networks, train_images: int, trains_target: bool) -> None:
+    """BatchNorm in train mode normalises by the batch's statistics, which one image per rank does not
+    have: torch fails mid-step ("Expected more than 1 value per channel") without naming the setting."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in nets.target.modules()):
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1")) if s.distributed else 1
+    method = method_class(s.method)
+    why = ("the network has BatchNorm layers, which train on each batch's statistics and need at least 2 "
+           "images per batch")
+    if trains_target and not method.freezes_extractor and s.batch_size // world == 1:  # L2-FE: BN in eval mode
+        per_rank = f" over {world} ranks (1 image per rank)" if world > 1 else ""
+        raise SettingsError(f"batch_size={s.batch_size}{per_rank}: {why}; use a larger batch_size")
+    head_batch = min(s.attention_head_batch_size or s.batch_size, train_images)
+    if method.uses_attention and s.attention is None and s.attention_head_bn == "train" and head_batch == 1:
+        name = "attention_head_batch_size" if s.attention_head_batch_size else "batch_size"
+        raise SettingsError(f"{name}={getattr(s, name)}: the attention's head training uses it, and {why}; use "
+                            f"a larger {name}, or attention_head_bn='frozen'")
 
 
 def _writes_files(s: FitSettings) -> bool:
@@ -69,15 +104,17 @@ def _output_bytes(nets: Networks, s: FitSettings) -> int:
 
 
 def _context(s: FitSettings):
-    ctx = init_distributed(s.device) if s.distributed else DistContext()
+    ctx = init_distributed(s.device, s.dist_timeout) if s.distributed else DistContext()
     if s.batch_size % ctx.world_size:
         raise SettingsError(f"batch_size={s.batch_size} (global) is not divisible by the {ctx.world_size} ranks")
     return ctx, device_for(ctx, s.device)
 
 
 def _model_info(nets: Networks) -> dict:
+    """The model record; source_sha256 tells whether two runs started from the same weights."""
     return {"arch": nets.arch, "weights": nets.weights, "head": nets.head_name, "layers": nets.layers,
-            "parameters": sum(p.numel() for p in nets.target.parameters())}
+            "parameters": sum(p.numel() for p in nets.target.parameters()),
+            "source_sha256": state_sha256(nets.source)}
 
 
 def _shard(dataset, ctx: DistContext):
@@ -181,33 +218,24 @@ def _load_attention(given, nets: Networks, s: FitSettings) -> ChannelAttention:
     att = given if isinstance(given, ChannelAttention) else ChannelAttention.load(given, nets.layers)
     if list(att.layers) != list(nets.layers):
         raise SettingsError(f"attention is for layers {att.layers}, but the regularised layers are {nets.layers}")
+    if not all(torch.isfinite(r).all() for r in att.raw):
+        raise SettingsError("the given attention holds NaN or infinite loss increases (its weights would be "
+                            "NaN or uniform): compute it again")
     return att.normalised(s.attention_temperature, s.attention_normalisation)
 
 
-def _identity(s: FitSettings, nets: Networks, data, world_size: int) -> dict:
-    """What a checkpoint must agree with to be resumed: every result-changing setting, model, data."""
+def _identity(s: FitSettings, info: dict, data, world_size: int) -> dict:
+    """What a checkpoint must agree with to be resumed: every result-changing setting, the model, the
+    data, and the fingerprints of the data's and the source weights' contents."""
     settings = {k: v for k, v in s.to_dict().items() if k not in RESUMABLE_DIFFERENCES}
-    return {"settings": settings, "model": _model_info(nets), "data": data.description, "world_size": world_size}
+    return run_identity(settings, info, data.description, world_size)
 
 
-def _check_identity(saved: dict, current: dict, run_dir) -> None:
-    diffs = []
-    defaults = FitSettings().to_dict()
-    for part in ("settings", "model", "data"):
-        a, b = saved.get(part, {}), current.get(part, {})
-        diffs += [f"{part}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                  if a.get(k) != b.get(k)
-                  # a setting added after the checkpoint was written, left at its default, changes nothing
-                  and not (part == "settings" and k not in a and k in defaults and b.get(k) == defaults[k])]
-    if diffs:
-        raise SettingsError(f"cannot resume {run_dir}: the run was made with other settings: " + "; ".join(diffs[:6]))
-
-
-def _resume_state(s: FitSettings, nets: Networks, identity: dict):
+def _resume_state(s: FitSettings, nets: Networks, identity: dict, data):
     ckpt = load_latest(Path(s.run_dir) / "checkpoints")
     if ckpt is None:
         raise CheckpointError(f"resume: no checkpoint in {Path(s.run_dir) / 'checkpoints'}")
-    _check_identity(ckpt["identity"], identity, s.run_dir)
+    check_identity(ckpt["identity"], identity, s.run_dir, ckpt.get("data_files"), data.listings)
     nets.target.load_state_dict(ckpt["model"])
     att = None
     if ckpt.get("attention") is not None:
@@ -264,28 +292,168 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSetting
     model: torchvision/timm name or nn.Module; weights: state-dict path, "imagenet" (EfficientNet-Lite0,
     shipped), or None/"random" (warned). train/test: ImageFolder root, torch Dataset or (images, labels).
     Settings: see FitSettings. Raises NonFiniteLossError (with .partial_result) if a loss term diverges,
-    OutputError if run_dir cannot take the run's files (checked first) or a write fails, and Preempted
-    (after a checkpoint) on SIGTERM/SIGINT while training with a run_dir.
+    OutputError if run_dir cannot take the run's files (checked first: another run holding it, an
+    earlier run's files without resume/overwrite, too little free space) or a write fails,
+    Preempted on SIGTERM/SIGINT with a run_dir (while training after a checkpoint; before or after it at
+    once, saying what was kept), and CollectiveTimeout (an OSError) when a rank stalls past dist_timeout.
+    Resuming a run that finished returns its saved result and leaves its files as they are (a warning).
     Under torchrun with distributed=True every rank returns the result; only rank 0 writes files.
     """
     requested = make_settings(method, **settings)
-    if requested.run_dir is not None and _writes_files(requested):
-        # before any work: a bad folder fails now, not after the training
-        check_output_dir(requested.run_dir, create=not requested.resume)
-    s, data, nets = _prepare(model, train, test, weights, requested)
+    if requested.resume and requested.overwrite:
+        raise SettingsError("resume=True continues the run in run_dir, overwrite=True replaces it: choose one")
+    call = call_record(model, train, test, weights, requested)
+    with _run_folder(requested), _stop_outside_training(requested) as stop:
+        try:
+            return _fit(model, train, test, weights, requested, stop, call)
+        except RuntimeError as e:
+            checkpoints = None if requested.run_dir is None else Path(requested.run_dir) / "checkpoints"
+            timeout = collective_timeout(e, requested.dist_timeout, resume_hint(checkpoints)) \
+                if requested.distributed else None
+            if timeout is None:
+                raise
+            raise timeout from e
+
+
+def call_record(model, train, test, weights, s: FitSettings) -> dict:
+    """How a run was started, kept in its checkpoints so that `fastdelta fit --resume RUN` alone can start
+    it again: names, absolute paths (a resume may start in another folder) and the settings as given
+    (resolved again the same way). `objects` names what was a Python object (a Dataset, arrays, an
+    nn.Module), which only Python can pass again."""
+    def path(v):
+        return os.path.abspath(v) if isinstance(v, (str, os.PathLike)) else None
+    given = {"model": model if isinstance(model, str) else None, "train": path(train), "test": path(test),
+             "weights": weights if weights is None or str(weights) in ("imagenet", "random") else path(weights)}
+    objects = [k for k, v in (("model", model), ("train", train), ("test", test), ("weights", weights))
+               if v is not None and given[k] is None]
+    settings = {k: v for k, v in s.to_dict().items() if k not in NOT_RECORDED}
+    return {**given, "objects": objects, "settings": json.loads(json.dumps(settings, default=str))}
+
+
+@contextmanager
+def _run_folder(s: FitSettings):
+    """run_dir checked and locked for the life of the run, before any work (a bad or busy folder fails
+    now, not after the training); nothing to hold without one, or on a torchrun rank that writes nothing."""
+    if s.run_dir is None or not _writes_files(s):
+        yield None
+        return
+    check_output_dir(s.run_dir, create=not s.resume)
+    keep = [s.attention] if isinstance(s.attention, (str, os.PathLike)) else []  # an input, not the old run's
+    with RunFolder.claim(s.run_dir, resume=s.resume, overwrite=s.overwrite, keep=keep) as folder:
+        yield folder
+
+
+@contextmanager
+def _stop_outside_training(s: FitSettings):
+    """With a run_dir (as the training loop's own handler), SIGTERM/SIGINT stop the run at once with a
+    Preempted outside the loop too; without one they keep their usual effect."""
+    stop = StopOutsideTraining(s.run_dir)
+    if s.run_dir is None:
+        yield stop
+        return
+    with stop.installed():
+        yield stop
+
+
+def _fit(model, train, test, weights, requested: FitSettings, stop: StopOutsideTraining, call: dict) -> FitResult:
+    s, data, nets = _prepare(model, train, test, weights, requested, stop)
+    if s.run_dir is not None and _writes_files(s):  # a disk known to be too small fails before the training
+        require_free_space(s.run_dir, _output_bytes(nets, s), "this run's checkpoints and model.pt",
+                           s.allow_low_disk)
     ctx, device = _context(s)
-    if s.run_dir is not None and ctx.is_main:
-        warn_if_short_of_space(s.run_dir, _output_bytes(nets, s), "this run's checkpoints and model.pt")
+    info = _model_info(nets)  # hashes the source weights while they are on the CPU
     nets.source.to(device)
     nets.target.to(device)
     timings = {}
     t_all = time.perf_counter()
-    identity = _identity(s, nets, data, ctx.world_size)
-    start, attention = (_resume_state(s, nets, identity) if s.resume else (StartState(), None))
+    identity = _identity(s, info, data, ctx.world_size)
+    start, attention = (_resume_state(s, nets, identity, data) if s.resume else (StartState(), None))
+    if s.resume and start.iteration >= s.iterations:
+        finished = _finished_run(s, nets, attention, start, ctx)
+        if finished is not None:
+            return finished
     if attention is None and method_class(s.method).uses_attention:
+        stop.phase = "computing the channel attention, before training"
         attention = (_load_attention(s.attention, nets, s) if s.attention is not None
                      else compute_attention(nets, data, s, device, ctx))
+        if s.attention is None and not ctx.active:  # compute_attention stored it there
+            stop.cached_attention = cache_dir(s.attention_cache)
         timings["attention"] = attention.timings.get("total", 0.0)
+    stop.phase = "preparing the training, before training"
+    reg, feature_source, energy = _regulariser(s, nets, data, attention, device, ctx)
+    step_options = _step_options(s, device)
+    backend = choose_backend(s.data_backend, device, data.train, data.test)
+    spec = _train_spec(s, data, device, ctx, nets, step_options, backend,
+                       {"identity": identity, "data_files": data.listings, "call": call,
+                        "attention": None if attention is None else attention.to_dict()})
+    settings_record = {**s.to_dict(), "device_used": str(device), "world_size": ctx.world_size,
+                       "step_used": step_options.describe() if step_options is not None else {"step_engine": "reference"},
+                       "resumed_from_iteration": start.iteration if s.resume else None,
+                       "feature_map_taps": dict(zip(nets.layers, reg.taps)),
+                       "source_energy": None if energy is None else dict(zip(nets.layers, energy))}
+    data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped],
+                   "backend": backend.to_dict()}
+    result = FitResult(nets.target, s.method, settings_record, info, data_record, [], {}, attention, timings)
+    return _train_and_test(result, s, feature_source, reg, data, spec, device, ctx, start, backend, stop, t_all)
+
+
+def _train_and_test(result: FitResult, s: FitSettings, feature_source, reg, data, spec: TrainSpec, device,
+                    ctx: DistContext, start: StartState, backend, stop: StopOutsideTraining, t_all: float) -> FitResult:
+    """`result` (the run's records, without history and test) trained, tested and saved."""
+    timings = result.timings
+    stop.phase = "training"
+    t0 = time.perf_counter()
+    try:
+        result.history = train_loop(result.model, feature_source, reg, data.train, spec, device, ctx, start)
+    except NonFiniteLossError as e:
+        timings["train"] = round(time.perf_counter() - t0, 3)
+        _explain_divergence(e, reg, s)
+        result.history, result.status = e.history, f"diverged: {e}"
+        e.partial_result = result
+        raise
+    timings["train"] = round(time.perf_counter() - t0, 3)
+    ran = len(result.history) - start.iteration
+    if ran:
+        timings["first_step"] = result.history[start.iteration]["step_s"]
+        timings["img_per_s"] = round(s.batch_size * ran / max(timings["train"], 1e-9), 2)
+    stop.phase = "testing, after training"
+    result.test = _test(result.model, data.test, s, device, ctx, backend, timings)
+    timings["total"] = round(time.perf_counter() - t_all, 3)
+    if s.run_dir is not None and ctx.is_main:
+        stop.phase = "saving the results, after training"
+        _save(result, Path(s.run_dir), spec.checkpoint_dir)
+    return result
+
+
+def _finished_run(s: FitSettings, nets: Networks, attention, start: StartState, ctx: DistContext):
+    """The saved result of a run that finished (last checkpoint at the last iteration, result.json
+    written), its files left as they are: resuming would only test it again and overwrite its timings.
+    None when it still has to test or save (stopped after its last checkpoint). Rank 0 decides for all."""
+    saved = _saved_result(Path(s.run_dir), s.iterations) if ctx.is_main else None
+    if ctx.all_reduce_sum(torch.tensor([float(saved is not None)])).item() == 0:
+        return None
+    saved = saved or {}
+    if ctx.is_main:
+        top1 = (saved.get("test") or {}).get("top1")
+        warnings.warn(f"fastdelta: the run in {s.run_dir} finished ({s.iterations} of {s.iterations} iterations); "
+                      "nothing to resume: its files are left as they are"
+                      + (f" (test top-1 {top1:.2f}%)" if top1 is not None else ""), UserWarning, stacklevel=4)
+    return FitResult(nets.target, s.method, saved.get("settings", {}), saved.get("model", {}), saved.get("data", {}),
+                     start.history, saved.get("test", {}), attention, saved.get("timings_s", {}),
+                     saved.get("status", "ok"))
+
+
+def _saved_result(run_dir: Path, iterations: int) -> Optional[dict]:
+    """result.json of a run that finished all `iterations`, else None."""
+    try:
+        saved = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if saved.get("status") == "ok" and saved.get("iterations_run") == iterations else None
+
+
+def _regulariser(s: FitSettings, nets: Networks, data, attention, device, ctx: DistContext):
+    """(the method's regulariser, the network its source maps come from, per-layer source energies or None)."""
     reg = make_method(s.method, nets.target, nets.source, nets.head_name, nets.layers, s.alpha, s.beta,
                       s.weight_decay, s.feature_map, None if attention is None else attention.weights,
                       s.delta_no_att_scale, delta_scale=s.delta_scale, distance_impl=s.distance_impl,
@@ -295,70 +463,62 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSetting
     if reg.uses_source_features and s.feature_scale == "source_energy":
         energy = source_energy(reg, feature_source, data, s, device)
         reg.layer_scale = [1.0 / e if e > 0 else 1.0 for e in energy]
+    return reg, feature_source, energy
+
+
+def _step_options(s: FitSettings, device):
     try:
-        step_options = resolve_step_options(device, s.precision, s.compile, s.channels_last, s.cuda_graphs,
-                                            s.step_engine)
+        return resolve_step_options(device, s.precision, s.compile, s.channels_last, s.cuda_graphs, s.step_engine)
     except ValueError as e:
         raise SettingsError(str(e)) from e
+
+
+def _train_spec(s: FitSettings, data, device, ctx: DistContext, nets: Networks, step_options, backend,
+                payload_extra: dict) -> TrainSpec:
+    """The training loop's settings: checkpoints and history.jsonl in run_dir, curve points, the loader."""
     run_dir = Path(s.run_dir) if s.run_dir is not None else None
-    backend = choose_backend(s.data_backend, device, data.train, data.test)
     curve = _curve_evaluator(nets.target, data.test, s, device, ctx)
-    spec = TrainSpec(s.iterations, s.lr, s.momentum, s.batch_size, s.seed, s.lr_schedule, s.lr_step, s.lr_gamma,
+    return TrainSpec(s.iterations, s.lr, s.momentum, s.batch_size, s.seed, s.lr_schedule, s.lr_step, s.lr_gamma,
                      s.num_workers, s.progress, f"train {s.method}", nesterov=s.nesterov,
                      backbone_lr_mult=s.backbone_lr_mult,
                      checkpoint_dir=None if run_dir is None else run_dir / "checkpoints",
                      checkpoint_every=s.checkpoint_every,
                      history_path=None if run_dir is None else run_dir / "history.jsonl",
-                     payload_extra={"identity": identity,
-                                    "attention": None if attention is None else attention.to_dict()},
+                     payload_extra=payload_extra,
                      on_step=curve, on_step_reads_model=getattr(curve, "reads_model", None), step=step_options,
                      loader=_dali_train_factory(data, s, device, step_options) if backend.name == "dali" else None)
-    settings_record = {**s.to_dict(), "device_used": str(device), "world_size": ctx.world_size,
-                       "step_used": step_options.describe() if step_options is not None else {"step_engine": "reference"},
-                       "resumed_from_iteration": start.iteration if s.resume else None,
-                       "feature_map_taps": dict(zip(nets.layers, reg.taps)),
-                       "source_energy": None if energy is None else dict(zip(nets.layers, energy))}
-    data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped],
-                   "backend": backend.to_dict()}
-    info = _model_info(nets)
+
+
+def _explain_divergence(e: NonFiniteLossError, reg, s: FitSettings) -> None:
+    if reg.uses_source_features and s.feature_map == "conv" and s.feature_scale == "none":
+        e.args = (f"{e.args[0]}; with raw conv taps the feature-map term grows with the network's "
+                  "pre-BN activations, so an alpha tuned elsewhere can diverge here: lower alpha, or use "
+                  "feature_map='activation' (recipe='paper') or feature_scale='source_energy'",)
+
+
+def _test(model: nn.Module, test, s: FitSettings, device, ctx: DistContext, backend, timings: dict) -> dict:
+    if test is None:
+        return {}
     t0 = time.perf_counter()
+    loader = (_dali_eval_loader(test, s, device, ctx) if backend.name == "dali" else
+              make_loader(_shard(test, ctx), s.eval_batch_size, False, s.seed, s.num_workers))
+    metrics = evaluate(model, loader, device, s.progress, f"test {s.method}", ctx)
+    timings["test"] = round(time.perf_counter() - t0, 3)
+    return metrics
+
+
+def _save(result: FitResult, run_dir: Path, checkpoint_dir) -> None:
+    """result.save; a failed write (atomic_write turns torch.save's RuntimeError into the OSError it stands
+    for) is an OutputError naming the checkpoint to resume from."""
     try:
-        history = train_loop(nets.target, feature_source, reg, data.train, spec, device, ctx, start)
-    except NonFiniteLossError as e:
-        timings["train"] = round(time.perf_counter() - t0, 3)
-        if reg.uses_source_features and s.feature_map == "conv" and s.feature_scale == "none":
-            e.args = (f"{e.args[0]}; with raw conv taps the feature-map term grows with the network's "
-                      "pre-BN activations, so an alpha tuned elsewhere can diverge here: lower alpha, or use "
-                      "feature_map='activation' (recipe='paper') or feature_scale='source_energy'",)
-        e.partial_result = FitResult(nets.target, s.method, settings_record, info, data_record, e.history,
-                                     {}, attention, timings, f"diverged: {e}")
-        raise
-    timings["train"] = round(time.perf_counter() - t0, 3)
-    ran = len(history) - start.iteration
-    if ran:
-        timings["first_step"] = history[start.iteration]["step_s"]
-        timings["img_per_s"] = round(s.batch_size * ran / max(timings["train"], 1e-9), 2)
-    test_metrics = {}
-    if data.test is not None:
-        t0 = time.perf_counter()
-        test_loader = (_dali_eval_loader(data.test, s, device, ctx) if backend.name == "dali" else
-                       make_loader(_shard(data.test, ctx), s.eval_batch_size, False, s.seed, s.num_workers))
-        test_metrics = evaluate(nets.target, test_loader, device, s.progress, f"test {s.method}", ctx)
-        timings["test"] = round(time.perf_counter() - t0, 3)
-    timings["total"] = round(time.perf_counter() - t_all, 3)
-    result = FitResult(nets.target, s.method, settings_record, info, data_record, history, test_metrics,
-                       attention, timings)
-    if run_dir is not None and ctx.is_main:
-        try:
-            result.save(run_dir)
-        except OSError as e:
-            raise write_failed(f"the results in {run_dir}", e, spec.checkpoint_dir) from e
-    return result
+        result.save(run_dir)
+    except OSError as e:
+        raise write_failed(f"the results in {run_dir}", e, checkpoint_dir) from e
 
 
 def attention(model: Union[str, nn.Module], train, weights=None, **settings) -> ChannelAttention:
     """Only the channel attention (Algorithm 1) for `model` on `train`."""
-    s, data, nets = _prepare(model, train, None, weights, make_settings(**settings))
+    s, data, nets = _prepare(model, train, None, weights, make_settings(**settings), trains_target=False)
     ctx, device = _context(s)
     nets.source.to(device)
     nets.target.to(device)

@@ -18,7 +18,7 @@ from .data.transforms import AUGMENTATIONS
 from .kernels.dispatch import IMPLS as DISTANCE_IMPLS
 from .methods import METHODS, Delta
 from .methods.attention import NORMALISATIONS
-from .methods.taps import FEATURE_MAPS
+from .features.forms import FEATURE_MAPS
 
 LR_SCHEDULES = ("step", "exp")
 ATTENTION_IMPLS = ("prefix", "masked_forward", "first_order")
@@ -60,6 +60,10 @@ RECIPES = {
 DEFAULT_RECIPE = "public"
 RECIPE_SETTINGS = tuple(RECIPES[DEFAULT_RECIPE])
 # what a result file written before a recipe setting existed used (describe_conventions reads old files)
+# how describe_conventions names the attention images of a run that did not measure every one
+SAMPLE_NAMES = {"random": "up to {n} {kind} images (a seeded random sample of the training set)",
+                "first": "the first {n} {kind} images of the training set in its order (of a class-ordered set: "
+                         "the first classes only)"}
 LEGACY_VALUES = {"delta_scale": "public", "attention_normalisation": "zscore_softmax", "attention_sample": "first"}
 
 
@@ -136,10 +140,15 @@ class FitSettings:
     data_prefetch: int = 2         # DALI prefetch queue depth (batches prepared ahead)
     progress: bool = True
     distributed: bool = False      # under torchrun: DDP over all ranks, batch_size and lr are global
+    # seconds a collective waits for another rank before the run fails (a stalled rank would hang the job)
+    dist_timeout: float = 600.0
     run_dir: Optional[str] = None  # checkpoints (run_dir/checkpoints) and a streamed history.jsonl
     checkpoint_every: int = 500    # iterations between checkpoints (and one at the end), with run_dir
     resume: bool = False           # continue from run_dir's latest valid checkpoint
     extra: dict = field(default_factory=dict)  # free-form notes recorded with the result
+    overwrite: bool = False        # a new run may replace an earlier run's files in run_dir (removed first)
+    allow_overlap: bool = False    # train on data whose test images are training images too (counted in result.json)
+    allow_low_disk: bool = False   # start though run_dir's disk has less free space than the run needs (a warning)
 
     def resolved(self, arch: str | None = None) -> "FitSettings":
         """A copy with architecture-dependent defaults filled in, after validation."""
@@ -202,6 +211,9 @@ class FitSettings:
             raise SettingsError(f"eval_images={self.eval_images!r}: must be an integer >= 1 or None")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise SettingsError(f"checkpoint_every={self.checkpoint_every!r}: must be an integer >= 0")
+        if not (isinstance(self.dist_timeout, (int, float)) and math.isfinite(self.dist_timeout)
+                and self.dist_timeout > 0):
+            raise SettingsError(f"dist_timeout={self.dist_timeout!r}: must be a number of seconds > 0")
         if self.resume and self.run_dir is None:
             raise SettingsError("resume=True needs run_dir (the folder of the run to continue)")
         n = self.attention_max_images
@@ -291,12 +303,13 @@ def describe_conventions(settings: dict) -> str:
     # a run that changed a convention of its recipe is not that recipe: say so first
     recipe = f"recipe {g('recipe')}" + (f" with {', '.join(changed)} (so not the {g('recipe')} conventions)"
                                         if changed else "")
-    images = "all" if n == "all" else f"up to {n} ({g('attention_sample')} sample of the training set)"
+    kind = "augmented" if g("attention_augmented") else "centre-crop"
+    images = (f"all {kind} images" if n == "all" else
+              SAMPLE_NAMES.get(g("attention_sample"), "up to {n} {kind} images").format(n=n, kind=kind))
     parts = [recipe, f"feature maps: {FEATURE_MAP_NAMES.get(g('feature_map'), g('feature_map'))}",
              DELTA_SCALE_NAMES.get(g("delta_scale"), str(g("delta_scale"))),
              DELTA_NO_ATT_NAMES.get(g("delta_no_att_scale"), str(g("delta_no_att_scale"))),
-             f"attention head BN {g('attention_head_bn')}, attention on {images} "
-             f"{'augmented' if g('attention_augmented') else 'centre-crop'} images, "
+             f"attention head BN {g('attention_head_bn')}, attention on {images}, "
              f"{NORMALISATION_NAMES.get(g('attention_normalisation'), g('attention_normalisation'))}"]
     if g("source_bn", "running") != "running":
         parts.append("source maps with batch BN statistics (not in the paper)")

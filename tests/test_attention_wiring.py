@@ -51,7 +51,7 @@ def test_first_sample_keeps_the_old_rule_and_says_so(monkeypatch):
     seen, res = _labels_measured(monkeypatch, attention_max_images=8, attention_sample="first")
     assert seen == [0] * 8  # the first eight images of a class-ordered set: one class
     assert res.attention.sample == {"rule": "first", "images": 8, "per_class": {"0": 8, "1": 0, "2": 0, "3": 0}}
-    assert "first sample" in fastdelta.settings.describe_conventions(res.settings)
+    assert "the first 8 augmented images of the training set in its order" in fastdelta.settings.describe_conventions(res.settings)
 
 
 def test_attention_sample_is_seeded_the_same_everywhere_and_all_means_all():
@@ -80,7 +80,8 @@ ALTERNATIVES = {
     "device": "cpu", "num_workers": 0, "eval_batch_size": 3, "eval_every": 1, "eval_images": 2,
     "strict_data": True, "data_backend": "torchvision", "data_prefetch": 3, "progress": True,
     "distributed": None, "run_dir": None, "checkpoint_every": 3, "resume": None, "extra": {"note": 1},
-    "attention": None, "attention_cache": None,
+    "attention": None, "attention_cache": None, "overwrite": True, "allow_overlap": True, "allow_low_disk": True,
+    "dist_timeout": 30.0,
 }
 
 

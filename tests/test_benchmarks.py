@@ -118,7 +118,7 @@ def test_reproduction_passes_its_command_line_to_compare(tmp_path, monkeypatch):
     assert kw["methods"] == ["l2", "delta"] and kw["out"] == tmp_path / "per_class_10"
     assert (kw["crop"], kw["resize"], kw["iterations"], kw["recipe"]) == (64, 73, 7, "paper")
     assert kw["feature_scale"] == "source_energy" and kw["nesterov"] is True
-    assert kw["compare_settings"].reuse_search is True and kw["search"] == "alpha"
+    assert kw["compare_settings"].reuse_runs is True and kw["search"] == "alpha"
 
 
 @pytest.mark.filterwarnings("ignore:fastdelta. NO PRE-TRAINED WEIGHTS")
@@ -252,7 +252,7 @@ def test_public_step_is_the_six_methods_and_refuses_others():
     import torch.nn.functional as F
     from fastdelta.bench import PublicStep
     from fastdelta.methods import METHODS, make_method
-    from fastdelta.methods.taps import FeatureTaps
+    from fastdelta.features.hooks import FeatureTaps
     from fastdelta.networks.models import build_networks
     from tiny import TINY_LAYERS, tiny_net
     torch.manual_seed(0)

@@ -3,11 +3,10 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from tiny import image_folder
 
 
 def run(*args):
@@ -23,12 +22,8 @@ def test_help(command):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in ("cat", "dog"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+    for k, split in enumerate(("train", "test")):
+        image_folder(root / split, per_class=4, seed=k, size=40, classes=("cat", "dog"), suffix="jpg")
     return root
 
 

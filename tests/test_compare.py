@@ -220,7 +220,7 @@ def test_reuse_search_takes_finished_runs_with_the_same_settings(twice, tmp_path
     saved["settings"]["iterations"] = 999
     other.write_text(json.dumps(saved))
     again = compare(tiny_net(), arrays(n_per_class=5), arrays(seed=1), methods=["l2_sp", "delta"], seeds=1,
-                    out=resumed, compare_settings=dataclasses.replace(SETTINGS, reuse_search=True), **QUICK)
+                    out=resumed, compare_settings=dataclasses.replace(SETTINGS, reuse_runs=True), **QUICK)
     by_key = {(r["method"], r["alpha"]): r for r in again["search"]["results"]}
     assert by_key[("l2_sp", 0.1)]["reused"] and by_key[("l2_sp", 0.1)]["val_top1"] == 100.0
     assert again["chosen"]["l2_sp"]["alpha"] == 0.1
@@ -229,6 +229,37 @@ def test_reuse_search_takes_finished_runs_with_the_same_settings(twice, tmp_path
     first = {(r["method"], r["alpha"]): r["val_top1"] for r in report["search"]["results"]}
     assert by_key[("delta", 0.001)]["val_top1"] == first[("delta", 0.001)]  # refitted: same seed, same number
     assert json.loads(other.read_text())["settings"]["iterations"] == QUICK["iterations"]
+
+
+def _comparable(report):
+    """A report less what a rerun may change: timings, the environment, the reuse flag."""
+    report = json.loads(json.dumps(report, default=str))
+    for key in ("wall_s", "environment", "figures"):
+        report.pop(key, None)
+    report["compare"].pop("reuse_runs")
+    report["attention"].pop("seconds")
+    for row in report["runs"] + report["search"]["results"]:
+        row.pop("seconds")
+        row.pop("reused", None)
+    return report
+
+
+def test_reuse_runs_takes_back_finished_final_runs_with_the_same_report(twice, tmp_path):
+    """An interrupted comparison run again refits nothing it finished, final runs included (the first
+    seed's figures come from its analysis.json), and writes the same report; a final run whose
+    analysis is missing is fitted again."""
+    import dataclasses
+    import shutil
+    (report, out), _ = twice
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "runs", resumed / "runs")
+    (resumed / "runs" / "delta_seed0" / "analysis.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in (resumed / "runs").glob("*/result.json")}
+    again = compare(tiny_net(), arrays(n_per_class=5), arrays(seed=1), methods=["l2_sp", "delta"], seeds=1,
+                    out=resumed, compare_settings=dataclasses.replace(SETTINGS, reuse_runs=True), **QUICK)
+    refitted = sorted(p.parent.name for p, t in stamps.items() if p.stat().st_mtime_ns != t)
+    assert refitted == ["delta_seed0"]
+    assert _comparable(again) == _comparable(report)
 
 
 def test_reuse_search_refits_attention_runs_made_before_the_attention_conventions(twice, tmp_path):
@@ -245,7 +276,7 @@ def test_reuse_search_refits_attention_runs_made_before_the_attention_convention
         del saved["settings"]["attention_sample"]
         path.write_text(json.dumps(saved))
     again = compare(tiny_net(), arrays(n_per_class=5), arrays(seed=1), methods=["l2_sp", "delta"], seeds=1,
-                    out=resumed, compare_settings=dataclasses.replace(SETTINGS, reuse_search=True), **QUICK)
+                    out=resumed, compare_settings=dataclasses.replace(SETTINGS, reuse_runs=True), **QUICK)
     by_key = {(r["method"], r["alpha"]): r for r in again["search"]["results"]}
     assert not by_key[("delta", 0.1)]["reused"] and by_key[("l2_sp", 0.1)]["reused"]
 

@@ -284,7 +284,7 @@ def test_fit_with_dali_cpu_pipeline_reports_backend(folder):
     from tiny import TINY_LAYERS, tiny_net
     root = os.path.dirname(os.path.dirname(folder.samples[0][0]))
     kw = dict(method="l2", layers=TINY_LAYERS, iterations=3, batch_size=4, resize=16, crop=12, progress=False,
-              eval_batch_size=5, num_workers=0)
+              eval_batch_size=5, num_workers=0, allow_overlap=True)  # tested on its training images
     res = fastdelta.fit(tiny_net(num_classes=3), root, root, data_backend="dali", **kw)
     assert res.data["backend"]["name"] == "dali" and res.test["images"] == 12
     assert all("data_s" in h for h in res.history)

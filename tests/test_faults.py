@@ -124,12 +124,13 @@ def test_cli_out_that_is_a_file_is_a_clear_error_before_the_data(tmp_path, comma
     assert "Traceback" not in run.stderr
 
 
-def test_little_free_space_is_a_warning_naming_folder_and_sizes(tmp_path, monkeypatch):
+def test_little_free_space_allowed_is_a_warning_naming_folder_and_sizes(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10 ** 6, 10 ** 6 - 2000, 2000))
     with pytest.warns(UserWarning, match=r"has 2\.0 kB free, but this run's checkpoints and model\.pt need about"
                                          r" [0-9.]+ kB") as record:
-        fastdelta.fit(tiny_net(), arrays(), None, run_dir=str(tmp_path / "new"), **{**RUN, "iterations": 2})
+        fastdelta.fit(tiny_net(), arrays(), None, run_dir=str(tmp_path / "new"), allow_low_disk=True,
+                      **{**RUN, "iterations": 2})
     assert any(f"output folder {tmp_path / 'new'} has" in str(w.message) for w in record)
 
 

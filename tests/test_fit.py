@@ -83,7 +83,7 @@ def test_same_seed_same_result_and_user_model_untouched():
 
 
 def test_save_writes_every_file_and_reloads(tmp_path):
-    res = fastdelta.fit(tiny_net(), arrays(), arrays(1), method="delta", layers=TINY_LAYERS, **QUICK)
+    res = fastdelta.fit(tiny_net(), arrays(), arrays(1, seed=1), method="delta", layers=TINY_LAYERS, **QUICK)
     res.save(tmp_path)
     names = sorted(os.listdir(tmp_path))
     assert names == ["channel_attention.json", "history.jsonl", "history.png", "model.pt", "result.json"]
@@ -221,7 +221,7 @@ def test_inception_v3_defaults():
     assert nets.layers == ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e"] and nets.head_name == "fc"
     s = make_settings("delta").resolved("inception_v3")
     assert (s.lr, s.resize, s.crop) == (0.001, 320, 299)
-    from fastdelta.methods.taps import FeatureTaps
+    from fastdelta.features.hooks import FeatureTaps
     with FeatureTaps(nets.target.eval(), nets.layers) as taps, torch.no_grad():
         logits, feats = taps(torch.randn(1, 3, 80, 80))
     assert logits.shape == (1, 4) and [f.shape[1] for f in feats] == [64, 192, 288, 768]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastdelta
 from fastdelta.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from fastdelta.train.source_net import SourceFeatures, batch_statistics_copy
+from fastdelta.features.source import SourceFeatures, batch_statistics_copy
 from tiny import TINY_LAYERS, arrays, tiny_net
 
 fit_module = importlib.import_module("fastdelta.fit")  # the module, not the function fastdelta.fit

@@ -27,7 +27,7 @@ from fastdelta.kernels import dispatch, native
 from fastdelta.kernels import op as kop
 from fastdelta.kernels import reference_distance as reference_feature_map_distance
 from fastdelta.methods import make_method
-from fastdelta.methods.feature_map import feature_map_distance
+from fastdelta.methods.delta_term import feature_map_distance
 from fastdelta.settings import SettingsError, make_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -336,7 +336,7 @@ def test_broken_native_build_warns_and_falls_back(tmp_path):
     bad.write_bytes(b"not a shared object")
     code = ("import warnings, torch\nwarnings.simplefilter('always')\n"
             "from fastdelta.kernels import reference_distance as reference_feature_map_distance\n"
-            "from fastdelta.methods.feature_map import feature_map_distance\n"
+            "from fastdelta.methods.delta_term import feature_map_distance\n"
             "from fastdelta.kernels import native, dispatch\n"
             "t, s, w = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.rand(3)\n"
             "assert not native.available() and dispatch.resolve('auto', t) == 'reference'\n"

@@ -11,8 +11,9 @@ from fastdelta.train.loop import TrainSpec, param_groups, train_loop
 from fastdelta.networks.models import build_architecture
 from fastdelta.methods import L2FE, make_method
 from fastdelta.settings import RECIPES, SettingsError, make_settings
-from fastdelta.train.source_net import batch_statistics_copy
-from fastdelta.methods.taps import FeatureTaps, following_norm, tap_modules
+from fastdelta.features.forms import following_norm, tap_modules
+from fastdelta.features.hooks import FeatureTaps
+from fastdelta.features.source import batch_statistics_copy
 from tiny import TINY_LAYERS, arrays, tiny_net
 
 QUICK = dict(layers=TINY_LAYERS, batch_size=4, resize=16, crop=12, progress=False, attention_cache=None,

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from fastdelta.methods import METHODS, make_method
-from fastdelta.methods.feature_map import feature_map_distance
-from fastdelta.methods.taps import FeatureTaps
+from fastdelta.features.hooks import FeatureTaps
+from fastdelta.methods.delta_term import feature_map_distance
 from tiny import TINY_LAYERS, tiny_net
 
 ALPHA, BETA, WD = 0.3, 0.2, 0.05

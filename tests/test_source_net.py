@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastdelta.train.source_net import HookedSource, SourceFeatures, TargetFeatures, source_features
-from fastdelta.methods.taps import FeatureTaps
+from fastdelta.features.hooks import FeatureTaps
+from fastdelta.features.source import HookedSource, SourceFeatures, source_features
+from fastdelta.features.target import TargetFeatures
 from tiny import TINY_LAYERS, tiny_net
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdelta.methods import make_method
-from fastdelta.methods.taps import FeatureTaps
+from fastdelta.features.hooks import FeatureTaps
 from tiny import TINY_LAYERS, tiny_net
 
 

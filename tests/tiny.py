@@ -1,4 +1,7 @@
 """A tiny residual CNN for fast CPU tests (conv biases, BN, residual, in-place ReLU)."""
+import contextlib
+import signal
+
 import torch
 import torch.nn as nn
 
@@ -73,10 +76,34 @@ def fit_killed_and_resumed(run_dir, **kw):
     the process was killed just before writing it); asserts the resumed run is bitwise the full one."""
     import os
     import fastdelta
-    full = fastdelta.fit(tiny_net(), arrays(), arrays(1), run_dir=str(run_dir), **kw)
+    full = fastdelta.fit(tiny_net(), arrays(), arrays(1, seed=1), run_dir=str(run_dir), **kw)
     os.remove(os.path.join(run_dir, "checkpoints", f"ckpt-{kw['iterations']:08d}.pt"))
-    resumed = fastdelta.fit(tiny_net(), arrays(), arrays(1), run_dir=str(run_dir), resume=True, **kw)
+    resumed = fastdelta.fit(tiny_net(), arrays(), arrays(1, seed=1), run_dir=str(run_dir), resume=True, **kw)
     for (k, v), w in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(v, w), k
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     return full, resumed
+
+
+def image_folder(root, per_class=3, seed=0, size=14, classes=("a", "b"), suffix="png"):
+    """ROOT/<class>/<i>.<suffix>, each a different random colour image of size x size."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.{suffix}")
+    return root
+
+
+@contextlib.contextmanager
+def sigterm_must_be_handled():
+    """A SIGTERM that fastdelta does not handle raises here instead of ending the test process."""
+    def not_ours(signum, frame):
+        raise AssertionError("SIGTERM reached the caller's handler: fastdelta did not handle it")
+    previous = signal.signal(signal.SIGTERM, not_ours)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -21,6 +21,7 @@ activation_maps {layer, images, classes, filters, maps {network: [[...]]}}, roug
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -32,11 +33,14 @@ import torch
 
 from ..data import resolve_data
 from ..data.errors import DataError
+from ..data.fingerprint import array_fingerprint, dataset_fingerprint, fingerprint_of, state_sha256
 from ..demo import environment
+from ..ioutil import atomic_write_text
 from ..methods import METHODS
 from ..methods.parameter_norm import tapped_conv
 from ..networks.models import build_networks, guess_arch
 from ..progress import progress_bar
+from ..run_folder import RunFolder
 from ..settings import LEGACY_VALUES, SettingsError, make_settings
 from ..train.evaluate import evaluate
 from ..train.loop import NonFiniteLossError
@@ -63,7 +67,7 @@ class CompareSettings:
     map_images: int = 4                   # test images in Fig. 6
     alphas: Optional[Dict[str, float]] = None  # per-method alpha when search="none" (default: fit's alpha, else the method's)
     betas: Optional[Dict[str, float]] = None
-    reuse_search: bool = False            # take finished search runs from out/runs/search (same settings)
+    reuse_runs: bool = False              # take back the runs an interrupted compare finished in out (same settings and data)
 
     def validate(self) -> None:
         methods = list(self.methods)
@@ -110,6 +114,17 @@ class _LabelledSubset(torch.utils.data.Dataset):
     def __init__(self, base, indices, classes, labels):
         self.base, self.indices, self.classes = base, list(indices), list(classes)
         self.targets = [int(labels[i]) for i in self.indices]
+        self._fingerprint = None
+
+    def fingerprint(self) -> dict:
+        """The base data's fingerprint with the indices and labels taken from it (computed once)."""
+        if self._fingerprint is None:
+            base = dataset_fingerprint(self.base)
+            h = hashlib.sha256(base["sha256"].encode())
+            h.update(np.asarray(self.indices, dtype=np.int64).tobytes())
+            h.update(np.asarray(self.targets, dtype=np.int64).tobytes())
+            self._fingerprint = {"sha256": h.hexdigest(), "of": f"{len(self)} items of: {base['of']}"}
+        return self._fingerprint
 
     def __len__(self):
         return len(self.indices)
@@ -203,6 +218,8 @@ class _Runner:
 
     def __init__(self, model, weights, base: dict, out: Path, log):
         self.model, self.weights, self.base, self.out, self.log = model, weights, base, out, log
+        self.source_sha256: Optional[str] = None  # of the source weights every fit starts from
+        self._fingerprints: dict = {}  # id(data) -> sha256: each split is hashed once per comparison
 
     def fit(self, name: str, train, test, method: str, final_test=None, **overrides):
         """One fit; with final_test (a _TensorSet), fit only evaluates `test` (curve points, or nothing)
@@ -217,16 +234,19 @@ class _Runner:
         if final_test is not None and res.status == "ok":
             t1 = time.perf_counter()
             res.test = {"top1": fast_top1(res.model, final_test, settings.get("eval_batch_size", 256)),
-                        "images": len(final_test), "evaluated": "train.evaluate.evaluate: channels_last on CPU, denormals flushed"}
+                        "images": len(final_test), "fingerprint": self.fingerprint(final_test),
+                        "evaluated": "train.evaluate.evaluate: channels_last on CPU, denormals flushed"}
             res.timings["test"] = round(time.perf_counter() - t1, 3)
         res.save(self.out / "runs" / name, weights=False)
         return res, round(time.perf_counter() - t0, 1)
 
-    def finished(self, name: str, method: str, **overrides) -> Optional[dict]:
-        """The saved result.json of run `name` if it finished with exactly these settings, else None.
+    def finished(self, name: str, method: str, digests: tuple, **overrides) -> Optional[dict]:
+        """The saved result.json of run `name` if it finished with exactly these settings, on the data
+        whose fingerprints are `digests` (training part, evaluated part) from the same source weights,
+        else None.
 
-        Only the settings given here are compared (the stored ones also hold resolved defaults); the
-        model, weights and data are those of the same `out`, which the caller vouches for."""
+        Only the settings given here are compared (the stored ones also hold resolved defaults); data
+        and weights by the fingerprints fit records (a result saved without them is not reused)."""
         path = self.out / "runs" / name / "result.json"
         if not path.is_file():
             return None
@@ -246,8 +266,23 @@ class _Runner:
         for key in _conventions_of(METHODS[method]):
             if _plain(stored.get(key, LEGACY_VALUES[key])) != _plain(getattr(resolved, key)):
                 return None
+        if not self._same_inputs(saved, digests):
+            return None
         status = str(saved.get("status", ""))
         return saved if status == "ok" or status.startswith("diverged") else None
+
+    def _same_inputs(self, saved: dict, digests: tuple) -> bool:
+        recorded = saved.get("data") or {}
+        then = [((recorded.get(split) or {}).get("fingerprint") or {}).get("sha256") for split in ("train", "test")]
+        return then == list(digests) and (saved.get("model") or {}).get("source_sha256") == self.source_sha256
+
+    def fingerprint(self, part) -> Optional[str]:
+        """The data's fingerprint (None for no data), computed once per object."""
+        if part is None:
+            return None
+        if id(part) not in self._fingerprints:
+            self._fingerprints[id(part)] = fingerprint_of(part)["sha256"]
+        return self._fingerprints[id(part)]
 
     def attention(self, train, seed: int):
         import fastdelta
@@ -299,7 +334,8 @@ def _search_fit(runner: _Runner, cs: CompareSettings, method: str, alpha: float,
     """One search fit (or the finished one reused): its validation top-1 and status."""
     fit_part, val_part = part
     name = f"search/{method}_a{alpha:g}_b{beta:g}" + (f"_fold{fold}" if cs.folds > 1 else "")
-    saved = runner.finished(name, method, alpha=alpha, beta=beta, seed=seed) if cs.reuse_search else None
+    saved = (runner.finished(name, method, tuple(runner.fingerprint(p) for p in part), alpha=alpha, beta=beta,
+                             seed=seed) if cs.reuse_runs else None)
     if saved is not None:
         status, secs = saved["status"], saved.get("timings_s", {}).get("total")
         top1 = (saved.get("test") or {}).get("top1") if status == "ok" else None
@@ -351,12 +387,32 @@ class _TensorSet(torch.utils.data.Dataset):
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, classes):
         self.x, self.targets, self.classes = x, y.tolist(), list(classes)
+        self._fingerprint = None
+
+    def fingerprint(self) -> dict:
+        """SHA-256 of the tensors and labels (computed once): which test set a top-1 was measured on."""
+        if self._fingerprint is None:
+            self._fingerprint = array_fingerprint(self.x.numpy(), np.asarray(self.targets))
+        return self._fingerprint
 
     def __len__(self):
         return len(self.targets)
 
     def __getitem__(self, i):
         return self.x[i], self.targets[i]
+
+
+def _curve_subset(test: _TensorSet, n: int) -> _TensorSet:
+    """n test images for the curve points: the first n, unless they leave a class out (a class-ordered
+    set, e.g. an image folder), then each class's first images in turn, so that every class is tested."""
+    targets = np.asarray(test.targets)
+    if len(np.unique(targets[:n])) == len(np.unique(targets)):
+        return _TensorSet(test.x[:n], torch.as_tensor(test.targets[:n]), test.classes)
+    rank = np.zeros(len(targets), dtype=np.int64)  # position of each image within its class
+    for c in np.unique(targets):
+        rank[targets == c] = np.arange(int((targets == c).sum()))
+    idx = torch.as_tensor(np.sort(np.lexsort((np.arange(len(targets)), rank))[:n]))
+    return _TensorSet(test.x[idx], torch.as_tensor(targets)[idx], test.classes)
 
 
 def materialise(dataset, classes, batch_size: int = 256) -> _TensorSet:
@@ -393,10 +449,13 @@ class _MapProbe:
 
     def __init__(self, model, weights, base: dict, train, test, n_images: int):
         s = make_settings(**base).resolved(model if isinstance(model, str) else guess_arch(model))
-        data = resolve_data(_train_root(train), test, augmentation=s.augmentation, resize=s.resize, crop=s.crop)
+        data = resolve_data(_train_root(train), test, augmentation=s.augmentation, resize=s.resize, crop=s.crop,
+                            allow_overlap=s.allow_overlap)
         # the "improved" protocol's 10-crop items are 4-D: those stay a transformed dataset
         self.test = materialise(data.test, data.classes) if s.augmentation == "default" else test
         self.test_description = data.description["test"]
+        self.overlap = data.description["overlap"]  # train/test overlap, checked here on the user's data
+        self.train_fingerprint = data.description["train"]["fingerprint"]["sha256"]  # as each fit records it
         nets = build_networks(model, len(data.classes), weights, s.layers, s.seed)
         self.source, self.head_name, self.layers = nets.source, nets.head_name, nets.layers
         images, labels, seen = [], [], set()
@@ -416,9 +475,9 @@ class _MapProbe:
         self.conv_names = [tapped_conv(self.source, l, int(tap_maps(self.source, l, self.images[:1]).shape[1]))
                            for l in self.layers] if images else []
 
-    def record(self, name: str, model) -> None:
-        if self.images is not None:
-            self.maps[name] = activation_maps(model.cpu(), self.layer, self.images, self.filters)
+    def maps_of(self, model):
+        """The trained network's activation maps of the probe's filters and images (None without images)."""
+        return None if self.images is None else activation_maps(model.cpu(), self.layer, self.images, self.filters)
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "classes": self.classes, "filters": self.filters, "maps": self.maps,
@@ -449,7 +508,13 @@ def compare(model, train, test=None, methods: Sequence[str] = tuple(METHODS), se
     base_settings = make_settings(**base)  # unknown or bad settings fail here, before any run
     test = _test_data(train, test)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # the folder is marked as output (a data scan never takes it for a class) and locked while this runs
+    with RunFolder.claim(out, check_earlier=False):
+        return _compare_in(out, model, weights, train, test, cs, base, base_settings, show_progress, log)
+
+
+def _compare_in(out: Path, model, weights, train, test, cs: CompareSettings, base: dict, base_settings,
+                show_progress: bool, log) -> dict:
     t_start = time.perf_counter()
     runner = _Runner(model, weights, base, out, log)
     searched = [m for m in cs.methods if METHODS[m].tuned] if cs.search != "none" else []
@@ -457,6 +522,7 @@ def compare(model, train, test=None, methods: Sequence[str] = tuple(METHODS), se
     curve_runs = [(m, sch) for m in cs.methods if METHODS[m].learning_curve for sch in cs.schedules if sch != "step"]
     total = len(searched) * n_grid + cs.seeds * len(cs.methods) + len(curve_runs)
     probe = _MapProbe(model, weights, base, train, test, cs.map_images)
+    runner.source_sha256 = state_sha256(probe.source)
     test = probe.test
     report = {"schema": SCHEMA, "compare": {**dataclasses.asdict(cs), "methods": list(cs.methods)}}
     with progress_bar(total, "compare", "fit", show_progress) as bar:
@@ -479,29 +545,30 @@ def compare(model, train, test=None, methods: Sequence[str] = tuple(METHODS), se
                 bar.set_postfix_str(name)
                 curve = seed == 0 and METHODS[method].learning_curve and every > 0
                 curve_test = None if not curve else (
-                    test if cs.curve_images is None or not isinstance(test, _TensorSet) else _TensorSet(
-                        test.x[:cs.curve_images], torch.as_tensor(test.targets[:cs.curve_images]), test.classes))
-                res, secs = runner.fit(name, _train_root(train), curve_test if fast_test else test, method,
-                                       final_test=test if fast_test else None, seed=seed, lr_schedule=schedule,
-                                       attention=att if METHODS[method].uses_attention else None,
-                                       eval_every=every if curve else 0, eval_images=cs.curve_images,
-                                       **chosen.get(method, {}))
+                    test if cs.curve_images is None or not isinstance(test, _TensorSet) else
+                    _curve_subset(test, cs.curve_images))
+                overrides = dict(seed=seed, lr_schedule=schedule, eval_every=every if curve else 0,
+                                 eval_images=cs.curve_images, **chosen.get(method, {}))
+                analysed = seed == 0 and schedule == "step"  # its weights feed the figures
+                fit_test = curve_test if fast_test else test
+                final_test = test if fast_test else None
+                digests = (probe.train_fingerprint, runner.fingerprint(fit_test))
+                res = (_reused_final(runner, name, method, digests, final_test, analysed, overrides)
+                       if cs.reuse_runs else None)
+                secs = None if res is None else res.timings.get("total")
+                if res is None:
+                    res, secs = runner.fit(name, _train_root(train), fit_test, method, final_test=final_test,
+                                           attention=att if METHODS[method].uses_attention else None, **overrides)
+                    if analysed:
+                        _write_analysis(out / "runs" / name, method, res, probe, att)
                 first = first or res
-                runs.append({"name": name, "method": method, "seed": seed, "schedule": schedule,
-                             **chosen.get(method, {}), "test_top1": res.test_top1 if res.status == "ok" else None,
-                             "test_top1_10crop": res.test_top1_10crop if res.status == "ok" else None,
-                             "status": res.status, "seconds": secs, "curve": _curve(res.history, "test_top1"),
-                             "train_loss": _downsample(_curve(res.history, "ce"))})
-                if seed == 0 and schedule == "step":
-                    distances[method] = filter_distances(res.model.cpu(), probe.source, probe.head_name)
-                    if att is not None and probe.conv_names:
-                        splits[method] = attention_split_distances(res.model, probe.source, probe.conv_names,
-                                                                   att.weights)
-                    if METHODS[method].activation_map:
-                        probe.record(method, res.model)
+                runs.append(_run_row(name, method, seed, schedule, chosen.get(method, {}), res, secs))
+                if analysed:
+                    _read_analysis(out / "runs" / name, method, probe, distances, splits)
                 bar.update(1)
     from .report import finish_report
-    report.update({"model": first.model_info, "data": {**first.data, "test": probe.test_description},
+    report.update({"model": first.model_info,
+                   "data": {**first.data, "test": probe.test_description, "overlap": probe.overlap},
                    "settings": {k: v for k, v in first.settings.items()
                                 if k not in ("method", "seed", "alpha", "beta", "lr_schedule", "eval_every",
                                              "attention", "resumed_from_iteration")},
@@ -514,6 +581,70 @@ def compare(model, train, test=None, methods: Sequence[str] = tuple(METHODS), se
                        "seconds": att.timings.get("total"), "shared_by_seeds": True, "head": att.head},
                    "environment": environment(), "wall_s": round(time.perf_counter() - t_start, 1)})
     return finish_report(report, out)
+
+
+def _run_row(name: str, method: str, seed: int, schedule: str, chosen: dict, res, secs) -> dict:
+    ok = res.status == "ok"
+    return {"name": name, "method": method, "seed": seed, "schedule": schedule, **chosen,
+            "test_top1": res.test_top1 if ok else None, "test_top1_10crop": res.test_top1_10crop if ok else None,
+            "status": res.status, "seconds": secs, "curve": _curve(res.history, "test_top1"),
+            "train_loss": _downsample(_curve(res.history, "ce"))}
+
+
+# the first seed's figures' inputs that need its trained weights, kept beside its result.json so that
+# a finished run is reused without its weights (compare saves none)
+ANALYSIS_FILE = "analysis.json"
+
+
+def _write_analysis(folder: Path, method: str, res, probe: "_MapProbe", att) -> None:
+    """Filter distances to the source, split by attention, and activation maps of the trained network."""
+    model = res.model.cpu()
+    record = {"filter_distances": filter_distances(model, probe.source, probe.head_name),
+              "attention_split": (attention_split_distances(model, probe.source, probe.conv_names, att.weights)
+                                  if att is not None and probe.conv_names else None),
+              "activation_maps": probe.maps_of(model) if METHODS[method].activation_map else None}
+    atomic_write_text(folder / ANALYSIS_FILE, json.dumps(_plain(record)))
+
+
+def _read_analysis(folder: Path, method: str, probe: "_MapProbe", distances: dict, splits: dict) -> None:
+    analysis = json.loads((folder / ANALYSIS_FILE).read_text())
+    distances[method] = analysis["filter_distances"]
+    if analysis["attention_split"] is not None:
+        splits[method] = analysis["attention_split"]
+    if analysis["activation_maps"] is not None:
+        probe.maps[method] = analysis["activation_maps"]
+
+
+class _ReusedRun:
+    """A final run an interrupted comparison finished: its result.json and history.jsonl, read back."""
+
+    def __init__(self, saved: dict, history: list):
+        self.status, self.test, self.history = saved["status"], saved.get("test") or {}, history
+        self.model_info, self.data, self.settings = saved["model"], saved["data"], saved["settings"]
+        self.timings = saved.get("timings_s", {})
+
+    @property
+    def test_top1(self):
+        return self.test.get("top1")
+
+    @property
+    def test_top1_10crop(self):
+        return self.test.get("top1_10crop")
+
+
+def _reused_final(runner: "_Runner", name: str, method: str, digests: tuple, final_test, analysed: bool,
+                  overrides: dict) -> Optional[_ReusedRun]:
+    """The final run `name` if it finished with these settings on the same data (its top-1 measured on
+    the same final test set), with its analysis for a seed-0 run; else None (it is fitted again)."""
+    saved = runner.finished(name, method, digests, **overrides)
+    folder = runner.out / "runs" / name
+    if saved is None or not (folder / "history.jsonl").is_file() or (analysed and not (folder / ANALYSIS_FILE).is_file()):
+        return None
+    if final_test is not None and saved["status"] == "ok" and \
+            (saved.get("test") or {}).get("fingerprint") != runner.fingerprint(final_test):
+        return None
+    history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
+    return _ReusedRun(saved, history)
 
 
 def _chosen(cs: CompareSettings, search_record, s) -> Dict[str, dict]:

@@ -14,6 +14,7 @@ import torch.utils.data
 from PIL import Image
 
 from .errors import DataError
+from .fingerprint import array_fingerprint
 
 _ACCEPTED_SHAPES = (
     "uint8 (N,H,W) grayscale, uint8 (N,H,W,3) or (N,H,W,1), "
@@ -37,8 +38,11 @@ def _images_to_uint8_hwc(x: np.ndarray, name: str) -> np.ndarray:
         if x.ndim == 4 and x.shape[-1] == 1:
             return x[..., 0]
     elif x.dtype.kind == "f" and x.ndim == 4 and x.shape[1] in (1, 3):
-        if not np.isfinite(x).all():
-            raise DataError(f"{name} images: float images contain NaN or infinity")
+        finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            shown = f"{bad[:5].tolist()}" + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise DataError(f"{name} images: float images contain NaN or infinity (items {shown})")
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             raise DataError(f"{name} images: float images must be in [0,1], got values in [{lo:g}, {hi:g}]")
@@ -49,12 +53,14 @@ def _images_to_uint8_hwc(x: np.ndarray, name: str) -> np.ndarray:
     raise DataError(f"{name} images: expected {_ACCEPTED_SHAPES}; got shape {tuple(x.shape)} dtype {x.dtype}")
 
 
-def _check_not_one_image(x: np.ndarray, y: np.ndarray, name: str) -> None:
-    """An unbatched (H, W, 3) image would otherwise be read as H grayscale images of width 3."""
-    if x.ndim == 3 and x.shape[-1] in (3, 4) and y.ndim >= 1 and len(y) != x.shape[0]:
+def _check_not_one_image(x: np.ndarray, name: str) -> None:
+    """An unbatched (H, W, 3) image would otherwise be read as H grey images of width 3, and trained
+    on as such when H labels are given: (N, H, W) with W of 3 or 4 is taken for one colour image."""
+    if x.ndim == 3 and x.shape[-1] in (3, 4):
         raise DataError(
             f"{name} images has shape {tuple(x.shape)} (H, W, C): that looks like one colour image; "
-            f"pass a batch (N, H, W, C), e.g. x[None] for a single image ({len(y)} labels given)"
+            f"pass a batch (N, H, W, C), e.g. x[None] for a single image, or grey images of width "
+            f"{x.shape[-1]} as (N, H, W, 1)"
         )
 
 
@@ -81,10 +87,17 @@ class ArrayDataset(torch.utils.data.Dataset):
         if x_np.ndim == 0 or len(x_np) == 0:
             raise DataError(f"{name} images: expected a non-empty array, got shape {tuple(x_np.shape)}")
         y_np = _as_numpy(y)
-        _check_not_one_image(x_np, y_np, name)
+        _check_not_one_image(x_np, name)
         self.images = np.ascontiguousarray(_images_to_uint8_hwc(x_np, name))
         self.targets = _validate_labels(y_np, len(self.images), name)
         self.transform = transform
+        self._fingerprint = None
+
+    def fingerprint(self) -> dict:
+        """SHA-256 of the images (as trained on: uint8) and labels; computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = array_fingerprint(self.images, self.targets)
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.images)

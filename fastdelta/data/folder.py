@@ -18,7 +18,9 @@ import torch.utils.data
 from PIL import Image
 from tqdm import tqdm
 
+from ..ioutil import RUN_MARKER
 from .errors import DataError
+from .fingerprint import folder_listing, listing_fingerprint
 from .manifest import Manifest
 
 IMAGE_EXTENSIONS = frozenset(
@@ -69,8 +71,19 @@ def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
     return None
 
 
-def _list_class_dirs(root: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+def _list_class_dirs(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """(class folder names, [(output folder, why skipped)]): a folder a fastdelta run writes into is
+    no class, or a run's --out inside the data root would become one on the next run."""
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    runs = [n for n in names if _is_run_folder(os.path.join(root, n))]
+    return [n for n in names if n not in runs], [(str(root / n), RUN_FOLDER_SKIP) for n in runs]
+
+
+RUN_FOLDER_SKIP = f"a fastdelta output folder (holds {RUN_MARKER}), not data"
+
+
+def _is_run_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, RUN_MARKER))
 
 
 def _identity(path: str) -> tuple | str:
@@ -127,6 +140,9 @@ class _FolderWalk:
         for dirpath, dirnames, filenames in os.walk(top):
             self.dirs.add(_identity(dirpath))
             visible = sorted(d for d in dirnames if not d.startswith("."))
+            runs = [d for d in visible if _is_run_folder(os.path.join(dirpath, d))]  # e.g. its history.png
+            self.skipped.extend((os.path.join(dirpath, d), RUN_FOLDER_SKIP) for d in runs)
+            visible = [d for d in visible if d not in runs]
             linked = {d for d in visible if os.path.islink(os.path.join(dirpath, d))}
             links.extend(os.path.join(dirpath, d) for d in visible if d in linked)
             dirnames[:] = [d for d in visible if d not in linked]
@@ -201,13 +217,14 @@ def scan_image_folder(
     """
     root = Path(root)
     _check_root(root, role)
-    class_names = _resolve_class_order(root, _list_class_dirs(root), classes, role)
+    found, run_folders = _list_class_dirs(root)
+    class_names = _resolve_class_order(root, found, classes, role)
 
     class_dirs = [(label, root / name) for label, name in enumerate(class_names) if (root / name).is_dir()]
     # one walk for all classes: a file linked into two classes is kept in the first
     walk = _FolderWalk(root, [d for _, d in class_dirs])
     candidates = [(path, label) for label, class_dir in class_dirs for path in walk.image_files(class_dir)]
-    samples, skipped = [], list(walk.skipped)
+    samples, skipped = [], run_folders + walk.skipped
     progress = tqdm(
         candidates,
         desc=f"checking images in {root}",
@@ -280,16 +297,29 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """Dataset over (path, label) pairs, e.g. `ImageIndex.samples`; yields (transform(img), label)."""
+    """Dataset over (path, label) pairs, e.g. `ImageIndex.samples`; yields (transform(img), label).
+    `root`: the folder the paths are under (fingerprints name files relative to it)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None = None):
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable | None = None,
+                 root: str | os.PathLike | None = None):
         self.samples = list(samples)
         self.transform = transform
+        self.root = None if root is None else str(root)
+        self._listing = None
 
     @property
     def targets(self) -> list[int]:
         """Labels without decoding images (same name as torchvision datasets)."""
         return [label for _, label in self.samples]
+
+    def listing(self) -> list:
+        """[[path, label, size, mtime_ns]] of the files, read once (a fingerprint of the set as it is now)."""
+        if self._listing is None:
+            self._listing = folder_listing(self.samples, self.root)
+        return self._listing
+
+    def fingerprint(self) -> dict:
+        return listing_fingerprint(self.listing())
 
     def __len__(self) -> int:
         return len(self.samples)

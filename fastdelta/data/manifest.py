@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import PIL
+
+from ..ioutil import atomic_write_text
 
 MANIFEST_VERSION = 1
 
@@ -81,12 +82,8 @@ class Manifest:
         if self.path is None or not self._dirty:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": MANIFEST_VERSION, "root": self.root, "max_pixels": self.max_pixels,
-                           "entries": self.entries}, f)
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps({"version": MANIFEST_VERSION, "root": self.root,
+                                                     "max_pixels": self.max_pixels, "entries": self.entries}))
             self._dirty = False
         except OSError:
             pass

@@ -47,12 +47,15 @@ def attention_key(model: nn.Module, batches: Sequence, settings: dict) -> str:
 
 
 def load_cached(directory: Optional[Path], key: str) -> Optional[ChannelAttention]:
+    """The cached attention for `key`, or None: missing, unreadable, or holding a NaN/inf loss
+    increase (its weights would come out NaN or uniform), each of which is recomputed, never trusted."""
     if directory is None or not (directory / f"{key}.json").is_file():
         return None
     try:
-        return ChannelAttention.load(directory / f"{key}.json")
-    except (ValueError, KeyError, OSError):  # a damaged cache entry is recomputed, never trusted
+        att = ChannelAttention.load(directory / f"{key}.json")
+    except (ValueError, KeyError, TypeError, OSError):
         return None
+    return att if all(torch.isfinite(r).all() for r in att.raw) else None
 
 
 def store(directory: Optional[Path], key: str, attention: ChannelAttention) -> None:

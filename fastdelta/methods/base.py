@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .taps import rectified_at_tap, rectifies, tap_modules
+from ..features.forms import rectified_at_tap, rectifies, tap_modules
 
 
 @dataclass

@@ -157,8 +157,20 @@ def load_source_weights(model: nn.Module, arch: str, weights, head_name: str) ->
                       UserWarning, stacklevel=3)
         return "random (NOT pre-trained)"
     path = Path(weights)
-    check_and_load(model, _unwrap_checkpoint(_read_weights(path)), head_name, f"file {str(path)!r}")
+    state = _unwrap_checkpoint(_read_weights(path))
+    check_finite(state, f"weights file {str(path)!r} holds")
+    check_and_load(model, state, head_name, f"file {str(path)!r}")
     return f"file {path.resolve()}"
+
+
+def check_finite(state: dict, owner: str) -> None:
+    """A ModelError naming the first tensors of `state` with NaN or inf: such weights make the first
+    step non-finite, which would otherwise read as a divergence of the training."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise ModelError(f"{owner} NaN or infinite values in {len(bad)} tensor{'s' if len(bad) > 1 else ''}: "
+                         f"{shown}; these weights cannot be trained from (a diverged or damaged checkpoint?)")
 
 
 def _read_weights(path: Path):
@@ -210,6 +222,7 @@ def build_networks(model: Union[str, nn.Module], num_classes: int, weights=None,
         raise ModelError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
     head_name = find_head(source)
     if given_module and weights is None:
+        check_finite(source.state_dict(), "the given model's weights hold")
         weights_desc = "given nn.Module's weights"
     else:
         weights_desc = load_source_weights(source, arch, weights, head_name)

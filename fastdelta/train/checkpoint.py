@@ -13,6 +13,7 @@ import io
 import os
 import random
 import re
+import shlex
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -70,16 +71,25 @@ def checkpoint_bytes(model: nn.Module) -> int:
     return 3 * state_bytes(model)
 
 
-def write_failed(what: str, error: OSError, checkpoint_dir) -> OutputError:
-    """The OutputError for a write that failed during a run: what, why, and where the run continues
-    from (the newest checkpoint on disk is complete: each one is renamed into place whole)."""
+def resume_command(run_dir) -> str:
+    """The command that continues the run in `run_dir`, quoted for a shell (a path may hold spaces)."""
+    return f"fastdelta fit --resume {shlex.quote(str(run_dir))}"
+
+
+def resume_hint(checkpoint_dir) -> str:
+    """Where a stopped run continues from: its newest checkpoint (each one is renamed into place whole),
+    or that there is none yet."""
     files = checkpoint_files(checkpoint_dir) if checkpoint_dir is not None else []
     if files:
-        hint = (f"the run can be resumed from its last complete checkpoint {files[-1]} with resume=True "
-                f"(CLI: fastdelta fit --resume {Path(checkpoint_dir).parent}) once the folder takes files again")
-    else:
-        hint = "there is no complete checkpoint to resume from: start the run again once the folder takes files"
-    return OutputError(f"could not write {what}: {reason(error)}; {hint}", error.errno)
+        return (f"the run can be resumed from its last complete checkpoint {files[-1]} with resume=True "
+                f"(CLI: {resume_command(Path(checkpoint_dir).parent)})")
+    return "there is no complete checkpoint to resume from: start the run anew"
+
+
+def write_failed(what: str, error: OSError, checkpoint_dir) -> OutputError:
+    """The OutputError for a write that failed during a run: what, why, and where the run continues from."""
+    return OutputError(f"could not write {what}: {reason(error)}; {resume_hint(checkpoint_dir)} once the folder "
+                       "takes files again", error.errno)
 
 
 def save_checkpoint(directory, iteration: int, payload: dict) -> Path:
@@ -97,11 +107,25 @@ def save_checkpoint(directory, iteration: int, payload: dict) -> Path:
     try:
         atomic_write(path, write)
         _fsync_dir(path.parent)
-        for old in checkpoint_files(directory)[:-KEEP]:
-            old.unlink()
+        _prune(directory, iteration)
     except OSError as e:
         raise write_failed(f"checkpoint {path}", e, directory) from e
     return path
+
+
+def _prune(directory, iteration: int) -> None:
+    """Keep the checkpoint just written and the KEEP - 1 before it. One numbered later is of a timeline
+    this run left (it resumed from an earlier one because that one failed its checksum): removed too,
+    so the newest file is always this run's."""
+    others = [p for p in checkpoint_files(directory) if _iteration_of(p) != iteration]
+    older = [p for p in others if _iteration_of(p) < iteration]
+    later = [p for p in others if _iteration_of(p) > iteration]
+    for old in older[:max(0, len(older) - (KEEP - 1))] + later:
+        old.unlink()
+
+
+def _iteration_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
 
 
 def _fsync_dir(directory: Path) -> None:

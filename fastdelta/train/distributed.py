@@ -6,7 +6,10 @@ with world size 1 every helper here is a no-op, so single-process code paths are
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -45,19 +48,37 @@ class DistContext:
             dist.barrier()
 
 
-def init_distributed(device: str = "auto") -> DistContext:
+class CollectiveTimeout(TimeoutError):
+    """A torch.distributed collective waited longer than dist_timeout for another rank (an OSError,
+    so the CLI reports it as an error instead of a traceback)."""
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistContext:
     """Join the process group torchrun (or the caller) set up through RANK/WORLD_SIZE/MASTER_*.
 
-    NCCL on GPUs, gloo on CPUs; multi-node works through torchrun's rendezvous unchanged."""
+    NCCL on GPUs, gloo on CPUs; multi-node works through torchrun's rendezvous unchanged. A collective
+    that waits `timeout_s` for another rank fails (gloo raises, NCCL's watchdog ends the process)
+    instead of hanging the job until an outside limit."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise RuntimeError("distributed=True needs torchrun (or RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)")
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local)
     return DistContext(dist.get_rank(), dist.get_world_size(), local)
+
+
+def collective_timeout(error: BaseException, timeout_s: float, hint: str) -> Optional[CollectiveTimeout]:
+    """The CollectiveTimeout a torch.distributed error stands for (gloo: "Timed out waiting ...ms",
+    the store: "timed out after ..."), else None. `hint` says where the run can continue from."""
+    if not isinstance(error, RuntimeError) or not re.search(r"timed? ?out", str(error), re.IGNORECASE):
+        return None
+    first = str(error).strip().splitlines()[0]
+    return CollectiveTimeout(f"a torch.distributed collective waited more than dist_timeout={timeout_s:g} s "
+                             "(CLI: --dist-timeout) for another rank, which stalled or died; the job stops "
+                             f"instead of hanging ({first}); {hint}")
 
 
 def device_for(ctx: DistContext, device: str) -> torch.device:

@@ -42,9 +42,9 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, iteration: int, term: str, value: float, history: list):
         what = {"gradient": "gradient norm", "bn_statistics": "BatchNorm running statistics"}.get(
             term, f"loss term {term!r}")
+        state = f"its state after iteration {iteration - 1}" if iteration else "its starting state (no step was taken)"
         super().__init__(f"non-finite {what} at iteration {iteration} ({value}); training stopped, the model "
-                         f"keeps its state after iteration {iteration - 1}, BN statistics included "
-                         "(try a smaller alpha or lr)")
+                         f"keeps {state}, BN statistics included (try a smaller alpha or lr)")
         self.iteration, self.term, self.value, self.history = iteration, term, value, history
         self.partial_result = None  # filled in by fit()
 
@@ -61,8 +61,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
     """Evaluation / attention loader (training batches come from make_train_loader)."""
     num_workers = resolve_workers(num_workers)
     g = torch.Generator().manual_seed(seed)
+    # workers ignore SIGTERM/SIGINT as the training loader's do: the main process stops them
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
 
 
 def lr_at(iteration: int, base_lr: float, schedule: str, step: int, gamma: float) -> float:

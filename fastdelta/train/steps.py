@@ -7,7 +7,7 @@
   loss terms are accumulated in fp32 either way;
 - channels_last activations and weights (default on CUDA);
 - the target's taps come from a torch.fx extractor sharing the target's modules (no hooks), the source
-  is `source_net.SourceFeatures` (frozen, truncated after the last tap, BN folded where exact);
+  is `fastdelta.features.source.SourceFeatures` (frozen, truncated after the last tap, BN folded where exact);
 - the loss function (target forward, source forward, CE, feature-map term) is compiled with
   torch.compile(fullgraph=True) -- no graph break (tests/test_step.py checks it on CPU); the backward is
   compiled by AOTAutograd; CUDA graphs through mode "reduce-overhead" (`cuda_graphs=True`);
@@ -34,12 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..features.hooks import FeatureTaps
+from ..features.source import source_features
+from ..features.target import TargetFeatures
 from ..methods import Method
-from ..methods.taps import FeatureTaps
 from ..settings import COMPILE_MODES
 from .distributed import DistContext
 from .optim import PullSGD, grad_norm
-from .source_net import TargetFeatures, source_features
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the compile mode "auto" takes on CUDA; benchmarks/bench_step.py --compile-modes measures the others

@@ -5,11 +5,8 @@ regularised layers. So:
 
 - it is traced with torch.fx and **truncated after the last regularised layer** (the graph keeps only
   the nodes the taps depend on; the head and the last stages never run);
-- eval-mode BatchNorm is an affine map per channel, so a BN that directly follows a conv is **folded**
-  into that conv's weight and bias (exact up to float rounding) -- **except** where the conv's own output
-  is a tap: the public code taps the conv output *before* BN, and folding would make that tap see the
-  BN output, a different quantity from the target's tap. A tap on the BN itself stays exact (the folded
-  conv computes the BN output);
+- a BN that directly follows a conv is **folded** into it where that is exact and leaves every tap as
+  it was (fastdelta.features.bn_folding);
 - it is a copy: the user's source module is left as it was; no parameter requires grad.
 
 A tap is the value of the tapped node in the traced graph. Where the full forward later modifies a
@@ -21,6 +18,7 @@ layers -- conv outputs followed by BN -- are not affected.)
 
 `SourceFeatures(x) -> [feature map per layer, in layer order]`. When a network cannot be traced by
 torch.fx, `HookedSource` (forward hooks on a full forward, no folding) gives the same maps.
+`batch_statistics_copy` is the source for setting source_bn="batch".
 """
 from __future__ import annotations
 
@@ -29,84 +27,10 @@ from typing import List, Sequence
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..methods.taps import FeatureTaps
-
-
-class _PostNormAct(nn.Module):
-    """What is left of timm's BatchNormAct2d once its BN is folded into the conv: drop + act."""
-
-    def __init__(self, bn_act: nn.Module):
-        super().__init__()
-        self.drop = getattr(bn_act, "drop", nn.Identity())
-        self.act = getattr(bn_act, "act", nn.Identity())
-
-    def forward(self, x):
-        return self.act(self.drop(x))
-
-
-def is_timm_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("timm.")
-
-
-def trace_extractor(model: nn.Module, return_nodes: dict):
-    """torch.fx feature extractor (timm's wrapper for timm models: it knows timm's leaf modules)."""
-    if is_timm_model(model):
-        from timm.models._features_fx import create_feature_extractor
-    else:
-        from torchvision.models.feature_extraction import create_feature_extractor
-    return create_feature_extractor(model, return_nodes)
-
-
-def output_node_name(model: nn.Module) -> str:
-    """The qualified name of the node whose value the model returns (the logits)."""
-    if is_timm_model(model):
-        from timm.models._features_fx import get_graph_node_names
-    else:
-        from torchvision.models.feature_extraction import get_graph_node_names
-    train_nodes, _ = get_graph_node_names(model)
-    return train_nodes[-1]
-
-
-def fold_batchnorm(gm: torch.fx.GraphModule, keep: Sequence[torch.fx.Node] = ()) -> List[str]:
-    """Fold every eval-mode BN that is the only user of a Conv2d output into that conv, in place.
-
-    Convs whose node is in `keep` (a tap: its own output is needed) are left alone. Returns the names
-    of the folded convs."""
-    keep = set(keep)
-    modules = dict(gm.named_modules())
-    folded = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
-            continue
-        src = node.args[0] if node.args else None
-        if not (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(modules.get(src.target), nn.Conv2d)):
-            continue
-        if src in keep or len(src.users) != 1:
-            continue  # a tapped conv, or its output used elsewhere: folding would change what they see
-        conv, bn = modules[src.target], modules[node.target]
-        if bn.training or not bn.track_running_stats or bn.running_mean is None:
-            continue  # only eval-mode BN with running statistics is an affine map
-        fused = fuse_conv_bn_eval(conv.eval(), bn)
-        _set_submodule(gm, src.target, fused)
-        rest = _PostNormAct(bn)
-        if type(bn) is nn.BatchNorm2d or (isinstance(rest.drop, nn.Identity) and isinstance(rest.act, nn.Identity)):
-            node.replace_all_uses_with(src)
-            gm.graph.erase_node(node)
-        else:  # BN with an activation fused in (timm BatchNormAct2d): keep the activation
-            _set_submodule(gm, node.target, rest)
-        folded.append(src.target)
-    gm.graph.lint()
-    gm.recompile()
-    gm.delete_all_unused_submodules()
-    return folded
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+from .bn_folding import fold_batchnorm
+from .hooks import FeatureTaps
+from .tracing import output_node_name, trace_extractor
 
 
 def _is_inplace(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -180,24 +104,6 @@ def source_features(source: nn.Module, layers: Sequence[str], fold_bn: bool = Tr
         return SourceFeatures(source, layers, fold_bn, rectified)
     except Exception:  # noqa: BLE001 - any tracing failure falls back to hooks
         return HookedSource(source, layers, rectified)
-
-
-class TargetFeatures(nn.Module):
-    """`(logits, [tap per layer])` from the target without hooks: a torch.fx extractor whose modules and
-    parameters ARE the target's (no copy), traced in train and eval mode."""
-
-    def __init__(self, target: nn.Module, layers: Sequence[str]):
-        super().__init__()
-        self.layers = list(layers)
-        logits = output_node_name(target)
-        if logits in self.layers:
-            raise ValueError(f"the output node {logits!r} is also a regularised layer")
-        self.net = trace_extractor(target, {**{l: l for l in self.layers}, logits: "__logits__"})
-        self.net.train(target.training)
-
-    def forward(self, x):
-        out = self.net(x)
-        return out["__logits__"], [out[l] for l in self.layers]
 
 
 def batch_statistics_copy(source: nn.Module) -> nn.Module:

@@ -1,4 +1,5 @@
-"""The building blocks for one's own loop: the README's loop gives fit's reference-step losses."""
+"""DELTA in a loop of one's own (fastdelta.own_loop): the README's loop gives fit's reference-step losses, and
+FeatureMapRegularizer's term is the DELTA methods' term."""
 import copy
 import re
 from pathlib import Path
@@ -7,10 +8,10 @@ import pytest
 import torch
 
 import fastdelta
+from fastdelta.features.hooks import FeatureTaps
 from fastdelta.kernels import reference_distance
 from fastdelta.methods import make_method
-from fastdelta.methods.feature_map import channel_scales
-from fastdelta.methods.taps import FeatureTaps
+from fastdelta.methods.delta_term import channel_scales
 from fastdelta.train.steps import ReferenceStep, StepOutput
 from tiny import TINY_LAYERS, arrays, tiny_net
 
@@ -98,6 +99,76 @@ def test_feature_map_regularizer_without_attention_is_the_public_fea_map():
         tf, sf = tt(x)[1], st(x)[1]
     want = sum(0.5 * (t.double() - s.double()).pow(2).sum() for t, s in zip(tf, sf))
     assert float(term) == pytest.approx(float(want), rel=1e-5)
+
+
+# (method, delta_scale, delta_no_att_scale): every scale form, with attention (delta) and without
+FORMS = [("delta", "public", "sum"), ("delta", "paper_eq8", "sum"), ("delta_no_att", "public", "sum"),
+         ("delta_no_att", "public", "uniform_attention"), ("delta_no_att", "public", "paper_eq5")]
+
+
+def perturbed_pair(seed=11):
+    """A float64 source and a perturbed float64 target of it."""
+    torch.manual_seed(seed)
+    source = tiny_net().double().eval().requires_grad_(False)
+    target = copy.deepcopy(source).requires_grad_(True).train()
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return source, target
+
+
+@pytest.mark.parametrize("feature_map", ["conv", "activation"])
+@pytest.mark.parametrize("world_size,layer_scale", [(1, None), (3, [0.7, 1.9])])
+@pytest.mark.parametrize("method,delta_scale,no_att_scale", FORMS)
+def test_feature_map_regularizer_term_is_the_delta_methods(method, delta_scale, no_att_scale, world_size,
+                                                            layer_scale, feature_map):
+    """For the same maps FeatureMapRegularizer gives the DELTA method's term at alpha = 1: its scale form,
+    attention or none, layer scale (feature_scale="source_energy") and DDP world-size factor."""
+    source, target = perturbed_pair()
+    att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)] if method == "delta" else None
+    plain = copy.deepcopy(target)  # before the hooks go on
+    m = make_method(method, plain, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, feature_map, att, no_att_scale,
+                    delta_scale=delta_scale, world_size=world_size)
+    m.layer_scale = layer_scale
+    reg = fastdelta.FeatureMapRegularizer(target, source, TINY_LAYERS, attention=att, feature_map=feature_map,
+                                          delta_no_att_scale=no_att_scale, delta_scale=delta_scale,
+                                          world_size=world_size, layer_scale=layer_scale)
+    # random maps, the same for both: one code path, so exactly one value
+    shapes = [(3, 8, 12, 12), (3, 16, 6, 6)]
+    tf = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    sf = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    assert torch.equal(reg.delta_term(tf, sf), m.terms(tf, sf).reg)
+    # the networks' own maps: the regulariser's (hooks on the target, the traced source) against the method's
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    target(x)
+    term = reg(x)
+    with FeatureTaps(plain, m.taps, rectify=m.rectify_at_tap) as tt, \
+            FeatureTaps(source, m.taps, rectify=m.rectify_at_tap) as st:
+        want = m.terms(tt(x)[1], st(x)[1]).reg
+    assert float(want) > 0
+    assert float(term) == pytest.approx(float(want), rel=1e-6)
+    reg.remove()
+
+
+@pytest.mark.parametrize("method,delta_scale,no_att_scale", FORMS)
+def test_feature_map_regularizer_source_energy_is_fits(method, delta_scale, no_att_scale):
+    """scale_by_source_energy: E_l per image as fit measures it (the method's source_energy over the images,
+    divided by their number), and each layer's term divided by it from then on."""
+    source, target = perturbed_pair(12)
+    att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)] if method == "delta" else None
+    m = make_method(method, copy.deepcopy(target), source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "conv", att,
+                    no_att_scale, delta_scale=delta_scale, world_size=2)
+    reg = fastdelta.FeatureMapRegularizer(target, source, TINY_LAYERS, attention=att, delta_scale=delta_scale,
+                                          delta_no_att_scale=no_att_scale, world_size=2)
+    batches = [torch.randn(3, 3, 12, 12, dtype=torch.float64), torch.randn(2, 3, 12, 12, dtype=torch.float64)]
+    energy = reg.scale_by_source_energy(batches)
+    totals = [0.0, 0.0]
+    with FeatureTaps(source, m.taps) as st:
+        for x in batches:
+            totals = [t + e for t, e in zip(totals, m.source_energy(st(x)[1]))]
+    assert energy == pytest.approx([t / 5 for t in totals], rel=1e-9) and min(energy) > 0
+    assert reg.layer_scale == pytest.approx([1 / e for e in energy])
+    reg.remove()
 
 
 def test_source_pull_is_the_l2_sp_gradient():
