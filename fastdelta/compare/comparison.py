@@ -33,6 +33,7 @@ import torch
 from ..data import resolve_data
 from ..data.errors import DataError
 from ..demo import environment
+from ..ioutil import atomic_write_text
 from ..methods import METHODS
 from ..methods.parameter_norm import tapped_conv
 from ..networks.models import build_networks, guess_arch
@@ -481,24 +482,30 @@ def compare(model, train, test=None, methods: Sequence[str] = tuple(METHODS), se
                 curve_test = None if not curve else (
                     test if cs.curve_images is None or not isinstance(test, _TensorSet) else _TensorSet(
                         test.x[:cs.curve_images], torch.as_tensor(test.targets[:cs.curve_images]), test.classes))
-                res, secs = runner.fit(name, _train_root(train), curve_test if fast_test else test, method,
-                                       final_test=test if fast_test else None, seed=seed, lr_schedule=schedule,
-                                       attention=att if METHODS[method].uses_attention else None,
-                                       eval_every=every if curve else 0, eval_images=cs.curve_images,
-                                       **chosen.get(method, {}))
+                overrides = dict(seed=seed, lr_schedule=schedule, eval_every=every if curve else 0,
+                                 eval_images=cs.curve_images, **chosen.get(method, {}))
+                analysed = seed == 0 and schedule == "step"  # its weights feed the figures
+                res = _reused_final(runner, name, method, analysed, overrides) if cs.reuse_search else None
+                secs = None if res is None else res.timings.get("total")
+                if res is None:
+                    res, secs = runner.fit(name, _train_root(train), curve_test if fast_test else test, method,
+                                           final_test=test if fast_test else None,
+                                           attention=att if METHODS[method].uses_attention else None, **overrides)
+                    if analysed:
+                        _write_analysis(runner.out / "runs" / name, res.model, method, probe, att)
                 first = first or res
                 runs.append({"name": name, "method": method, "seed": seed, "schedule": schedule,
                              **chosen.get(method, {}), "test_top1": res.test_top1 if res.status == "ok" else None,
                              "test_top1_10crop": res.test_top1_10crop if res.status == "ok" else None,
                              "status": res.status, "seconds": secs, "curve": _curve(res.history, "test_top1"),
                              "train_loss": _downsample(_curve(res.history, "ce"))})
-                if seed == 0 and schedule == "step":
-                    distances[method] = filter_distances(res.model.cpu(), probe.source, probe.head_name)
-                    if att is not None and probe.conv_names:
-                        splits[method] = attention_split_distances(res.model, probe.source, probe.conv_names,
-                                                                   att.weights)
-                    if METHODS[method].activation_map:
-                        probe.record(method, res.model)
+                if analysed:
+                    analysis = json.loads((runner.out / "runs" / name / ANALYSIS_FILE).read_text())
+                    distances[method] = analysis["filter_distances"]
+                    if analysis.get("attention_split") is not None:
+                        splits[method] = analysis["attention_split"]
+                    if analysis.get("activation_maps") is not None:
+                        probe.maps[method] = analysis["activation_maps"]
                 bar.update(1)
     from .report import finish_report
     report.update({"model": first.model_info, "data": {**first.data, "test": probe.test_description},
@@ -514,6 +521,47 @@ def compare(model, train, test=None, methods: Sequence[str] = tuple(METHODS), se
                        "seconds": att.timings.get("total"), "shared_by_seeds": True, "head": att.head},
                    "environment": environment(), "wall_s": round(time.perf_counter() - t_start, 1)})
     return finish_report(report, out)
+
+
+ANALYSIS_FILE = "analysis.json"  # a seed-0 run's figures' inputs, so that a finished run is reused without its weights
+
+
+def _write_analysis(folder: Path, model, method: str, probe: "_MapProbe", att) -> None:
+    """The figures' inputs that need the trained weights: filter distances, attention split, activation maps."""
+    model = model.cpu()
+    record = {"filter_distances": filter_distances(model, probe.source, probe.head_name),
+              "attention_split": (attention_split_distances(model, probe.source, probe.conv_names, att.weights)
+                                  if att is not None and probe.conv_names else None),
+              "activation_maps": (activation_maps(model, probe.layer, probe.images, probe.filters)
+                                  if METHODS[method].activation_map and probe.images is not None else None)}
+    atomic_write_text(folder / ANALYSIS_FILE, json.dumps(_plain(record)))
+
+
+class _ReusedRun:
+    """A final run an interrupted comparison finished: its result.json and history.jsonl, read back."""
+
+    def __init__(self, saved: dict, history: list):
+        self.status, self.test, self.history = saved["status"], saved.get("test") or {}, history
+        self.model_info, self.data, self.settings = saved["model"], saved["data"], saved["settings"]
+        self.timings = saved.get("timings_s", {})
+
+    @property
+    def test_top1(self):
+        return self.test.get("top1")
+
+    @property
+    def test_top1_10crop(self):
+        return self.test.get("top1_10crop")
+
+
+def _reused_final(runner: "_Runner", name: str, method: str, analysed: bool, overrides: dict):
+    """The finished final run `name` with these settings (and, for a seed-0 run, its analysis), else None."""
+    saved = runner.finished(name, method, **overrides)
+    folder = runner.out / "runs" / name
+    if saved is None or not (folder / "history.jsonl").is_file() or (analysed and not (folder / ANALYSIS_FILE).is_file()):
+        return None
+    history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
+    return _ReusedRun(saved, history)
 
 
 def _chosen(cs: CompareSettings, search_record, s) -> Dict[str, dict]:
