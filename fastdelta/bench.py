@@ -45,7 +45,7 @@ from .methods import L2, make_method, method_class
 from .networks.models import DEFAULT_LAYERS, build_architecture, build_networks
 from .settings import METHODS, make_settings
 from .train.evaluate import flush_denormals
-from .train.steps import FastStep, finite_on_device, resolve_step_options
+from .train.steps import FastStep, resolve_step_options
 
 GPU_MODELS = ["resnet50", "resnet101", "efficientnet_lite0"]
 
@@ -311,7 +311,7 @@ def _measure(model, method, engine, batch, size, num_classes, device, warmup, it
         def step():  # forward_backward + update without reading the stats (the loop's deferred reads)
             nonlocal finite
             stats = runner.forward_backward(x, y, hp["lr"])
-            finite = finite & finite_on_device(stats, runner.skips_nonfinite_grads)
+            finite = finite & runner.finite_on_device(stats)
             runner.update()
     cache_before = compile_cache_counters()
     step()

@@ -16,7 +16,7 @@ from fastdelta.methods.attention import ChannelAttention
 from fastdelta.train.loop import NonFiniteLossError
 from fastdelta.methods import make_method
 from fastdelta.settings import SettingsError, make_settings
-from fastdelta.train.steps import FastStep, StepOptions, resolve_step_options
+from fastdelta.train.steps import FastStep, ReferenceStep, Step, StepOptions, StepOutput, resolve_step_options
 from tiny import TINY_LAYERS, arrays, fit_killed_and_resumed, tiny_net
 
 QUICK = dict(layers=TINY_LAYERS, batch_size=4, resize=16, crop=12, progress=False, attention_cache=None,
@@ -146,6 +146,40 @@ def test_bf16_channels_last_and_fp16_gradscaler_train_on_cpu(tmp_path):
     from fastdelta.train.checkpoint import load_latest
     ckpt = load_latest(tmp_path / "checkpoints")
     assert "grad_scaler" in ckpt["optimizer"]
+
+
+class _RuleOnly(Step):
+    """A step with nothing but the non-finite rule (the rule is the base's, shared by every engine)."""
+
+    def __init__(self, skips_nonfinite_grads):
+        self.skips_nonfinite_grads = skips_nonfinite_grads
+
+    def forward_backward(self, x, y, lr):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("skips", [False, True])
+def test_the_non_finite_rule_is_the_same_on_the_host_and_on_the_device(skips):
+    """Each stat in turn (and two at once: the first names the failure) made NaN or inf: the device flag
+    and the host's first failure agree; train_acc is never checked, the gradient not under fp16's scaler."""
+    assert issubclass(FastStep, Step) and issubclass(ReferenceStep, Step)
+    rule = _RuleOnly(skips)
+    names = ["ce", "reg", "head", "gradient", "train_acc", "bn_statistics"]
+    checked = [n for n in names if n != "train_acc" and not (skips and n == "gradient")]
+    cases = [(i,) for i in range(6)] + [(1, 5), (3, 5), (4, 0)]
+    for bad in cases:
+        for value in (float("nan"), float("inf")):
+            stats = torch.tensor([0.5, 0.1, 0.2, 3.0, 0.75, 7.0], dtype=torch.float64)
+            stats[list(bad)] = value
+            first = next((names[i] for i in sorted(bad) if names[i] in checked), None)
+            got = rule.first_nonfinite(StepOutput.read(stats))
+            assert (got[0] if got else None) == first, (bad, got)
+            assert got is None or (got[1] != got[1] if value != value else got[1] == value)
+            assert bool(rule.finite_on_device(stats)) == (first is None), bad
+    assert bool(rule.finite_on_device(torch.tensor([0.5, 0.1, 0.2, 3.0, 0.75], dtype=torch.float64)))
 
 
 def test_non_finite_loss_stops_the_fast_step_with_the_last_good_weights():

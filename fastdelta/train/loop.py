@@ -32,8 +32,7 @@ from .distributed import DistContext
 from .evaluate import flush_denormals
 from .deferred import BufferSnapshots, DeferredStats, DevicePrefetcher, StepTimer
 from .preempt import Preempted, StopRequest, ignore_stop_signals
-from .steps import (STATS, FastStep, ReferenceStep, StepOptions, StepOutput, finite_on_device, first_nonfinite,
-                    mean_over_ranks)
+from .steps import STATS, FastStep, ReferenceStep, StepOptions, StepOutput, mean_over_ranks
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -188,7 +187,7 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Datas
     def check(it: int, out: StepOutput) -> None:
         """A non-finite step stops the run; its update never happened and its BN statistics are restored
         (every rank sees the same averaged values, so all stop together)."""
-        bad = first_nonfinite(out, stepper.skips_nonfinite_grads)
+        bad = stepper.first_nonfinite(out)
         if bad is not None:
             snapshots.restore(it)
             raise NonFiniteLossError(it, *bad, history)
@@ -256,7 +255,7 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Datas
                     timer.stop(it)
                     finish(it, lr, t_data, out, bar)
                     continue
-                healthy = healthy & finite_on_device(stats, stepper.skips_nonfinite_grads)
+                healthy = healthy & stepper.finite_on_device(stats)
                 stepper.update(healthy)
                 timer.stop(it)
                 reads.push(it, stats)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import types
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -111,6 +112,11 @@ class StepOutput:
         ce, reg, head, gnorm, acc, *bn = stats.tolist()
         return cls({"ce": ce, "reg": reg, "head": head}, gnorm, acc, bn[0] if bn else 0.0)
 
+    def row(self) -> List[float]:
+        """The stats in STATS order, the BN statistics' norm appended (what `read` took apart)."""
+        return [self.values["ce"], self.values["reg"], self.values["head"], self.grad_norm, self.train_acc,
+                self.bn_norm]
+
 
 # a step's stats: one float64 device tensor, so that reading them is one copy, made when the loop chooses
 STATS = ("ce", "reg", "head", "grad_norm", "train_acc")
@@ -124,10 +130,17 @@ def mean_over_ranks(stats: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return ctx.all_reduce_sum(stats) / ctx.world_size
 
 
-def finite_on_device(stats: torch.Tensor, skips_nonfinite_grads: bool = False) -> torch.Tensor:
-    """A 0-d bool tensor: every loss term (and the gradient norm) finite; no host synchronisation."""
-    checked = torch.cat([stats[:3] if skips_nonfinite_grads else stats[:4], stats[len(STATS):]])
-    return torch.isfinite(checked).all()
+# The non-finite rule, declared once for the host and the device (Step.first_nonfinite, Step.finite_on_device):
+# the loss terms, then the gradient norm (a finite loss can still give an infinite one; under fp16's
+# GradScaler that is its signal to skip the step instead), then the norm of the BN statistics that the loop
+# appends after STATS (a finite loss whose forward overflowed the running statistics). The first failing
+# stat names the failure.
+FAILURE_NAMES = ("ce", "reg", "head", "gradient", "train_acc", "bn_statistics")
+
+
+def checked_stats(skips_nonfinite_grads: bool = False) -> Tuple[slice, slice]:
+    """The parts of a step's stats (tensor or host row, STATS order) that must be finite, in checking order."""
+    return slice(0, 3 if skips_nonfinite_grads else 4), slice(len(STATS), None)
 
 
 class GuardedUpdate:
@@ -166,23 +179,38 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
-def first_nonfinite(out: StepOutput, skips_nonfinite_grads: bool = False) -> Optional[Tuple[str, float]]:
-    """(term, value) of the first NaN/inf loss term, or of an infinite gradient norm (a finite loss can
-    still give one; with fp16's GradScaler that is its signal to skip the step instead); None if all finite."""
-    for name, v in out.values.items():
-        if not math.isfinite(v):
-            return name, v
-    if not math.isfinite(out.grad_norm) and not skips_nonfinite_grads:
-        return "gradient", out.grad_norm
-    if not math.isfinite(out.bn_norm):  # finite loss, but the forward overflowed the BN running statistics
-        return "bn_statistics", out.bn_norm
-    return None
-
-
-class _Update:
-    """What both steps share: the optimizer `opt` (with `guard` when guarded) and its update."""
+class Step(ABC):
+    """A training step engine as the loop drives it: `forward_backward(x, y, lr)` (loss, gradients and the
+    stats tensor, STATS in float64 on the step's device; nothing updated yet), `update(ok=None)` (the
+    optimizer step; `ok`, a device flag, cancels it without a host read and needs guarded=True), `close()`,
+    the optimizer `opt` (its state is checkpointed), and the non-finite rule on either side of the device:
+    `finite_on_device(stats)` and `first_nonfinite(out)`."""
+    opt: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler] = None
     guard: Optional[GuardedUpdate] = None
+    # fp16: an infinite gradient is the GradScaler's signal to lower the scale and skip the step
+    skips_nonfinite_grads = False
+
+    @abstractmethod
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """Loss and gradients; returns the stats (STATS, float64, on the step's device)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Undo what the step did to the networks it was given (hooks, memory layout)."""
+
+    def finite_on_device(self, stats: torch.Tensor) -> torch.Tensor:
+        """A 0-d bool tensor: every checked stat finite (`checked_stats`); no host synchronisation."""
+        return torch.isfinite(torch.cat([stats[part] for part in checked_stats(self.skips_nonfinite_grads)])).all()
+
+    def first_nonfinite(self, out: StepOutput) -> Optional[Tuple[str, float]]:
+        """(name, value) of the first checked stat that is NaN/inf (`checked_stats`); None if all are finite."""
+        row = out.row()
+        for part in checked_stats(self.skips_nonfinite_grads):
+            for name, v in zip(FAILURE_NAMES[part], row[part]):
+                if not math.isfinite(v):
+                    return name, v
+        return None
 
     def update(self, ok: Optional[torch.Tensor] = None) -> None:
         """The optimizer step; `ok` (a device flag, guarded steps only) cancels it without a host read."""
@@ -200,13 +228,9 @@ def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-class ReferenceStep(_Update):
-    """The reference step: eager fp32, forward hooks on the full networks, every term in autograd.
-
-    Same interface as FastStep: `forward_backward` (loss, gradients and the stats tensor; nothing
-    updated yet), `update(ok=None)` (ok: a device flag that cancels the update without a host read;
-    needs guarded=True, which builds a fused SGD), `close`, `opt`."""
-    skips_nonfinite_grads = False
+class ReferenceStep(Step):
+    """The reference step: eager fp32, forward hooks on the full networks, every term in autograd
+    (guarded=True builds a fused SGD, whose update a device flag can cancel)."""
 
     def __init__(self, target: nn.Module, source: nn.Module, reg: Method, params: Sequence,
                  device: torch.device, lr: float, momentum: float, ctx: DistContext = DistContext(),
@@ -247,7 +271,7 @@ class ReferenceStep(_Update):
                 taps.close()
 
 
-class FastStep(_Update):
+class FastStep(Step):
     """The compiled step for one (target, source, method); owns the optimizer (`opt`)."""
 
     def __init__(self, target: nn.Module, source: nn.Module, reg: Method, params: Sequence,
@@ -299,7 +323,6 @@ class FastStep(_Update):
 
     @property
     def skips_nonfinite_grads(self) -> bool:
-        """fp16: an infinite gradient is the GradScaler's signal to lower the scale and skip the step."""
         return self.scaler is not None
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor):
@@ -349,7 +372,7 @@ class FastStep(_Update):
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepOutput:
         """forward_backward + update, raising FloatingPointError on a non-finite term (benchmarks)."""
         out = StepOutput.read(mean_over_ranks(self.forward_backward(x, y, lr), self.ctx))
-        bad = first_nonfinite(out, self.skips_nonfinite_grads)
+        bad = self.first_nonfinite(out)
         if bad is not None:
             raise FloatingPointError(f"non-finite {bad[0]}: {bad[1]}")
         self.update()
