@@ -98,7 +98,7 @@ MUTANTS = [
            "torch.softmax(z, dim=0)", ["tests/test_attention.py::test_normalisation_is_zscore_softmax"]),
     # BN modes
     Mutant("head_extractor_bn_always_train", "fastdelta/train/loop.py",
-           'target.requires_grad_(False).train(spec.extractor_bn == "train")', "target.requires_grad_(False).train()",
+           'target.requires_grad_(False).train(extractor_bn == "train")', "target.requires_grad_(False).train()",
            ["tests/test_recipes.py::test_attention_head_bn_mode[frozen]"]),
     Mutant("target_fine_tunes_in_eval_mode", "fastdelta/train/loop.py", "target.requires_grad_(True).train()",
            "target.requires_grad_(True).eval()",

@@ -32,7 +32,7 @@ from .distributed import DistContext
 from .evaluate import flush_denormals
 from .deferred import BufferSnapshots, DeferredStats, DevicePrefetcher, StepTimer
 from .preempt import Preempted, StopRequest, ignore_stop_signals
-from .steps import STATS, FastStep, ReferenceStep, StepOptions, StepOutput, mean_over_ranks
+from .steps import STATS, FastStep, ReferenceStep, Step, StepOptions, StepOutput, mean_over_ranks
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -148,131 +148,191 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Datas
     evaluation, the end). Otherwise every step is read and checked before its update, as on the CPU."""
     start = start or StartState()
     params = reg.trainable_parameters(target)
-    if reg.freezes_extractor:  # L2-FE: the extractor's weights are fixed (its BN statistics too, unless "train")
-        target.requires_grad_(False).train(spec.extractor_bn == "train")
+    set_training_mode(target, reg, params, spec.extractor_bn)
+    check_world_size(reg, ctx)
+    deferred = uses_deferred_reads(spec, device)
+    stepper = build_step(target, source, reg, param_groups(reg, params, spec.backbone_lr_mult), spec, device, ctx,
+                         guarded=deferred)
+    if start.optimizer is not None:
+        stepper.opt.load_state_dict(start.optimizer)
+    run = _Run(target, stepper, dataset, spec, device, ctx, start, deferred)
+    try:
+        run.steps()
+    finally:
+        run.writer.close()
+        stepper.close()
+        target.requires_grad_(True)
+    ctx.barrier()  # rank 0's last checkpoint is on disk before anyone moves on
+    return run.history
+
+
+def set_training_mode(target: nn.Module, reg: Method, params: Sequence[torch.Tensor], extractor_bn: str) -> None:
+    """Only `params` train; the rest of the model is in train mode too, except under L2-FE, whose
+    extractor is fixed: its weights, and its BN statistics unless extractor_bn is "train"."""
+    if reg.freezes_extractor:
+        target.requires_grad_(False).train(extractor_bn == "train")
         for p in params:
             p.requires_grad_(True)
     else:
         target.requires_grad_(True).train()
+
+
+def check_world_size(reg: Method, ctx: DistContext) -> None:
+    """The method's terms are scaled for a number of ranks (their gradients are averaged over them)."""
     if ctx.active and reg.sum_scale != ctx.world_size:
         raise ValueError(f"the method was built for world_size={reg.sum_scale:g}, but {ctx.world_size} ranks train")
-    deferred = spec.deferred_reads
-    if deferred is None:  # fp16's GradScaler reads its own overflow flag on the host anyway
-        deferred = device.type == "cuda" and not (spec.step is not None and spec.step.precision == "fp16")
-    groups = param_groups(reg, params, spec.backbone_lr_mult)
-    make_step = ReferenceStep if spec.step is None else partial(FastStep, options=spec.step)
-    stepper = make_step(target, source, reg, groups, device=device, lr=spec.lr, momentum=spec.momentum, ctx=ctx,
-                        nesterov=spec.nesterov, guarded=deferred)
-    if start.optimizer is not None:
-        stepper.opt.load_state_dict(start.optimizer)
-    history = list(start.history)
-    batches = DevicePrefetcher(iter(make_train_loader(dataset, spec, start.iteration, ctx, device)), device)
-    if start.rng is not None:  # after the loader drew its seed, as in the uninterrupted run
-        set_rng_state(start.rng)
-    writer = HistoryWriter(spec.history_path if ctx.is_main else None, history, spec.checkpoint_dir)
-    # with a run folder, SIGTERM/SIGINT end the step in progress, then a checkpoint and Preempted
-    stop = StopRequest(ctx, device, enabled=spec.checkpoint_dir is not None)
-    checkpointed = None  # the iteration of the last checkpoint written
-    snapshots = BufferSnapshots(target, slots=2 if deferred else 1)
-    reads = DeferredStats(device, len(STATS) + 1) if deferred else None  # + the BN statistics' norm
-    timer = StepTimer(device)
-    t_start = time.perf_counter()
 
-    def sync_point(done: int) -> bool:
+
+def uses_deferred_reads(spec: TrainSpec, device: torch.device) -> bool:
+    """spec.deferred_reads, by default on CUDA (not with fp16's GradScaler, which reads its own overflow
+    flag on the host anyway)."""
+    if spec.deferred_reads is not None:
+        return spec.deferred_reads
+    return device.type == "cuda" and not (spec.step is not None and spec.step.precision == "fp16")
+
+
+def build_step(target: nn.Module, source: nn.Module, reg: Method, groups: List[dict], spec: TrainSpec,
+               device: torch.device, ctx: DistContext, guarded: bool) -> Step:
+    """The reference step (spec.step None) or the fast step with spec.step's options."""
+    make_step = ReferenceStep if spec.step is None else partial(FastStep, options=spec.step)
+    return make_step(target, source, reg, groups, device=device, lr=spec.lr, momentum=spec.momentum, ctx=ctx,
+                     nesterov=spec.nesterov, guarded=guarded)
+
+
+class _Run:
+    """One train_loop call once its step is built: the batches, the history and its file, checkpoints,
+    stop signals, and the steps queued but not yet read."""
+
+    def __init__(self, target: nn.Module, stepper: Step, dataset: Dataset, spec: TrainSpec, device: torch.device,
+                 ctx: DistContext, start: StartState, deferred: bool):
+        self.target, self.stepper, self.spec, self.device, self.ctx = target, stepper, spec, device, ctx
+        self.start_iteration, self.deferred = start.iteration, deferred
+        self.history = list(start.history)
+        self.batches = DevicePrefetcher(iter(make_train_loader(dataset, spec, start.iteration, ctx, device)), device)
+        if start.rng is not None:  # after the loader drew its seed, as in the uninterrupted run
+            set_rng_state(start.rng)
+        self.writer = HistoryWriter(spec.history_path if ctx.is_main else None, self.history, spec.checkpoint_dir)
+        # with a run folder, SIGTERM/SIGINT end the step in progress, then a checkpoint and Preempted
+        self.stop = StopRequest(ctx, device, enabled=spec.checkpoint_dir is not None)
+        self.checkpointed = None  # the iteration of the last checkpoint written
+        self.snapshots = BufferSnapshots(target, slots=2 if deferred else 1)
+        self.reads = DeferredStats(device, len(STATS) + 1) if deferred else None  # + the BN statistics' norm
+        self.timer = StepTimer(device)
+        self.t_start = time.perf_counter()
+        self.bar = None
+        self.healthy = None  # deferred reads: no step has failed (a device flag)
+        self.pending = None  # deferred reads: (iteration, lr, data seconds) queued but not yet read
+
+    def steps(self) -> None:
+        """Every iteration from the start to spec.iterations, unless a stop signal or a non-finite step ends it."""
+        spec, shown = self.spec, self.spec.progress and self.ctx.is_main
+        with self.stop.installed(), progress_bar(spec.iterations, spec.desc, "it", shown) as self.bar, \
+                flush_denormals(self.device):
+            self.bar.update(self.start_iteration)
+            self.healthy = torch.ones((), dtype=torch.bool, device=self.device)
+            for it in range(self.start_iteration, spec.iterations):
+                if self.stop.poll():  # a stop signal: no further step; the one queued is read first
+                    if self.pending is not None:
+                        self.finish(*self.pending, None)
+                    raise self.preempt(it)
+                self.step(it)
+            if self.stop.final():  # a signal during the last step: stop before the evaluation as well
+                raise self.preempt(spec.iterations)
+
+    def step(self, it: int) -> None:
+        """Iteration `it`: its batch, forward and backward, then the update, checked now or a step later."""
+        t0 = time.perf_counter()
+        x, y = next(self.batches)
+        t_data = time.perf_counter() - t0
+        lr = lr_at(it, self.spec.lr, self.spec.lr_schedule, self.spec.lr_step, self.spec.lr_gamma)
+        self.snapshots.save(it)
+        self.timer.start(it)
+        # + the BN statistics' norm; one all-reduce makes every rank read the same stats
+        stats = mean_over_ranks(torch.cat([self.stepper.forward_backward(x, y, lr), self.snapshots.norm(like=x)]),
+                                self.ctx)
+        if self.deferred:
+            self.update_deferred(it, lr, t_data, stats)
+        else:
+            self.update_checked(it, lr, t_data, stats)
+
+    def update_checked(self, it: int, lr: float, t_data: float, stats: torch.Tensor) -> None:
+        """The stats read and checked before the update, as on the CPU."""
+        out = StepOutput.read(stats)
+        self.check(it, out)
+        self.stepper.update()
+        self.timer.stop(it)
+        self.finish(it, lr, t_data, out)
+
+    def update_deferred(self, it: int, lr: float, t_data: float, stats: torch.Tensor) -> None:
+        """The update cancelled on the device if this step (or an earlier one) is not finite; the previous
+        step read now, this one after the next is queued (or now, before the model itself is read)."""
+        self.healthy = self.healthy & self.stepper.finite_on_device(stats)
+        self.stepper.update(self.healthy)
+        self.timer.stop(it)
+        self.reads.push(it, stats)
+        if self.pending is not None:
+            self.finish(*self.pending, None)
+        self.pending = (it, lr, t_data)
+        if self.sync_point(it + 1):
+            self.finish(*self.pending, None)
+            self.pending = None
+
+    def sync_point(self, done: int) -> bool:
         """After these iterations the model itself is read: the next step must not be queued yet."""
+        spec = self.spec
         return (done == spec.iterations or (spec.checkpoint_dir is not None and spec.checkpoint_every > 0
                                             and done % spec.checkpoint_every == 0)
                 or (spec.on_step_reads_model is not None and spec.on_step_reads_model(done)))
 
-    def check(it: int, out: StepOutput) -> None:
+    def check(self, it: int, out: StepOutput) -> None:
         """A non-finite step stops the run; its update never happened and its BN statistics are restored
         (every rank sees the same averaged values, so all stop together)."""
-        bad = stepper.first_nonfinite(out)
+        bad = self.stepper.first_nonfinite(out)
         if bad is not None:
-            snapshots.restore(it)
-            raise NonFiniteLossError(it, *bad, history)
+            self.snapshots.restore(it)
+            raise NonFiniteLossError(it, *bad, self.history)
 
-    def finish(it: int, lr: float, t_data: float, out: Optional[StepOutput], bar) -> None:
+    def finish(self, it: int, lr: float, t_data: float, out: Optional[StepOutput]) -> None:
         """Step `it` as the host sees it (`out` None: a deferred step, read and checked now), then logged,
         handed to on_step and checkpointed."""
         if out is None:
-            out = reads.pop(it)
-            check(it, out)
-        t_step = t_data + timer.seconds(it)
-        history.append({"iteration": it, **out.values, "loss": out.values["ce"] + out.values["reg"] + out.values["head"],
-                        "grad_norm": out.grad_norm, "lr": lr, "train_acc": out.train_acc,
-                        "data_s": round(t_data, 5), "step_s": round(t_step, 5),
-                        "elapsed_s": round(time.perf_counter() - t_start, 3)})
+            out = self.reads.pop(it)
+            self.check(it, out)
+        t_step = t_data + self.timer.seconds(it)
+        self.history.append(self.record(it, lr, t_data, t_step, out))
         done = it + 1
+        spec = self.spec
         if spec.on_step is not None:
-            spec.on_step(done, history[-1])
-        writer.append(history[-1])
+            spec.on_step(done, self.history[-1])
+        self.writer.append(self.history[-1])
         if spec.checkpoint_dir is not None and spec.checkpoint_every > 0 and (
                 done % spec.checkpoint_every == 0 or done == spec.iterations):
-            checkpoint(done)
-        bar.update(1)
+            self.checkpoint(done)
+        self.bar.update(1)
         if it % 5 == 0 or done == spec.iterations:
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4g}", img_s=f"{spec.batch_size / max(t_step, 1e-9):.0f}")
+            self.bar.set_postfix(loss=f"{self.history[-1]['loss']:.4g}",
+                                 img_s=f"{spec.batch_size / max(t_step, 1e-9):.0f}")
 
-    def checkpoint(done: int) -> None:
-        nonlocal checkpointed
-        if ctx.is_main:
-            save_checkpoint(spec.checkpoint_dir, done, {
-                "iteration": done, "model": target.state_dict(), "optimizer": stepper.opt.state_dict(),
-                "rng": rng_state(), "history": history, **spec.payload_extra})
-        checkpointed = done
+    def record(self, it: int, lr: float, t_data: float, t_step: float, out: StepOutput) -> dict:
+        """Step `it`'s line of the history."""
+        return {"iteration": it, **out.values, "loss": out.values["ce"] + out.values["reg"] + out.values["head"],
+                "grad_norm": out.grad_norm, "lr": lr, "train_acc": out.train_acc,
+                "data_s": round(t_data, 5), "step_s": round(t_step, 5),
+                "elapsed_s": round(time.perf_counter() - self.t_start, 3)}
 
-    def preempt(done: int) -> Preempted:
+    def checkpoint(self, done: int) -> None:
+        if self.ctx.is_main:
+            save_checkpoint(self.spec.checkpoint_dir, done, {
+                "iteration": done, "model": self.target.state_dict(), "optimizer": self.stepper.opt.state_dict(),
+                "rng": rng_state(), "history": self.history, **self.spec.payload_extra})
+        self.checkpointed = done
+
+    def preempt(self, done: int) -> Preempted:
         """After a stop signal, with `done` steps finished: a checkpoint there (unless just written)."""
-        if checkpointed != done:
-            checkpoint(done)
-        ctx.barrier()  # rank 0's checkpoint is on disk before any rank exits
-        return stop.preempted(done, spec.checkpoint_dir)
-
-    try:
-        with stop.installed(), progress_bar(spec.iterations, spec.desc, "it", spec.progress and ctx.is_main) as bar, \
-                flush_denormals(device):
-            bar.update(start.iteration)
-            healthy = torch.ones((), dtype=torch.bool, device=device)  # no step has failed (device side)
-            pending = None  # (iteration, lr, data seconds) queued but not yet read
-            for it in range(start.iteration, spec.iterations):
-                if stop.poll():  # a stop signal: no further step; the one queued is read first
-                    if pending is not None:
-                        finish(*pending, None, bar)
-                    raise preempt(it)
-                t0 = time.perf_counter()
-                x, y = next(batches)
-                t_data = time.perf_counter() - t0
-                lr = lr_at(it, spec.lr, spec.lr_schedule, spec.lr_step, spec.lr_gamma)
-                snapshots.save(it)
-                timer.start(it)
-                # + the BN statistics' norm; one all-reduce makes every rank read the same stats
-                stats = mean_over_ranks(torch.cat([stepper.forward_backward(x, y, lr), snapshots.norm(like=x)]), ctx)
-                if not deferred:
-                    out = StepOutput.read(stats)
-                    check(it, out)
-                    stepper.update()
-                    timer.stop(it)
-                    finish(it, lr, t_data, out, bar)
-                    continue
-                healthy = healthy & stepper.finite_on_device(stats)
-                stepper.update(healthy)
-                timer.stop(it)
-                reads.push(it, stats)
-                if pending is not None:
-                    finish(*pending, None, bar)
-                pending = (it, lr, t_data)
-                if sync_point(it + 1):
-                    finish(*pending, None, bar)
-                    pending = None
-            if stop.final():  # a signal during the last step: stop before the evaluation as well
-                raise preempt(spec.iterations)
-    finally:
-        writer.close()
-        stepper.close()
-        target.requires_grad_(True)
-    ctx.barrier()  # rank 0's last checkpoint is on disk before anyone moves on
-    return history
+        if self.checkpointed != done:
+            self.checkpoint(done)
+        self.ctx.barrier()  # rank 0's checkpoint is on disk before any rank exits
+        return self.stop.preempted(done, self.spec.checkpoint_dir)
 
 
 class HistoryWriter:
