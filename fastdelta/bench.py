@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -45,6 +46,7 @@ from .methods import L2, make_method, method_class
 from .networks.models import DEFAULT_LAYERS, build_architecture, build_networks
 from .settings import METHODS, make_settings
 from .train.evaluate import flush_denormals
+from .train.loop import set_training_mode
 from .train.steps import FastStep, resolve_step_options
 
 GPU_MODELS = ["resnet50", "resnet101", "efficientnet_lite0"]
@@ -283,57 +285,23 @@ def _measure(model, method, engine, batch, size, num_classes, device, warmup, it
     nets, calibration = _networks(model, num_classes, device, batch=batch, size=size,
                                   calibration_batches=calibration_batches)
     attention = _attention(nets, device)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(batch, 3, size, size, generator=g).to(device)
-    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
-    finite = torch.ones((), dtype=torch.bool, device=device)  # every step so far finite (device side)
+    x, y = _synthetic_batch(batch, size, num_classes, device)
+    finite = _FiniteSteps(device)
     _sync(device)
     t0 = time.perf_counter()
     if engine == "public":
-        runner = PublicStep(nets, method, attention, lr=hp["lr"], momentum=hp["momentum"], alpha=hp["alpha"],
-                            beta=hp["beta"], wd=hp["weight_decay"])
-
-        def step():
-            nonlocal finite
-            finite = finite & torch.isfinite(runner.step(x, y))
+        runner, step = _public_steps(nets, method, attention, hp, x, y, finite)
     else:
-        reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, hp["alpha"], hp["beta"],
-                          hp["weight_decay"], "conv", attention if method_class(method).uses_attention else None)
-        params = reg.trainable_parameters(nets.target)
-        if reg.freezes_extractor:  # as train_loop sets up L2-FE
-            nets.target.requires_grad_(False).eval()
-            for p in params:
-                p.requires_grad_(True)
-        else:
-            nets.target.requires_grad_(True).train()
-        runner = FastStep(nets.target, nets.source, reg, params, options, device, hp["lr"], hp["momentum"])
-
-        def step():  # forward_backward + update without reading the stats (the loop's deferred reads)
-            nonlocal finite
-            stats = runner.forward_backward(x, y, hp["lr"])
-            finite = finite & runner.finite_on_device(stats)
-            runner.update()
+        runner, step = _fastdelta_steps(nets, method, attention, hp, options, device, x, y, finite)
     cache_before = compile_cache_counters()
     step()
     _sync(device)
     first = time.perf_counter() - t0
     cache = {k: v - cache_before[k] for k, v in compile_cache_counters().items()}
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t1 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    _sync(device)
-    ms = (time.perf_counter() - t1) * 1000 / iters
+    ms = _timed_ms_per_step(step, device, warmup, iters)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     steps = 1 + warmup + iters
-    with torch.no_grad():
-        params_finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(
-            [p.detach() for p in nets.target.parameters()]))).all())
-    if not bool(finite) or not params_finite:
-        raise FloatingPointError(f"non-finite {'loss or gradient' if not bool(finite) else 'parameters'} within "
-                                 f"{steps} steps (alpha {hp['alpha']}, lr {hp['lr']})")
+    finite.raise_if_not(nets.target, steps, hp)
     row = {"model": model, "method": method, "engine": engine, "batch": batch, "size": size,
            "ms_per_step": round(ms, 3), "img_per_s": round(batch * 1000 / ms, 1), "first_step_s": round(first, 2),
            "peak_gib": None if peak is None else round(peak, 3), "steps": steps, "finite": True,
@@ -349,6 +317,72 @@ def _measure(model, method, engine, batch, size, num_classes, device, warmup, it
     torch._dynamo.reset()
     _cleanup(device)
     return row
+
+
+def _synthetic_batch(batch: int, size: int, num_classes: int, device) -> tuple:
+    """The one (images, labels) batch every step of a row takes, the same for every row of that shape."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+    return x, y
+
+
+class _FiniteSteps:
+    """Whether every step so far was finite, collected on the device (no step waits for the GPU) and read
+    once after the timed steps, with the parameters' finiteness."""
+
+    def __init__(self, device):
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+
+    def add(self, finite: torch.Tensor) -> None:
+        self.ok = self.ok & finite
+
+    def raise_if_not(self, model: nn.Module, steps: int, hp: dict) -> None:
+        """FloatingPointError if a step's checked stats, or `model`'s parameters after the steps, are not finite."""
+        with torch.no_grad():
+            params_finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(
+                [p.detach() for p in model.parameters()]))).all())
+        if not bool(self.ok) or not params_finite:
+            raise FloatingPointError(f"non-finite {'loss or gradient' if not bool(self.ok) else 'parameters'} "
+                                     f"within {steps} steps (alpha {hp['alpha']}, lr {hp['lr']})")
+
+
+def _public_steps(nets, method: str, attention, hp: dict, x, y, finite: _FiniteSteps):
+    """(the public recipe's step, one step on the batch); the step's loss must be finite."""
+    runner = PublicStep(nets, method, attention, lr=hp["lr"], momentum=hp["momentum"], alpha=hp["alpha"],
+                        beta=hp["beta"], wd=hp["weight_decay"])
+
+    def step():
+        finite.add(torch.isfinite(runner.step(x, y)))
+    return runner, step
+
+
+def _fastdelta_steps(nets, method: str, attention, hp: dict, options, device, x, y, finite: _FiniteSteps):
+    """(fastdelta's step, one step on the batch) set up as train_loop sets it up; the step's stats must
+    pass the loop's non-finite rule."""
+    reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, hp["alpha"], hp["beta"],
+                      hp["weight_decay"], "conv", attention if method_class(method).uses_attention else None)
+    params = reg.trainable_parameters(nets.target)
+    set_training_mode(nets.target, reg, params, extractor_bn="frozen")
+    runner = FastStep(nets.target, nets.source, reg, params, options, device, hp["lr"], hp["momentum"])
+
+    def step():  # forward_backward + update without reading the stats (the loop's deferred reads)
+        stats = runner.forward_backward(x, y, hp["lr"])
+        finite.add(runner.finite_on_device(stats))
+        runner.update()
+    return runner, step
+
+
+def _timed_ms_per_step(step, device, warmup: int, iters: int) -> float:
+    """Milliseconds per step over `iters` steps after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t1) * 1000 / iters
 
 
 def compile_cache_counters() -> dict:
@@ -522,19 +556,66 @@ def run(args) -> dict:
     device = device_for(DistContext(), args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    smoke = args.smoke
-    models = args.models.split(",") if args.models else (["smoke"] if smoke else GPU_MODELS)
-    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"--methods: unknown {bad}; valid: {', '.join(METHODS)}")
-    batch = args.batch or (4 if smoke else 64)
-    size = args.size or (32 if smoke else 224)
-    warmup = args.warmup if args.warmup is not None else (1 if smoke else 5)
-    iters = args.iters or (2 if smoke else 20)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    plan = _Plan.of(args)
+    fast = _fastdelta_engines(args, device, plan.engines)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if args.append and (out / "bench_step.json").is_file():
+        previous = json.loads((out / "bench_step.json").read_text())
+    t_start = time.perf_counter()
+    result = _new_result(args, plan, fast, device, previous)
+    for model in plan.models:
+        for method in plan.methods:
+            runs = ([("public", None)] if "public" in plan.engines else []) + fast
+            for label, opts in runs:
+                if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+                    print(f"time budget of {args.time_budget:.0f} s spent: {model} {method} {label} not measured",
+                          flush=True)
+                    continue
+                row = _measure_row(args, plan, model, method, label, opts, device, out)
+                result["rows"] = [r for r in result["rows"] if (r["model"], r["method"], r["engine"]) !=
+                                  (row["model"], row["method"], row["engine"])] + [row]
+                print(json.dumps(row), flush=True)
+                _save(out, result)
+    if args.warm_first_step:
+        warm_first_steps(args, result["rows"])
+    _save(out, result)
+    print(markdown(result), flush=True)
+    return result
+
+
+@dataclass
+class _Plan:
+    """What a bench run measures: models x methods x engines, and the shape and number of the steps."""
+    models: List[str]
+    methods: List[str]
+    engines: List[str]
+    batch: int
+    size: int
+    warmup: int
+    iters: int
+
+    @classmethod
+    def of(cls, args) -> "_Plan":
+        """From the command line; --smoke changes the defaults to the tiny CPU configuration."""
+        smoke = args.smoke
+        models = args.models.split(",") if args.models else (["smoke"] if smoke else GPU_MODELS)
+        methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"--methods: unknown {bad}; valid: {', '.join(METHODS)}")
+        return cls(models, methods, engines=[e.strip() for e in args.engines.split(",") if e.strip()],
+                   batch=args.batch or (4 if smoke else 64), size=args.size or (32 if smoke else 224),
+                   warmup=args.warmup if args.warmup is not None else (1 if smoke else 5),
+                   iters=args.iters or (2 if smoke else 20))
+
+
+def _fastdelta_engines(args, device, engines: List[str]) -> list:
+    """(engine label, StepOptions) per fastdelta engine measured: one per compile mode, with --also-eager
+    the same step uncompiled first."""
     cl = {"auto": "auto", "on": True, "off": False}[args.channels_last]
-    fast = []  # (engine label, StepOptions)
+    fast = []
     if "fastdelta" in engines:
         modes = args.compile_modes.split(",") if args.compile_modes else [args.compile]
         for mode in modes:
@@ -544,16 +625,16 @@ def run(args) -> dict:
                 eager = resolve_step_options(device, opts.precision, "off", opts.channels_last, False, "fast")
                 fast.append(("fastdelta[eager]", eager))
             fast.append((label, opts))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = None
-    if args.append and (out / "bench_step.json").is_file():
-        previous = json.loads((out / "bench_step.json").read_text())
-    t_start = time.perf_counter()
-    result = {"config": {"models": models, "methods": methods, "batch": batch, "size": size, "warmup": warmup,
-                         "iters": iters, "num_classes": args.num_classes, "smoke": smoke,
+    return fast
+
+
+def _new_result(args, plan: _Plan, fast: list, device, previous: Optional[dict]) -> dict:
+    """bench_step.json before any row is measured; with --append it keeps `previous`'s rows."""
+    result = {"config": {"models": plan.models, "methods": plan.methods, "batch": plan.batch, "size": plan.size,
+                         "warmup": plan.warmup, "iters": plan.iters, "num_classes": args.num_classes,
+                         "smoke": args.smoke,
                          "fastdelta_options": {label: o.describe() for label, o in fast},
-                         "hyperparameters": {m: bench_hyperparameters(m) for m in methods},
+                         "hyperparameters": {m: bench_hyperparameters(m) for m in plan.methods},
                          "bn_calibration_batches": args.calibration_batches,
                          "host_reads_per_step": 0},
               "environment": environment(device), "rows": []}
@@ -562,36 +643,26 @@ def run(args) -> dict:
         result["config"]["hyperparameters"] = {**previous.get("config", {}).get("hyperparameters", {}),
                                                **result["config"]["hyperparameters"]}
         result["rows"] = previous["rows"]
-
-    def save():
-        (out / "bench_step.json").write_text(json.dumps(result, indent=1))
-        (out / "bench_step.md").write_text(markdown(result))
-
-    for model in models:
-        for method in methods:
-            runs = ([("public", None)] if "public" in engines else []) + fast
-            for label, opts in runs:
-                if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
-                    print(f"time budget of {args.time_budget:.0f} s spent: {model} {method} {label} not measured",
-                          flush=True)
-                    continue
-                try:
-                    row = measure(model, method, "public" if label == "public" else label, batch, size,
-                                  args.num_classes, device, warmup, iters, opts, args.profile, out,
-                                  args.calibration_batches)
-                except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
-                    row = {"model": model, "method": method, "engine": label, "error": f"{type(e).__name__}: {e}"[:500]}
-                    torch._dynamo.reset()
-                    _cleanup(device)
-                result["rows"] = [r for r in result["rows"] if (r["model"], r["method"], r["engine"]) !=
-                                  (row["model"], row["method"], row["engine"])] + [row]
-                print(json.dumps(row), flush=True)
-                save()
-    if args.warm_first_step:
-        warm_first_steps(args, result["rows"])
-    save()
-    print(markdown(result), flush=True)
     return result
+
+
+def _measure_row(args, plan: _Plan, model: str, method: str, label: str, opts, device, out: Path) -> dict:
+    """One row, or the row's error: one failed row must not lose the others."""
+    try:
+        return measure(model, method, "public" if label == "public" else label, plan.batch, plan.size,
+                       args.num_classes, device, plan.warmup, plan.iters, opts, args.profile, out,
+                       args.calibration_batches)
+    except Exception as e:  # noqa: BLE001
+        row = {"model": model, "method": method, "engine": label, "error": f"{type(e).__name__}: {e}"[:500]}
+        torch._dynamo.reset()
+        _cleanup(device)
+        return row
+
+
+def _save(out: Path, result: dict) -> None:
+    """Written after every row, so that a cut-off run keeps what it measured."""
+    (out / "bench_step.json").write_text(json.dumps(result, indent=1))
+    (out / "bench_step.md").write_text(markdown(result))
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
