@@ -172,6 +172,19 @@ class FitSettings:
         return s
 
     def validate(self) -> None:
+        """Raise a SettingsError naming the first setting (in this order) whose value cannot work."""
+        self._validate_method_and_optimizer()
+        self._validate_implementations()
+        self._validate_counts()
+        self._validate_recipe_conventions()
+        self._validate_fine_tuning()
+        self._validate_step_options()
+        self._validate_data_pipeline()
+        self._validate_step_engine()
+        self._validate_layers()
+
+    def _validate_method_and_optimizer(self) -> None:
+        """The method, the weights of its terms and SGD's: momentum, lr, steps and batch sizes, schedule."""
         if self.method not in METHODS:
             raise SettingsError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
         for name in ("alpha", "beta", "weight_decay", "momentum"):
@@ -190,6 +203,9 @@ class FitSettings:
                 raise SettingsError(f"{name}={v!r}: must be an integer >= 1")
         if self.lr_schedule not in LR_SCHEDULES:
             raise SettingsError(f"lr_schedule={self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
+
+    def _validate_implementations(self) -> None:
+        """The augmentation and the implementations of Algorithm 1 and of the feature-map distance."""
         if self.augmentation not in AUGMENTATIONS:
             raise SettingsError(f"augmentation={self.augmentation!r}: expected one of {AUGMENTATIONS}")
         if self.attention_impl not in ATTENTION_IMPLS:
@@ -198,6 +214,9 @@ class FitSettings:
             raise SettingsError(f"attention_dtype={self.attention_dtype!r}: expected one of {ATTENTION_DTYPES}")
         if self.distance_impl not in DISTANCE_IMPLS:
             raise SettingsError(f"distance_impl={self.distance_impl!r}: expected one of {DISTANCE_IMPLS}")
+
+    def _validate_counts(self) -> None:
+        """Counts and periods of Algorithm 1, evaluation, checkpoints and DDP; resume's run folder."""
         if not isinstance(self.attention_head_min_iterations, int) or self.attention_head_min_iterations < 0:
             raise SettingsError(f"attention_head_min_iterations={self.attention_head_min_iterations!r}: "
                                 "must be an integer >= 0")
@@ -216,6 +235,9 @@ class FitSettings:
             raise SettingsError(f"dist_timeout={self.dist_timeout!r}: must be a number of seconds > 0")
         if self.resume and self.run_dir is None:
             raise SettingsError("resume=True needs run_dir (the folder of the run to continue)")
+
+    def _validate_recipe_conventions(self) -> None:
+        """The recipe and the conventions it fills in (None: the recipe's value)."""
         n = self.attention_max_images
         if not (n is None or n == "all" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
             raise SettingsError(f"attention_max_images={n!r}: must be an integer >= 1, 'all' or None (the recipe's)")
@@ -236,6 +258,9 @@ class FitSettings:
         v = self.attention_head_batch_size
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise SettingsError(f"attention_head_batch_size={v!r}: must be an integer >= 1 or None")
+
+    def _validate_fine_tuning(self) -> None:
+        """The backbone's lr multiplier, Nesterov momentum and the crop within the resize."""
         if not (isinstance(self.backbone_lr_mult, (int, float)) and math.isfinite(self.backbone_lr_mult)
                 and self.backbone_lr_mult >= 0):
             raise SettingsError(f"backbone_lr_mult={self.backbone_lr_mult!r}: must be a finite number >= 0")
@@ -243,6 +268,9 @@ class FitSettings:
             raise SettingsError("nesterov=True needs momentum > 0")
         if self.resize is not None and self.crop is not None and self.crop > self.resize:
             raise SettingsError(f"crop={self.crop} is larger than resize={self.resize}")
+
+    def _validate_step_options(self) -> None:
+        """The fast step's precision, compile, channels_last and CUDA graphs."""
         if self.precision not in PRECISIONS:
             raise SettingsError(f"precision={self.precision!r}: expected one of {PRECISIONS}")
         if not (isinstance(self.compile, bool) or self.compile == "auto" or self.compile in COMPILE_MODES):
@@ -254,16 +282,25 @@ class FitSettings:
         if self.cuda_graphs and self.compile is False:
             raise SettingsError("cuda_graphs=True works through torch.compile (mode 'reduce-overhead'); "
                                 "it cannot be combined with compile=False")
+
+    def _validate_data_pipeline(self) -> None:
+        """The data backend and its prefetch depth."""
         if self.data_backend not in DATA_BACKENDS:
             raise SettingsError(f"data_backend={self.data_backend!r}: expected one of {DATA_BACKENDS}")
         if not isinstance(self.data_prefetch, int) or self.data_prefetch < 1:
             raise SettingsError(f"data_prefetch={self.data_prefetch!r}: must be an integer >= 1")
+
+    def _validate_step_engine(self) -> None:
+        """The step engine, and that the reference step is given no fast-step option."""
         if self.step_engine not in STEP_ENGINES:
             raise SettingsError(f"step_engine={self.step_engine!r}: expected one of {STEP_ENGINES}")
         if self.step_engine == "reference" and (self.precision in ("bf16", "fp16") or self.channels_last is True
                                                 or self.cuda_graphs or not (self.compile in ("auto", False))):
             raise SettingsError("step_engine='reference' is the eager fp32 step: it takes no precision, "
                                 "channels_last, compile or cuda_graphs setting")
+
+    def _validate_layers(self) -> None:
+        """The regularised layers: module names."""
         if self.layers is not None and (isinstance(self.layers, str) or not all(isinstance(l, str) for l in self.layers)):
             raise SettingsError(f"layers={self.layers!r}: expected a list of module names")
 
