@@ -523,64 +523,90 @@ def _compare_in(out: Path, model, weights, train, test, cs: CompareSettings, bas
     total = len(searched) * n_grid + cs.seeds * len(cs.methods) + len(curve_runs)
     probe = _MapProbe(model, weights, base, train, test, cs.map_images)
     runner.source_sha256 = state_sha256(probe.source)
-    test = probe.test
     report = {"schema": SCHEMA, "compare": {**dataclasses.asdict(cs), "methods": list(cs.methods)}}
     with progress_bar(total, "compare", "fit", show_progress) as bar:
         search_record = (_search(cs, runner, _train_root(train), searched, base_settings.beta, 0, bar)
                          if searched else None)
         chosen = _chosen(cs, search_record, base_settings)
-        runs, distances, splits, first = [], {}, {}, None
-        iterations = base_settings.iterations
-        every = max(1, iterations // cs.curve_points) if cs.curve_points else 0
+        every = max(1, base_settings.iterations // cs.curve_points) if cs.curve_points else 0
         # attention once, from the first seed's L2-FE head, shared by every seed (as the paper computes
         # it once per dataset); it is deterministic given the data, weights and settings
         att = runner.attention(_train_root(train), 0) if any(METHODS[m].uses_attention for m in cs.methods) else None
         if att is not None:
             att.save(out / "channel_attention.json")
-        fast_test = isinstance(test, _TensorSet)
+        finals = _FinalRuns(cs, runner, probe, train, chosen, att, every)
         for seed in range(cs.seeds):
-            jobs = [(m, "step") for m in cs.methods] + (curve_runs if seed == 0 else [])
-            for method, schedule in jobs:
-                name = f"{method}_seed{seed}" + ("" if schedule == "step" else f"_{schedule}")
-                bar.set_postfix_str(name)
-                curve = seed == 0 and METHODS[method].learning_curve and every > 0
-                curve_test = None if not curve else (
-                    test if cs.curve_images is None or not isinstance(test, _TensorSet) else
-                    _curve_subset(test, cs.curve_images))
-                overrides = dict(seed=seed, lr_schedule=schedule, eval_every=every if curve else 0,
-                                 eval_images=cs.curve_images, **chosen.get(method, {}))
-                analysed = seed == 0 and schedule == "step"  # its weights feed the figures
-                fit_test = curve_test if fast_test else test
-                final_test = test if fast_test else None
-                digests = (probe.train_fingerprint, runner.fingerprint(fit_test))
-                res = (_reused_final(runner, name, method, digests, final_test, analysed, overrides)
-                       if cs.reuse_runs else None)
-                secs = None if res is None else res.timings.get("total")
-                if res is None:
-                    res, secs = runner.fit(name, _train_root(train), fit_test, method, final_test=final_test,
-                                           attention=att if METHODS[method].uses_attention else None, **overrides)
-                    if analysed:
-                        _write_analysis(out / "runs" / name, method, res, probe, att)
-                first = first or res
-                runs.append(_run_row(name, method, seed, schedule, chosen.get(method, {}), res, secs))
-                if analysed:
-                    _read_analysis(out / "runs" / name, method, probe, distances, splits)
-                bar.update(1)
+            for method, schedule in [(m, "step") for m in cs.methods] + (curve_runs if seed == 0 else []):
+                finals.run(seed, method, schedule, bar)
     from .report import finish_report
-    report.update({"model": first.model_info,
-                   "data": {**first.data, "test": probe.test_description, "overlap": probe.overlap},
-                   "settings": {k: v for k, v in first.settings.items()
-                                if k not in ("method", "seed", "alpha", "beta", "lr_schedule", "eval_every",
-                                             "attention", "resumed_from_iteration")},
-                   "search": search_record, "chosen": chosen, "runs": runs, "table": _summary_table(runs, cs.methods),
-                   "filter_distances": distances, "attention_split": splits, "activation_maps": probe.to_dict(),
-                   "roughness": {f"{r['method']}/{r['schedule']}": curve_roughness([v for _, v in r["curve"]])
-                                 for r in runs if r["curve"]},
-                   "attention": None if att is None else {
-                       "file": "channel_attention.json", "images": att.images, "impl": att.impl,
-                       "seconds": att.timings.get("total"), "shared_by_seeds": True, "head": att.head},
-                   "environment": environment(), "wall_s": round(time.perf_counter() - t_start, 1)})
+    report.update(_report_sections(finals, search_record, t_start))
     return finish_report(report, out)
+
+
+class _FinalRuns:
+    """The final runs of a comparison (every method x seed, and seed 0's learning-curve schedules), each
+    fitted or, when an earlier comparison finished it, reused; seed 0's figure inputs gathered as they come."""
+
+    def __init__(self, cs: CompareSettings, runner: _Runner, probe: "_MapProbe", train, chosen: Dict[str, dict],
+                 att, every: int):
+        self.cs, self.runner, self.probe, self.train, self.chosen, self.att = cs, runner, probe, train, chosen, att
+        self.every = every  # iterations between learning-curve points (0: none)
+        self.test = probe.test
+        self.fast_test = isinstance(self.test, _TensorSet)  # the final top-1 by fast_top1, after the fit
+        self.runs, self.distances, self.splits, self.first = [], {}, {}, None
+
+    def run(self, seed: int, method: str, schedule: str, bar) -> None:
+        """One final run, its row appended to `runs`."""
+        name = f"{method}_seed{seed}" + ("" if schedule == "step" else f"_{schedule}")
+        bar.set_postfix_str(name)
+        analysed = seed == 0 and schedule == "step"  # its weights feed the figures
+        res, secs = self._result(name, seed, method, schedule, analysed)
+        self.first = self.first or res
+        self.runs.append(_run_row(name, method, seed, schedule, self.chosen.get(method, {}), res, secs))
+        if analysed:
+            _read_analysis(self.runner.out / "runs" / name, method, self.probe, self.distances, self.splits)
+        bar.update(1)
+
+    def _result(self, name: str, seed: int, method: str, schedule: str, analysed: bool):
+        """(result, seconds) of the finished run reused, else of a new fit (seed 0's analysis written)."""
+        cs, test, runner = self.cs, self.test, self.runner
+        curve = seed == 0 and METHODS[method].learning_curve and self.every > 0
+        curve_test = None if not curve else (
+            test if cs.curve_images is None or not isinstance(test, _TensorSet) else
+            _curve_subset(test, cs.curve_images))
+        overrides = dict(seed=seed, lr_schedule=schedule, eval_every=self.every if curve else 0,
+                         eval_images=cs.curve_images, **self.chosen.get(method, {}))
+        fit_test = curve_test if self.fast_test else test
+        final_test = test if self.fast_test else None
+        digests = (self.probe.train_fingerprint, runner.fingerprint(fit_test))
+        res = _reused_final(runner, name, method, digests, final_test, analysed, overrides) if cs.reuse_runs else None
+        if res is not None:
+            return res, res.timings.get("total")
+        res, secs = runner.fit(name, _train_root(self.train), fit_test, method, final_test=final_test,
+                               attention=self.att if METHODS[method].uses_attention else None, **overrides)
+        if analysed:
+            _write_analysis(runner.out / "runs" / name, method, res, self.probe, self.att)
+        return res, secs
+
+
+def _report_sections(finals: _FinalRuns, search_record, t_start: float) -> dict:
+    """What report.json holds beyond the comparison's settings: the runs, their table and figure inputs."""
+    first, probe, att, runs = finals.first, finals.probe, finals.att, finals.runs
+    return {"model": first.model_info,
+            "data": {**first.data, "test": probe.test_description, "overlap": probe.overlap},
+            "settings": {k: v for k, v in first.settings.items()
+                         if k not in ("method", "seed", "alpha", "beta", "lr_schedule", "eval_every",
+                                      "attention", "resumed_from_iteration")},
+            "search": search_record, "chosen": finals.chosen, "runs": runs,
+            "table": _summary_table(runs, finals.cs.methods),
+            "filter_distances": finals.distances, "attention_split": finals.splits,
+            "activation_maps": probe.to_dict(),
+            "roughness": {f"{r['method']}/{r['schedule']}": curve_roughness([v for _, v in r["curve"]])
+                          for r in runs if r["curve"]},
+            "attention": None if att is None else {
+                "file": "channel_attention.json", "images": att.images, "impl": att.impl,
+                "seconds": att.timings.get("total"), "shared_by_seeds": True, "head": att.head},
+            "environment": environment(), "wall_s": round(time.perf_counter() - t_start, 1)}
 
 
 def _run_row(name: str, method: str, seed: int, schedule: str, chosen: dict, res, secs) -> dict:
