@@ -26,7 +26,8 @@ def make_step(method: str, channels_last: bool, x: torch.Tensor):
     if method == "delta":
         attention = [torch.full((nets.target.get_submodule(l).out_channels,), 1.0 / nets.target.get_submodule(l).out_channels)
                      for l in nets.layers]
-    reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, 1e-4, 0.01, 1e-4, "conv", attention)
+    reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, attention, alpha=1e-4, beta=0.01,
+                      weight_decay=1e-4, feature_map="conv")
     nets.target.train()
     step = FastStep(nets.target, nets.source, reg, list(nets.target.parameters()), StepOptions("fp32", channels_last),
                     torch.device("cpu"), 0.01, 0.9)

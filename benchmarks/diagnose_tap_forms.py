@@ -103,8 +103,9 @@ def main(argv=None):
         for form in a.forms.split(","):
             torch.manual_seed(a.seed)
             nets = build_networks("efficientnet_lite0", 10, "imagenet", None, a.seed)
-            reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, a.alpha, 0.01, 1e-4, form,
-                              att.weights if method == "delta" else None, "sum")
+            reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers,
+                              att.weights if method == "delta" else None, alpha=a.alpha, beta=0.01, weight_decay=1e-4,
+                              feature_map=form, delta_no_att_scale="sum")
             nets.target.train()
             step = ReferenceStep(nets.target, nets.source, reg, list(nets.target.parameters()), device, 0.01, 0.9)
             spec = TrainSpec(a.iterations, 0.01, 0.9, 32, a.seed, lr_step=round(a.iterations * 2 / 3))

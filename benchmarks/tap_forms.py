@@ -73,9 +73,9 @@ def diagnose(run_dir: Path, result, settings: dict, x) -> dict:
     """Largest c * W_j per layer and the top channel's share of the term at every checkpoint."""
     nets = build_networks("efficientnet_lite0", 10, "imagenet", None, settings["seed"])
     att = None if result.attention is None else result.attention.weights
-    reg = make_method(result.method, nets.target, nets.source, nets.head_name, nets.layers, 1.0, 0.0, 0.0,
-                           settings["feature_map"], att if result.method == "delta" else None,
-                           settings["delta_no_att_scale"])
+    reg = make_method(result.method, nets.target, nets.source, nets.head_name, nets.layers,
+                      att if result.method == "delta" else None, alpha=1.0, beta=0.0, weight_decay=0.0,
+                      feature_map=settings["feature_map"], delta_no_att_scale=settings["delta_no_att_scale"])
     states = [(0, None)] + [(int(p.stem.split("-")[1]), p) for p in sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))]
     along = []
     for it, path in states:

@@ -360,8 +360,9 @@ def _public_steps(nets, method: str, attention, hp: dict, x, y, finite: _FiniteS
 def _fastdelta_steps(nets, method: str, attention, hp: dict, options, device, x, y, finite: _FiniteSteps):
     """(fastdelta's step, one step on the batch) set up as train_loop sets it up; the step's stats must
     pass the loop's non-finite rule."""
-    reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, hp["alpha"], hp["beta"],
-                      hp["weight_decay"], "conv", attention if method_class(method).uses_attention else None)
+    reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers,
+                      attention if method_class(method).uses_attention else None, alpha=hp["alpha"],
+                      beta=hp["beta"], weight_decay=hp["weight_decay"], feature_map="conv")
     params = reg.trainable_parameters(nets.target)
     set_training_mode(nets.target, reg, params, extractor_bn="frozen")
     runner = FastStep(nets.target, nets.source, reg, params, options, device, hp["lr"], hp["momentum"])

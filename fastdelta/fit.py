@@ -21,10 +21,9 @@ from .data.backend import choose_backend
 from .data.fingerprint import state_sha256
 from .data.sampling import FixedAugmentation
 from .ioutil import check_output_dir, require_free_space
-from .methods import L2FE, make_method, method_class
+from .methods import L2FE, method_class
 from .methods.attention import ChannelAttention, channel_loss_increase
 from .methods.attention_cache import attention_key, cache_dir, load_cached, store
-from .features.hooks import FeatureTaps
 from .networks.models import Networks, build_networks, guess_arch
 from .result import FitResult
 from .run_folder import RunFolder
@@ -36,7 +35,6 @@ from .train.evaluate import evaluate
 from .train.identity import check_identity, run_identity
 from .train.loop import NonFiniteLossError, StartState, TrainSpec, make_loader, train_loop
 from .train.preempt import StopOutsideTraining
-from .features.source import batch_statistics_copy
 from .train.steps import resolve_step_options
 
 # settings that may differ between a run and its resumption: they do not change the result (the
@@ -170,7 +168,7 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
     fe = Networks(nets.source, copy.deepcopy(nets.target), nets.arch, nets.head_name, nets.layers, nets.weights)
     batch = min(s.attention_head_batch_size or s.batch_size, len(data.train))
     head_iters = max(1, s.attention_head_min_iterations, s.attention_head_epochs * max(1, len(data.train) // batch))
-    reg = L2FE(fe.target, fe.source, fe.head_name, fe.layers, s.alpha, s.beta, s.weight_decay)
+    reg = L2FE(fe.target, fe.source, fe.head_name, fe.layers, weight_decay=s.weight_decay)
     spec = TrainSpec(head_iters, s.lr, s.momentum, batch, s.seed, "exp", max(1, round(head_iters * 0.6)),
                      0.1, s.num_workers, s.progress and ctx.is_main, "attention: L2-FE head",
                      extractor_bn=s.attention_head_bn)
@@ -194,23 +192,19 @@ def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
     return att
 
 
-# training images (centre crop) over which feature_scale="source_energy" measures the source maps
-ENERGY_IMAGES = 256
+# training images (centre crop) a method may measure before training (Method.prepare: e.g. the source
+# maps' energy of feature_scale="source_energy")
+PREPARE_IMAGES = 256
 
 
-@torch.no_grad()
-def source_energy(reg, source: nn.Module, data, s: FitSettings, device) -> list:
-    """Per regularised layer, E_l: the regulariser's distance between the source maps and zero, per
-    image, over the first ENERGY_IMAGES training images (centre crop); the same on every rank."""
-    n = min(ENERGY_IMAGES, len(data.train_eval))
+def _prepare_images(data, s: FitSettings, device):
+    """The first PREPARE_IMAGES training images (centre crop) in batches, read only if a method asks;
+    the same on every rank."""
+    n = min(PREPARE_IMAGES, len(data.train_eval))
     loader = make_loader(Subset(data.train_eval, range(n)), max(1, min(s.eval_batch_size, n)), False, s.seed,
                          s.num_workers)
-    totals = [0.0] * len(reg.taps)
-    with FeatureTaps(source, reg.taps, rectify=reg.rectify_at_tap) as taps:
-        for x, _ in loader:
-            _, feats = taps(x.to(device))
-            totals = [t + e for t, e in zip(totals, reg.source_energy(feats))]
-    return [t / n for t in totals]
+    for x, _ in loader:
+        yield x.to(device)
 
 
 def _load_attention(given, nets: Networks, s: FitSettings) -> ChannelAttention:
@@ -380,7 +374,7 @@ def _fit(model, train, test, weights, requested: FitSettings, stop: StopOutsideT
             stop.cached_attention = cache_dir(s.attention_cache)
         timings["attention"] = attention.timings.get("total", 0.0)
     stop.phase = "preparing the training, before training"
-    reg, feature_source, energy = _regulariser(s, nets, data, attention, device, ctx)
+    reg, feature_source, prepared = _regulariser(s, nets, data, attention, device, ctx)
     step_options = _step_options(s, device)
     backend = choose_backend(s.data_backend, device, data.train, data.test)
     spec = _train_spec(s, data, device, ctx, nets, step_options, backend,
@@ -389,8 +383,7 @@ def _fit(model, train, test, weights, requested: FitSettings, stop: StopOutsideT
     settings_record = {**s.to_dict(), "device_used": str(device), "world_size": ctx.world_size,
                        "step_used": step_options.describe() if step_options is not None else {"step_engine": "reference"},
                        "resumed_from_iteration": start.iteration if s.resume else None,
-                       "feature_map_taps": dict(zip(nets.layers, reg.taps)),
-                       "source_energy": None if energy is None else dict(zip(nets.layers, energy))}
+                       **prepared}
     data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped],
                    "backend": backend.to_dict()}
     result = FitResult(nets.target, s.method, settings_record, info, data_record, [], {}, attention, timings)
@@ -407,7 +400,7 @@ def _train_and_test(result: FitResult, s: FitSettings, feature_source, reg, data
         result.history = train_loop(result.model, feature_source, reg, data.train, spec, device, ctx, start)
     except NonFiniteLossError as e:
         timings["train"] = round(time.perf_counter() - t0, 3)
-        _explain_divergence(e, reg, s)
+        _explain_divergence(e, reg)
         result.history, result.status = e.history, f"diverged: {e}"
         e.partial_result = result
         raise
@@ -453,17 +446,17 @@ def _saved_result(run_dir: Path, iterations: int) -> Optional[dict]:
 
 
 def _regulariser(s: FitSettings, nets: Networks, data, attention, device, ctx: DistContext):
-    """(the method's regulariser, the network its source maps come from, per-layer source energies or None)."""
-    reg = make_method(s.method, nets.target, nets.source, nets.head_name, nets.layers, s.alpha, s.beta,
-                      s.weight_decay, s.feature_map, None if attention is None else attention.weights,
-                      s.delta_no_att_scale, delta_scale=s.delta_scale, distance_impl=s.distance_impl,
-                      world_size=ctx.world_size)
-    feature_source = nets.source if s.source_bn == "running" else batch_statistics_copy(nets.source)
-    energy = None
-    if reg.uses_source_features and s.feature_scale == "source_energy":
-        energy = source_energy(reg, feature_source, data, s, device)
-        reg.layer_scale = [1.0 / e if e > 0 else 1.0 for e in energy]
-    return reg, feature_source, energy
+    """(the method built with its hyperparameters, the network its source maps come from, what the
+    method's preparation recorded)."""
+    method = method_class(s.method)
+    hyper = {name: getattr(s, name) for name in method.declared()}
+    reg = method(nets.target, nets.source, nets.head_name, nets.layers,
+                 None if attention is None else attention.weights, distance_impl=s.distance_impl,
+                 world_size=ctx.world_size, **hyper)
+    feature_source = reg.source_network(nets.source)
+    with torch.no_grad():
+        record = reg.prepare(feature_source, _prepare_images(data, s, device))
+    return reg, feature_source, record
 
 
 def _step_options(s: FitSettings, device):
@@ -489,11 +482,10 @@ def _train_spec(s: FitSettings, data, device, ctx: DistContext, nets: Networks, 
                      loader=_dali_train_factory(data, s, device, step_options) if backend.name == "dali" else None)
 
 
-def _explain_divergence(e: NonFiniteLossError, reg, s: FitSettings) -> None:
-    if reg.uses_source_features and s.feature_map == "conv" and s.feature_scale == "none":
-        e.args = (f"{e.args[0]}; with raw conv taps the feature-map term grows with the network's "
-                  "pre-BN activations, so an alpha tuned elsewhere can diverge here: lower alpha, or use "
-                  "feature_map='activation' (recipe='paper') or feature_scale='source_energy'",)
+def _explain_divergence(e: NonFiniteLossError, reg) -> None:
+    hint = reg.explain_divergence()
+    if hint:
+        e.args = (f"{e.args[0]}; {hint}",)
 
 
 def _test(model: nn.Module, test, s: FitSettings, device, ctx: DistContext, backend, timings: dict) -> dict:

@@ -16,9 +16,14 @@ from typing import Optional, Sequence
 from .data.backend import DATA_BACKENDS
 from .data.transforms import AUGMENTATIONS
 from .kernels.dispatch import IMPLS as DISTANCE_IMPLS
+# the vocabularies of the methods' settings, re-exported for scripts that name them from here
+from .features.forms import FEATURE_MAPS  # noqa: F401
 from .methods import METHODS, Delta
 from .methods.attention import NORMALISATIONS
-from .features.forms import FEATURE_MAPS
+from .methods.base import all_hyperparameters, on_registry_change
+from .methods.delta_term import DELTA_NO_ATT_SCALES, DELTA_SCALES  # noqa: F401
+from .methods.feature_map import FEATURE_SCALES, SOURCE_BN_MODES  # noqa: F401
+from .methods.hyperparameters import HyperparameterError
 
 LR_SCHEDULES = ("step", "exp")
 ATTENTION_IMPLS = ("prefix", "masked_forward", "first_order")
@@ -26,19 +31,11 @@ ATTENTION_DTYPES = ("fp32", "bf16")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STEP_ENGINES = ("auto", "reference", "fast")
-# DELTA w/o ATT's term: "sum" = 0.5 sum_b sum_j ||d_j||^2 (public fea_map); "uniform_attention" = DELTA's
-# public term with W_j = 1/c; "paper_eq5" = the paper's eq. 5, sum_j ||d_j||^2 per image, mean over the batch
-DELTA_NO_ATT_SCALES = ("sum", "uniform_attention", "paper_eq5")
-# DELTA's term: "public" = 0.5 sum_b sum_j c W_j ||d_j||^2 / (h w) (train.py); "paper_eq8" = the paper's eq. 8,
-# sum_j W_j ||d_j||^2 per image, mean over the batch
-DELTA_SCALES = ("public", "paper_eq8")
 # which training images Algorithm 1 measures when it may not take them all: "random" (a seeded random
 # sample of the whole set, as the public code's shuffled loader) or "first" (the first n in the dataset's
 # order: with class-ordered data only the first classes; kept to reproduce results made that way)
 ATTENTION_SAMPLES = ("random", "first")
 HEAD_BN_MODES = ("train", "frozen")
-SOURCE_BN_MODES = ("running", "batch")
-FEATURE_SCALES = ("none", "source_energy")
 
 # Conventions that the paper's text and its public code (github.com/lixingjian/DELTA, train.py and
 # channel_eval.py) settle differently. A setting left at None takes the value of the run's `recipe`.
@@ -59,11 +56,11 @@ RECIPES = {
 }
 DEFAULT_RECIPE = "public"
 RECIPE_SETTINGS = tuple(RECIPES[DEFAULT_RECIPE])
-# what a result file written before a recipe setting existed used (describe_conventions reads old files)
 # how describe_conventions names the attention images of a run that did not measure every one
 SAMPLE_NAMES = {"random": "up to {n} {kind} images (a seeded random sample of the training set)",
                 "first": "the first {n} {kind} images of the training set in its order (of a class-ordered set: "
                          "the first classes only)"}
+# what a result file written before a recipe setting existed used (describe_conventions reads old files)
 LEGACY_VALUES = {"delta_scale": "public", "attention_normalisation": "zscore_softmax", "attention_sample": "first"}
 
 
@@ -71,84 +68,174 @@ class SettingsError(ValueError):
     """A fit setting has a value that cannot work; the message names it."""
 
 
-@dataclass
+def setting(default=None, help: str = "", *, choices=None, parse=None, flags=(), cli=None, factory=None):
+    """A FitSettings field and what the command line makes of it: its help, its choices, `parse` (text ->
+    value) where the type alone does not say, extra option names (`flags`), or `cli`: how the command
+    line sets it instead of an option of its own."""
+    meta = dict(help=help, choices=choices, parse=parse, flags=tuple(flags), cli=cli)
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
+def _csv(value: str) -> list:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _images(value: str):
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"expected a number of images or 'all', got {value!r}") from None
+
+
+def _yes_no(value: str) -> bool:
+    if value.lower() in ("yes", "true", "1"):
+        return True
+    if value.lower() in ("no", "false", "0"):
+        return False
+    raise ValueError(f"expected yes or no, got {value!r}")
+
+
+def _auto_or_yes_no(value: str):
+    return "auto" if value == "auto" else _yes_no(value)
+
+
+def _compile(value: str):
+    return value if value == "auto" or value in COMPILE_MODES else _yes_no(value)
+
+
+def _cache(value: str):
+    return None if value == "off" else value
+
+
+def _json_object(value: str) -> dict:
+    import json
+    v = json.loads(value)
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a JSON object, got {value!r}")
+    return v
+
+
+def _with_method_hyperparameters(cls: type) -> type:
+    """FitSettings's fields: its own, then every registered method's hyperparameters (one setting per
+    name; None: the chosen method's default, or the recipe's). Run again whenever the registry changes
+    (a method registered after import adds its settings); returns the dataclass."""
+    wanted = all_hyperparameters()
+    if "__dataclass_fields__" in cls.__dict__:
+        if set(cls._method_fields) == set(wanted):
+            return cls
+        for name, f in cls.__dataclass_fields__.items():  # dataclass replaced them by their defaults
+            setattr(cls, name, field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+        for name in cls._method_fields:
+            del cls.__annotations__[name]
+            delattr(cls, name)
+        for attr in ("__init__", "__repr__", "__eq__", "__dataclass_fields__", "__dataclass_params__"):
+            if attr in cls.__dict__:
+                delattr(cls, attr)
+    for f in wanted.values():
+        cls.__annotations__[f.name] = f"Optional[{f.type.__name__}]"
+        setattr(cls, f.name, setting(f.default, f.help, choices=f.choices))
+    cls._method_fields = tuple(wanted)
+    return dataclass(cls)
+
+
+@_with_method_hyperparameters
 class FitSettings:
-    method: str = Delta.name
-    alpha: Optional[float] = None  # weight of the behavioural (feature-map) or L2-SP term; None: the method's
-                                   # default for the run's conventions (Method.default_alpha)
-    beta: float = 0.01             # weight of the L2 term on target-only (head) parameters
-    weight_decay: float = 1e-4     # the plain L2 / L2-FE methods' weight decay
-    lr: Optional[float] = None     # None: 0.01, or 0.001 for Inception-V3
-    momentum: float = 0.9
-    nesterov: bool = False
-    backbone_lr_mult: float = 1.0  # lr of every non-head parameter = lr * this (tllib: 0.1)
-    batch_size: int = 64
-    iterations: int = 9000
-    lr_schedule: str = "step"      # "step": lr * gamma at lr_step; "exp": lr * gamma ** (t / lr_step)
-    lr_step: Optional[int] = None  # None: two thirds of the iterations (6,000 of 9,000)
-    lr_gamma: float = 0.1
-    augmentation: str = "default"  # "default" (resize square, crop) or "improved" (keep aspect, 10-crop test)
-    resize: Optional[int] = None   # None: 256 (320 for Inception-V3)
-    crop: Optional[int] = None     # None: 224 (299 for Inception-V3)
-    # "public" or "paper" (RECIPES): the conventions below that are left at None
-    recipe: str = DEFAULT_RECIPE
-    # FM of a regularised conv: "conv" (its raw output, public code), "relu_conv" (ReLU of the raw,
-    # pre-BN output: in neither), "activation" (ReLU of the BN that follows it: the paper's rectified map)
-    feature_map: Optional[str] = None
-    # DELTA's term: "public" (c W_j / (2 h w), summed over the batch) or "paper_eq8" (W_j per image)
-    delta_scale: Optional[str] = None
-    # DELTA w/o ATT: "sum" = 0.5 sum_j ||d_j||^2 (public fea_map), "uniform_attention" = DELTA's public term
-    # with W_j = 1/c, "paper_eq5" = sum_j ||d_j||^2 per image
-    delta_no_att_scale: Optional[str] = None
-    # not in the paper: "batch" computes the source maps with the batch's own BN statistics (running ones untouched)
-    source_bn: str = "running"
-    # not in the paper: "source_energy" divides each layer's term by the source maps' energy per image
-    feature_scale: str = "none"
-    layers: Optional[Sequence[str]] = None  # None: per-architecture defaults
-    attention_temperature: float = 5.0          # T of "zscore_softmax" (the public code's 5)
-    attention_normalisation: Optional[str] = None  # "zscore_softmax" (public) or "softmax" (paper); None: recipe's
-    attention_sample: str = "random"            # ATTENTION_SAMPLES: which images when not all are measured
-    attention_max_images: object = None         # images for Algorithm 1: an int, or "all"; None: the recipe's
-    attention_augmented: Optional[bool] = None  # those images with the training augmentation (public) or centre crop
-    attention_head_epochs: int = 10             # public code: 10 epochs of L2-FE head training
-    # at least this many head iterations: on a few dozen images 10 epochs of 32 are only a few steps,
-    # and attention measured against a head near chance is noise (0: the epochs alone, as the public code)
-    attention_head_min_iterations: int = 0
-    attention_head_bn: Optional[str] = None     # head training: "train" (BN statistics adapt) or "frozen" (eval mode)
-    attention_head_batch_size: Optional[int] = None  # None with the recipe's None: batch_size
-    attention_impl: str = "prefix"              # exact: "prefix" (fast) or "masked_forward"; "first_order" estimate
-    attention_dtype: str = "fp32"               # "bf16": autocast for the ablation passes (GPU speed)
-    attention_chunk: Optional[int] = None       # masked copies per suffix pass; None: from free memory
-    attention_cache: Optional[str] = "auto"     # folder; "auto": $FASTDELTA_CACHE or ~/.cache/fastdelta; None: off
-    attention: Optional[object] = None          # precomputed ChannelAttention or path to channel_attention.json
-    distance_impl: str = "auto"                 # feature-map distance: "auto" (fused kernel), "triton", "native", "reference"
-    # training-step engine (fastdelta/train/steps.py); "auto": bf16 + channels_last + torch.compile on CUDA, and on
-    # CPU fp32 eager contiguous = the reference step (today's behaviour and speed)
-    precision: str = "auto"        # "auto" | "fp32" | "bf16" | "fp16" (autocast; fp16 with a GradScaler)
-    compile: object = "auto"       # "auto" | True | False | a torch.compile mode (COMPILE_MODES)
-    channels_last: object = "auto" # "auto" | True | False
-    cuda_graphs: bool = False      # CUDA graphs through torch.compile mode "reduce-overhead" (CUDA only)
-    step_engine: str = "auto"      # "reference" (eager fp32 hooks) | "fast" | "auto" (fast unless all fp32/eager)
-    seed: int = 0
-    device: str = "auto"
-    num_workers: Optional[int] = None
-    eval_batch_size: int = 256
-    eval_every: int = 0            # > 0: test top-1 every so many iterations, in the history (learning curves)
-    eval_images: Optional[int] = None  # test images for those curve points (None: all); the final test uses all
-    strict_data: bool = False      # a bad image file is fatal instead of skipped
-    data_backend: str = "auto"     # "auto" (DALI on CUDA when installed, else torchvision) | "dali" | "torchvision"
-    data_prefetch: int = 2         # DALI prefetch queue depth (batches prepared ahead)
-    progress: bool = True
-    distributed: bool = False      # under torchrun: DDP over all ranks, batch_size and lr are global
-    # seconds a collective waits for another rank before the run fails (a stalled rank would hang the job)
-    dist_timeout: float = 600.0
-    run_dir: Optional[str] = None  # checkpoints (run_dir/checkpoints) and a streamed history.jsonl
-    checkpoint_every: int = 500    # iterations between checkpoints (and one at the end), with run_dir
-    resume: bool = False           # continue from run_dir's latest valid checkpoint
-    extra: dict = field(default_factory=dict)  # free-form notes recorded with the result
-    overwrite: bool = False        # a new run may replace an earlier run's files in run_dir (removed first)
-    allow_overlap: bool = False    # train on data whose test images are training images too (counted in result.json)
-    allow_low_disk: bool = False   # start though run_dir's disk has less free space than the run needs (a warning)
+    """Every setting of a fit, with its default; the methods' hyperparameters (alpha, beta, weight_decay,
+    feature_map, delta_scale, ...) are added from the registry (fastdelta.methods: each method declares
+    its own). The command line's options are made from these fields (fastdelta.cli)."""
+    # choices read when the parser is built: a method registered after import is one too
+    method: str = setting(Delta.name, "the method (see the README's method table)", choices=lambda: tuple(METHODS))
+    lr: Optional[float] = setting(None, "learning rate (default: 0.01, 0.001 for inception_v3)")
+    momentum: float = setting(0.9, "SGD momentum")
+    nesterov: bool = setting(False, "Nesterov momentum (tllib)")
+    backbone_lr_mult: float = setting(1.0, "lr of every non-head parameter = lr x this (tllib: 0.1)")
+    batch_size: int = setting(64, "training batch size (global under torchrun)")
+    iterations: int = setting(9000, "training iterations")
+    lr_schedule: str = setting("step", "step: lr x gamma at lr_step; exp: lr x gamma ** (t / lr_step)",
+                               choices=LR_SCHEDULES)
+    lr_step: Optional[int] = setting(None, "iterations of the lr schedule's step (default: 2/3 of the iterations)")
+    lr_gamma: float = setting(0.1, "the lr schedule's factor")
+    augmentation: str = setting("default", "default (resize square, crop) or improved (keep aspect, 10-crop test)",
+                                choices=AUGMENTATIONS)
+    resize: Optional[int] = setting(None, "resize before the crop (default: 256, 320 for inception_v3)")
+    crop: Optional[int] = setting(None, "crop size (default: 224, 299 for inception_v3)")
+    recipe: str = setting(DEFAULT_RECIPE, "conventions where the paper and its public code differ (the settings "
+                          "left at the recipe's)", choices=tuple(RECIPES))
+    layers: Optional[Sequence[str]] = setting(None, "regularised layers, comma separated module names (default: "
+                                              "the architecture's)", parse=_csv)
+    attention_temperature: float = setting(5.0, "T of the zscore_softmax normalisation (the public code's 5)",
+                                           flags=("--temperature",))
+    attention_normalisation: Optional[str] = setting(
+        None, "W from the loss increases: zscore_softmax (public, softmax(zscore / T)) or softmax (paper) "
+        "(default: the recipe's)", choices=NORMALISATIONS)
+    attention_sample: str = setting("random", "which training images the attention measures when capped: "
+                                    "random (seeded sample of the whole set) or first", choices=ATTENTION_SAMPLES)
+    attention_max_images: object = setting(None, "images for the attention: a number or 'all' (default: the "
+                                           "recipe's: public 128, paper all)", parse=_images)
+    attention_augmented: Optional[bool] = setting(None, "yes: those images with the training augmentation "
+                                                  "(public); no: centre crop (paper) (default: the recipe's)",
+                                                  parse=_yes_no)
+    attention_head_epochs: int = setting(10, "epochs of L2-FE head training before Algorithm 1 (public code: 10)",
+                                         flags=("--head-epochs",))
+    # on a few dozen images 10 epochs of 32 are only a few steps, and attention measured against a head
+    # near chance is noise
+    attention_head_min_iterations: int = setting(0, "at least this many head iterations (0: the epochs alone, "
+                                                 "as the public code)")
+    attention_head_bn: Optional[str] = setting(None, "attention head training: train (BN statistics adapt, "
+                                               "public) or frozen (eval mode) (default: the recipe's)",
+                                               choices=HEAD_BN_MODES)
+    attention_head_batch_size: Optional[int] = setting(None, "batch of the attention head training (default: "
+                                                       "the recipe's; none: batch_size)")
+    attention_impl: str = setting("prefix", "exact: prefix (fast) or masked_forward (literal); first_order: "
+                                  "Taylor estimate", choices=ATTENTION_IMPLS)
+    attention_dtype: str = setting("fp32", "bf16: autocast for the ablation passes (GPU speed)",
+                                   choices=ATTENTION_DTYPES)
+    attention_chunk: Optional[int] = setting(None, "masked copies per suffix pass (default: from free memory)")
+    attention_cache: Optional[str] = setting("auto", "attention cache folder ('auto': $FASTDELTA_CACHE or "
+                                             "~/.cache/fastdelta; 'off': none)", parse=_cache)
+    attention: Optional[object] = setting(None, "a precomputed channel_attention.json to use (or, from Python, "
+                                          "a ChannelAttention)", parse=str)
+    distance_impl: str = setting("auto", "feature-map distance: auto (fused kernel), triton, native or reference",
+                                 choices=DISTANCE_IMPLS)
+    # training-step engine (fastdelta/train/steps.py); "auto": bf16 + channels_last + torch.compile on CUDA, and
+    # on CPU fp32 eager contiguous = the reference step
+    precision: str = setting("auto", "autocast precision of the fast step (fp16 with a GradScaler)",
+                             choices=PRECISIONS)
+    compile: object = setting("auto", f"torch.compile the fast step: auto, yes, no or a mode {COMPILE_MODES}",
+                              parse=_compile)
+    channels_last: object = setting("auto", "channels_last memory format: auto, yes or no", parse=_auto_or_yes_no)
+    cuda_graphs: bool = setting(False, "CUDA graphs through torch.compile mode reduce-overhead (CUDA only)")
+    step_engine: str = setting("auto", "reference (eager fp32 hooks), fast, or auto (fast unless all fp32 and "
+                               "eager)", choices=STEP_ENGINES)
+    seed: int = setting(0, "seed of the initialisation, the data order and the augmentation")
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto")
+    num_workers: Optional[int] = setting(None, "data loader workers (default: from the cores)", flags=("--workers",))
+    eval_batch_size: int = setting(256, "batch size of the evaluations")
+    eval_every: int = setting(0, "> 0: test top-1 every so many iterations, in the history (learning curves)")
+    eval_images: Optional[int] = setting(None, "test images for those curve points (default: all; the final "
+                                         "test uses all)")
+    strict_data: bool = setting(False, "a bad image file is fatal instead of skipped")
+    data_backend: str = setting("auto", "auto (DALI on CUDA when installed, else torchvision), dali or torchvision",
+                                choices=DATA_BACKENDS)
+    data_prefetch: int = setting(2, "DALI prefetch queue depth (batches prepared ahead)")
+    progress: bool = setting(True, "progress bars")
+    distributed: bool = setting(False, "DDP over all ranks (batch_size and lr are global)",
+                                cli="on under torchrun (WORLD_SIZE > 1)")
+    dist_timeout: float = setting(600.0, "under torchrun: seconds a rank waits for the others in a collective "
+                                  "before the run fails (a stalled rank would otherwise hang the job)")
+    run_dir: Optional[str] = setting(None, "checkpoints (run_dir/checkpoints), history.jsonl and the results",
+                                     cli="--out")
+    checkpoint_every: int = setting(500, "iterations between checkpoints (and one at the end; 0: only at the end)")
+    resume: bool = setting(False, "continue from run_dir's latest valid checkpoint", cli="--resume RUN_DIR")
+    extra: dict = setting(help="free-form notes recorded with the result (a JSON object)", parse=_json_object,
+                          factory=dict)
+    overwrite: bool = setting(False, "the output folder holds an earlier run: remove its files and start anew")
+    allow_overlap: bool = setting(False, "go on when test images are also training images (same file or same "
+                                  "bytes; counted in result.json) instead of failing")
+    allow_low_disk: bool = setting(False, "start even though the output folder's disk has less free space than "
+                                   "the run needs")
 
     def resolved(self, arch: str | None = None) -> "FitSettings":
         """A copy with architecture-dependent defaults filled in, after validation."""
@@ -167,8 +254,9 @@ class FitSettings:
         if s.lr_step is None:
             s.lr_step = max(1, round(s.iterations * 2 / 3))
         s.validate()
-        if s.alpha is None:
-            s.alpha = METHODS[s.method].default_alpha(s)
+        method = METHODS[s.method]  # its hyperparameters left at None take its defaults
+        for name, value in method.hyperparameter_values({n: getattr(s, n) for n in method.declared()}).items():
+            setattr(s, name, value)
         return s
 
     def validate(self) -> None:
@@ -187,12 +275,17 @@ class FitSettings:
         """The method, the weights of its terms and SGD's: momentum, lr, steps and batch sizes, schedule."""
         if self.method not in METHODS:
             raise SettingsError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
-        for name in ("alpha", "beta", "weight_decay", "momentum"):
-            v = getattr(self, name)
-            if v is None and name == "alpha":
-                continue  # the method's default, filled in by resolved()
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise SettingsError(f"{name}={v!r}: must be a finite number >= 0")
+        for f in all_hyperparameters().values():
+            v = getattr(self, f.name)
+            if v is None:
+                continue  # the method's default or the recipe's, filled in by resolved()
+            try:
+                f.declaration.check(v)
+            except HyperparameterError as e:
+                raise SettingsError(str(e)) from None
+        v = self.momentum
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise SettingsError(f"momentum={v!r}: must be a finite number >= 0")
         if self.momentum >= 1:
             raise SettingsError(f"momentum={self.momentum!r}: must be < 1 (SGD momentum diverges at 1 and above)")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -243,11 +336,8 @@ class FitSettings:
             raise SettingsError(f"attention_max_images={n!r}: must be an integer >= 1, 'all' or None (the recipe's)")
         if self.recipe not in RECIPES:
             raise SettingsError(f"recipe={self.recipe!r}: expected one of {tuple(RECIPES)}")
-        for name, allowed in (("feature_map", FEATURE_MAPS), ("delta_no_att_scale", DELTA_NO_ATT_SCALES),
-                              ("delta_scale", DELTA_SCALES), ("attention_normalisation", NORMALISATIONS),
-                              ("attention_sample", ATTENTION_SAMPLES),
-                              ("attention_head_bn", HEAD_BN_MODES), ("source_bn", SOURCE_BN_MODES),
-                              ("feature_scale", FEATURE_SCALES)):
+        for name, allowed in (("attention_normalisation", NORMALISATIONS), ("attention_sample", ATTENTION_SAMPLES),
+                              ("attention_head_bn", HEAD_BN_MODES)):
             v = getattr(self, name)
             if not (v in allowed or (v is None and name in RECIPE_SETTINGS)):
                 raise SettingsError(f"{name}={v!r}: expected one of {allowed}")
@@ -310,6 +400,9 @@ class FitSettings:
         att = self.attention
         d["attention"] = None if att is None else (str(att) if not hasattr(att, "to_dict") else "precomputed")
         return d
+
+
+on_registry_change(lambda: _with_method_hyperparameters(FitSettings))
 
 
 FEATURE_MAP_NAMES = {"conv": "raw conv output, before BN (public code)",

@@ -129,8 +129,8 @@ def test_tap_form_probe_leaves_the_bn_statistics_as_they_were():
     from fastdelta.networks.models import build_networks
     mod = load("diagnose_tap_forms")
     nets = build_networks("resnet18", 3, None, None, 0)
-    reg = make_method("delta_no_att", nets.target, nets.source, nets.head_name, nets.layers, 1e-4, 0.01, 1e-4,
-                      "relu_conv", None, "sum")
+    reg = make_method("delta_no_att", nets.target, nets.source, nets.head_name, nets.layers, None, alpha=1e-4,
+                      beta=0.01, weight_decay=1e-4, feature_map="relu_conv", delta_no_att_scale="sum")
     nets.target.train()
     before = {k: v.clone() for k, v in nets.target.state_dict().items() if "running" in k or "num_batches" in k}
     probe = mod.measure(reg, nets.target, nets.source, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
@@ -262,8 +262,9 @@ def test_public_step_is_the_six_methods_and_refuses_others():
     assert set(PublicStep.FORMULAS) == set(METHODS)
     for method in METHODS:
         nets = copy.deepcopy(nets0)
-        reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers, 0.3, 0.2, 0.05, "conv",
-                          att if METHODS[method].uses_attention else None)
+        reg = make_method(method, nets.target, nets.source, nets.head_name, nets.layers,
+                          att if METHODS[method].uses_attention else None, alpha=0.3, beta=0.2, weight_decay=0.05,
+                          feature_map="conv")
         freeze = METHODS[method].freezes_extractor
         nets.target.train(not freeze)
         with FeatureTaps(nets.target, reg.taps) as tt, FeatureTaps(nets.source.eval(), reg.taps) as ts:

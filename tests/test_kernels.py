@@ -312,7 +312,7 @@ def test_regularizer_distance_impl_reference_equals_auto(monkeypatch):
     target = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 25, 2))
     source = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 25, 2))
     tf, sf = [torch.randn(2, 4, 5, 5)], [torch.randn(2, 4, 5, 5)]
-    reg = make_method("delta_no_att", target, source, "2", ["0"], 1.0, 0.0, 0.0)
+    reg = make_method("delta_no_att", target, source, "2", ["0"], alpha=1.0, beta=0.0, weight_decay=0.0)
     auto = reg.terms(tf, sf).reg
     reg.distance_impl = "reference"
     ref = reg.terms(tf, sf).reg

@@ -32,8 +32,8 @@ def run(method="delta", iterations=6, deferred=False, poison_at=None, fast=False
     target.fc = torch.nn.Linear(16, 3)
     att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
     source, target, att = source.to(device), target.to(device), [a.to(device) for a in att]
-    reg = make_method(method, target, source, "fc", TINY_LAYERS, alpha, 0.01, 1e-4, "conv",
-                      att if method in ("delta", "l2_sp_att") else None)
+    reg = make_method(method, target, source, "fc", TINY_LAYERS, att if method in ("delta", "l2_sp_att") else None,
+                      alpha=alpha, beta=0.01, weight_decay=1e-4, feature_map="conv")
     data = batches(max(iterations, 6), poison_at)
     spec = TrainSpec(iterations, 0.01, 0.9, 4, progress=False, deferred_reads=deferred,
                      loader=lambda start, ctx: itertools.islice(itertools.cycle(data), start, None),

@@ -4,7 +4,8 @@ import torch
 
 import fastdelta
 from fastdelta.methods import METHODS, Method, Terms, register
-from fastdelta.methods.base import squared_norm
+from fastdelta.methods.base import squared_norm, unregister
+from fastdelta.methods.hyperparameters import BETA, PAPER_GRID, Hyperparameter
 from tiny import TINY_LAYERS, arrays, tiny_net
 
 QUICK = dict(layers=TINY_LAYERS, batch_size=4, resize=16, crop=12, progress=False, attention_cache=None,
@@ -29,13 +30,13 @@ def l1_sp():
         """L1-SP: reg = alpha ||w_shared - w*||_1,   head = beta/2 ||w_head||^2"""
         name, label, color = "l1_sp_test", "L1-SP", "tab:olive"
         pulls_to_source = True
-        tuned = ("alpha", "beta")
+        hyperparameters = (Hyperparameter("alpha", 0.01, "weight of the L1 pull", grid=PAPER_GRID), BETA)
 
         def terms(self, target_feats=None, source_feats=None) -> Terms:
             total = sum((p.float() - self.source_params[n].float()).abs().sum() for n, p in self.shared)
             return Terms(self.alpha * total, 0.5 * self.beta * squared_norm(self.head_params))
     yield L1SP
-    METHODS.pop(L1SP.name)
+    unregister(L1SP.name)
 
 
 def test_a_new_method_is_one_class_and_trains_the_same_on_both_steps(l1_sp):

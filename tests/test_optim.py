@@ -58,7 +58,7 @@ def test_pull_gradient_and_value_equal_the_autograd_term():
     torch.manual_seed(0)
     target, source = tiny_net(), tiny_net(seed=1)
     att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
-    reg = make_method("l2_sp_att", target, source, "fc", TINY_LAYERS, 0.7, 0.2, 1e-4, attention=att)
+    reg = make_method("l2_sp_att", target, source, "fc", TINY_LAYERS, att, alpha=0.7, beta=0.2, weight_decay=1e-4)
     params = list(target.parameters())
     terms = reg.terms()
     (terms.reg + terms.head).backward()
@@ -96,7 +96,7 @@ def test_fused_and_foreach_updates_agree():
     results = []
     for fused in (False, True):
         target, source = tiny_net(), tiny_net(seed=1)
-        reg = make_method("l2_sp", target, source, "fc", TINY_LAYERS, 0.7, 0.2, 1e-4)
+        reg = make_method("l2_sp", target, source, "fc", TINY_LAYERS, alpha=0.7, beta=0.2, weight_decay=1e-4)
         params = list(target.parameters())
         opt = PullSGD(params, 0.1, 0.9, reg.pulls(params), foreach=not fused, fused=fused or None)
         g = torch.Generator().manual_seed(1)

@@ -44,7 +44,8 @@ def test_the_readme_loop_gives_the_reference_steps_losses():
     torch.manual_seed(7)
     target = copy.deepcopy(source).requires_grad_(True)
     target.fc = torch.nn.Linear(target.fc.in_features, 3)
-    reg = make_method("delta", target, source, "fc", TINY_LAYERS, ALPHA, BETA, 0.0, "conv", att.weights)
+    reg = make_method("delta", target, source, "fc", TINY_LAYERS, att.weights, alpha=ALPHA, beta=BETA,
+                      weight_decay=0.0, feature_map="conv")
     target.train()
     step = ReferenceStep(target, source, reg, list(target.parameters()), torch.device("cpu"), 0.01, 0.9)
     want = []
@@ -72,7 +73,8 @@ def test_feature_map_regularizer_is_the_float64_distance(feature_map):
     target(x)
     term = reg(x)
     # float64 reference on the copies, hooks on the full networks
-    m = make_method("delta", t64, s64, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, feature_map, att)
+    m = make_method("delta", t64, s64, "fc", TINY_LAYERS, att, alpha=1.0, beta=0.0, weight_decay=0.0,
+                    feature_map=feature_map)
     rectify = feature_map == "activation"
     with FeatureTaps(t64, m.taps, rectify=rectify) as tt, FeatureTaps(s64, m.taps, rectify=rectify) as st:
         tf, sf = tt(x.double())[1], st(x.double())[1]
@@ -127,8 +129,9 @@ def test_feature_map_regularizer_term_is_the_delta_methods(method, delta_scale, 
     source, target = perturbed_pair()
     att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)] if method == "delta" else None
     plain = copy.deepcopy(target)  # before the hooks go on
-    m = make_method(method, plain, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, feature_map, att, no_att_scale,
-                    delta_scale=delta_scale, world_size=world_size)
+    m = make_method(method, plain, source, "fc", TINY_LAYERS, att, alpha=1.0, beta=0.0, weight_decay=0.0,
+                    feature_map=feature_map, delta_no_att_scale=no_att_scale, delta_scale=delta_scale,
+                    world_size=world_size)
     m.layer_scale = layer_scale
     reg = fastdelta.FeatureMapRegularizer(target, source, TINY_LAYERS, attention=att, feature_map=feature_map,
                                           delta_no_att_scale=no_att_scale, delta_scale=delta_scale,
@@ -156,8 +159,9 @@ def test_feature_map_regularizer_source_energy_is_fits(method, delta_scale, no_a
     divided by their number), and each layer's term divided by it from then on."""
     source, target = perturbed_pair(12)
     att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)] if method == "delta" else None
-    m = make_method(method, copy.deepcopy(target), source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "conv", att,
-                    no_att_scale, delta_scale=delta_scale, world_size=2)
+    m = make_method(method, copy.deepcopy(target), source, "fc", TINY_LAYERS, att, alpha=1.0, beta=0.0,
+                    weight_decay=0.0, feature_map="conv", delta_no_att_scale=no_att_scale, delta_scale=delta_scale,
+                    world_size=2)
     reg = fastdelta.FeatureMapRegularizer(target, source, TINY_LAYERS, attention=att, delta_scale=delta_scale,
                                           delta_no_att_scale=no_att_scale, world_size=2)
     batches = [torch.randn(3, 3, 12, 12, dtype=torch.float64), torch.randn(2, 3, 12, 12, dtype=torch.float64)]

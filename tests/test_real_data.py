@@ -63,7 +63,8 @@ def test_defaults_train_on_the_embedded_default_where_the_papers_alpha_diverges(
 def test_each_method_owns_its_default_alpha():
     from fastdelta.settings import make_settings
     alpha = {m: make_settings(m).resolved().alpha for m in fastdelta.METHODS}
-    assert alpha == {"l2_fe": 0.01, "l2": 0.01, "l2_sp": 0.01, "l2_sp_att": 0.01, "delta_no_att": 1e-4, "delta": 1e-4}
+    # l2_fe and l2 have no alpha (weight_decay is theirs)
+    assert alpha == {"l2_fe": None, "l2": None, "l2_sp": 0.01, "l2_sp_att": 0.01, "delta_no_att": 1e-4, "delta": 1e-4}
     # the paper's per-image forms are ~B c / (2 h w) times smaller: there the paper's fixed 0.01
     assert make_settings("delta", recipe="paper").resolved().alpha == 0.01
     assert make_settings("delta_no_att", recipe="paper").resolved().alpha == 0.01

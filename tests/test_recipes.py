@@ -98,7 +98,8 @@ def test_source_with_batch_statistics_makes_the_step0_term_exactly_zero(feature_
     target = copy.deepcopy(source).train()  # batch statistics, as during training
     before = {k: v.clone() for k, v in source.state_dict().items()}
     x = torch.randn(6, 3, 12, 12)
-    reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, feature_map)
+    reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, alpha=1.0, beta=0.0, weight_decay=0.0,
+                      feature_map=feature_map)
     rectify = feature_map == "activation"
     batch_source = batch_statistics_copy(source)
     for src, zero in ((source, False), (batch_source, True)):
@@ -118,7 +119,7 @@ def test_attention_head_bn_mode(mode):
     target = copy.deepcopy(source)
     target.fc = nn.Linear(16, 3)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    reg = L2FE(target, source, "fc", TINY_LAYERS, 0.0, 0.0, 1e-4)
+    reg = L2FE(target, source, "fc", TINY_LAYERS, weight_decay=1e-4)
     from fastdelta.data import resolve_data
     data = resolve_data(arrays(), None, resize=16, crop=12)
     train_loop(target, source, reg, data.train, TrainSpec(3, 0.01, 0.9, 4, progress=False, extractor_bn=mode),
@@ -168,7 +169,7 @@ def test_backbone_lr_multiplier_and_nesterov_reach_the_update():
 def test_param_groups_split_only_when_needed():
     source = tiny_net().eval()
     target = copy.deepcopy(source)
-    reg = make_method("l2", target, source, "fc", TINY_LAYERS, 0.0, 0.0, 0.0)
+    reg = make_method("l2", target, source, "fc", TINY_LAYERS, alpha=0.0, beta=0.0, weight_decay=0.0)
     params = list(target.parameters())
     assert len(param_groups(reg, params)) == 1
     head, rest = param_groups(reg, params, 0.1)

@@ -91,8 +91,9 @@ def test_terms_match_float64_reference(method, feature_map):
     x = torch.randn(4, 3, 12, 12)
     weights = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
     for no_att_scale in (["sum", "uniform_attention"] if method == "delta_no_att" else ["sum"]):
-        reg = make_method(method, target, source, "fc", TINY_LAYERS, ALPHA, BETA, WD, feature_map,
-                               weights if METHODS[method].uses_attention else None, no_att_scale)
+        reg = make_method(method, target, source, "fc", TINY_LAYERS,
+                          weights if METHODS[method].uses_attention else None, alpha=ALPHA, beta=BETA,
+                          weight_decay=WD, feature_map=feature_map, delta_no_att_scale=no_att_scale)
         terms = regularizer_terms(reg, source, target, x)
         ref_reg, ref_head = reference_terms(method, source, target, x, weights, feature_map, no_att_scale)
         ref_reg = torch.as_tensor(ref_reg, dtype=torch.float64)
@@ -108,8 +109,9 @@ def test_feature_map_forms_read_different_tensors():
     torch.manual_seed(4)
     source, target = nets()
     x = torch.randn(4, 3, 12, 12)
-    values = {form: float(regularizer_terms(make_method("delta_no_att", target, source, "fc", TINY_LAYERS,
-                                                             1.0, 0.0, 0.0, form), source, target, x).reg)
+    values = {form: float(regularizer_terms(make_method("delta_no_att", target, source, "fc", TINY_LAYERS, alpha=1.0,
+                                                        beta=0.0, weight_decay=0.0, feature_map=form),
+                                            source, target, x).reg)
               for form in ("conv", "relu_conv", "activation")}
     assert len({round(v, 6) for v in values.values()}) == 3, values
 
@@ -121,7 +123,8 @@ def test_source_energy_float64():
     source, target = nets()
     x = torch.randn(3, 3, 12, 12)
     for form in ("conv", "activation"):
-        reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, form)
+        reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, alpha=1.0, beta=0.0, weight_decay=0.0,
+                          feature_map=form)
         with FeatureTaps(source, reg.taps, rectify=form == "activation") as ts:
             _, s_feats = ts(x)
         energy = [e / 3 for e in reg.source_energy(s_feats)]
@@ -154,10 +157,10 @@ def test_delta_without_attention_uniform_form_is_uniform_attention():
     with FeatureTaps(target, TINY_LAYERS) as tt, FeatureTaps(source, TINY_LAYERS) as ts:
         t_feats, s_feats = tt(x)[1], ts(x)[1]
     uniform = [torch.full((8,), 1 / 8), torch.full((16,), 1 / 16)]
-    a = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "relu_conv", None,
-                         "uniform_attention").terms(t_feats, s_feats)
-    b = make_method("delta", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "relu_conv",
-                         uniform).terms(t_feats, s_feats)
+    a = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, None, alpha=1.0, beta=0.0, weight_decay=0.0,
+                    feature_map="relu_conv", delta_no_att_scale="uniform_attention").terms(t_feats, s_feats)
+    b = make_method("delta", target, source, "fc", TINY_LAYERS, uniform, alpha=1.0, beta=0.0, weight_decay=0.0,
+                    feature_map="relu_conv").terms(t_feats, s_feats)
     assert torch.allclose(a.reg, b.reg)
 
 
@@ -194,14 +197,14 @@ def test_paper_forms_are_equations_5_and_8(method, feature_map):
     x = torch.randn(5, 3, 12, 12)
     weights = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
     att = weights if method == "delta" else None
-    reg = make_method(method, target, source, "fc", TINY_LAYERS, ALPHA, BETA, WD, feature_map, att, "paper_eq5",
-                      delta_scale="paper_eq8")
+    reg = make_method(method, target, source, "fc", TINY_LAYERS, att, alpha=ALPHA, beta=BETA, weight_decay=WD,
+                      feature_map=feature_map, delta_no_att_scale="paper_eq5", delta_scale="paper_eq8")
     want = paper_reference(source, target, x, att, feature_map)
     assert float(want) > 0
     assert float(regularizer_terms(reg, source, target, x).reg) == pytest.approx(float(want), rel=2e-5)
     # under DDP each rank's term is its shard's mean, so the averaged gradient is the global mean's
-    reg2 = make_method(method, target, source, "fc", TINY_LAYERS, ALPHA, BETA, WD, feature_map, att, "paper_eq5",
-                       delta_scale="paper_eq8", world_size=2)
+    reg2 = make_method(method, target, source, "fc", TINY_LAYERS, att, alpha=ALPHA, beta=BETA, weight_decay=WD,
+                       feature_map=feature_map, delta_no_att_scale="paper_eq5", delta_scale="paper_eq8", world_size=2)
     assert float(regularizer_terms(reg2, source, target, x).reg) == pytest.approx(float(want), rel=2e-5)
 
 
@@ -209,7 +212,8 @@ def test_paper_source_energy_is_per_image_too():
     torch.manual_seed(7)
     source, target = nets()
     x = torch.randn(3, 3, 12, 12)
-    reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, 1.0, 0.0, 0.0, "conv", None, "paper_eq5")
+    reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, None, alpha=1.0, beta=0.0, weight_decay=0.0,
+                      feature_map="conv", delta_no_att_scale="paper_eq5")
     with FeatureTaps(source, reg.taps) as ts:
         _, s_feats = ts(x)
     energy = [e / 3 for e in reg.source_energy(s_feats)]

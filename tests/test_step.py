@@ -77,8 +77,8 @@ def _stepper(method, options, bn=True):
     target = tiny_net(bn=bn)
     target.fc = torch.nn.Linear(16, 3)
     att = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
-    reg = make_method(method, target, source, "fc", TINY_LAYERS, 0.01, 0.01, 1e-4,
-                           attention=att if method in ("delta", "l2_sp_att") else None)
+    reg = make_method(method, target, source, "fc", TINY_LAYERS, att if method in ("delta", "l2_sp_att") else None,
+                      alpha=0.01, beta=0.01, weight_decay=1e-4)
     params = reg.trainable_parameters(target)
     if reg.freezes_extractor:
         target.requires_grad_(False).eval()

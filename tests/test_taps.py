@@ -24,7 +24,7 @@ def test_taps_return_the_layer_outputs_and_clean_up():
 def test_delta_loss_compiles_as_one_graph():
     source = tiny_net().eval().requires_grad_(False)
     target = copy.deepcopy(source).requires_grad_(True).train()
-    reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, 0.01, 0.01, 1e-4)
+    reg = make_method("delta_no_att", target, source, "fc", TINY_LAYERS, alpha=0.01, beta=0.01, weight_decay=1e-4)
     t_taps, s_taps = FeatureTaps(target, TINY_LAYERS), FeatureTaps(source, TINY_LAYERS)
 
     def loss_fn(x, y):

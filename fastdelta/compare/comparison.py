@@ -37,6 +37,7 @@ from ..data.fingerprint import array_fingerprint, dataset_fingerprint, fingerpri
 from ..demo import environment
 from ..ioutil import atomic_write_text
 from ..methods import METHODS
+from ..methods.hyperparameters import PAPER_GRID  # noqa: F401  (re-exported: the paper's grid)
 from ..methods.parameter_norm import tapped_conv
 from ..networks.models import build_networks, guess_arch
 from ..progress import progress_bar
@@ -47,8 +48,11 @@ from ..train.loop import NonFiniteLossError
 from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
                        min_max, pick_low_activation_filters, pick_map_layer, tap_maps)
 
-PAPER_GRID = (0.0001, 0.001, 0.01, 0.1, 0.2)
 SEARCHES = ("alpha", "grid", "none")
+# the fit settings compare sets itself for each run
+COMPARE_SETS = ("seed", "method", "run_dir", "resume", "eval_every", "eval_images", "attention", "lr_schedule")
+# how a search run's folder names a hyperparameter's value (search/delta_a0.001_b0.01)
+SHORT_NAMES = {"alpha": "a", "beta": "b"}
 SCHEMA = "fastdelta.compare/1"
 
 
@@ -57,8 +61,8 @@ class CompareSettings:
     methods: Sequence[str] = tuple(METHODS)
     seeds: int = 3                        # seeds 0 .. seeds-1
     search: str = "alpha"
-    alpha_grid: Sequence[float] = PAPER_GRID
-    beta_grid: Sequence[float] = PAPER_GRID
+    alpha_grid: Optional[Sequence[float]] = None  # None: each method's own grid (Method.hyperparameters)
+    beta_grid: Optional[Sequence[float]] = None
     val_fraction: float = 0.2             # share of each class's training images held out for the search
     folds: int = 1                        # >= 2: K-fold cross-validation (the paper: 5) instead of one holdout
     schedules: Sequence[str] = ("step", "exp")  # Fig. 3: the first seed's l2_sp and delta under each
@@ -79,6 +83,8 @@ class CompareSettings:
         if self.search not in SEARCHES:
             raise SettingsError(f"search={self.search!r}: expected one of {SEARCHES}")
         for name in ("alpha_grid", "beta_grid"):
+            if getattr(self, name) is None:
+                continue
             grid = list(getattr(self, name))
             if not grid or not all(isinstance(v, (int, float)) and v > 0 for v in grid):
                 raise SettingsError(f"{name}={grid!r}: must be a non-empty list of numbers > 0")
@@ -207,10 +213,26 @@ def _train_root(train):
     return train
 
 
-def _grid(cs: CompareSettings, beta: float):
-    if cs.search == "grid":
-        return [(a, b) for b in cs.beta_grid for a in cs.alpha_grid]
-    return [(a, beta) for a in cs.alpha_grid]
+def _grid(cs: CompareSettings, method: type, fixed: dict) -> list:
+    """The points a search fits for `method`, each {hyperparameter: value} over its tuned ones: search
+    "alpha" varies the first (alpha) with the others at `fixed`, "grid" every combination, the first
+    varying fastest. A tuned hyperparameter's values are its declared grid, or alpha_grid / beta_grid."""
+    grids = {h.name: list(h.grid) for h in method.hyperparameters if h.grid}
+    for name, override in (("alpha", cs.alpha_grid), ("beta", cs.beta_grid)):
+        if override is not None and name in grids:
+            grids[name] = list(override)
+    names = list(grids)
+    searched = names if cs.search == "grid" else names[:1]
+    points = [{}]
+    for name in reversed(names):  # the first name innermost, as the paper's tables read
+        values = grids[name] if name in searched else [fixed[name]]
+        points = [{name: v, **rest} for rest in points for v in values]
+    return [{k: p[k] for k in names} for p in points]
+
+
+def _search_name(method: str, point: dict, fold: int, folds: int) -> str:
+    return (f"search/{method}" + "".join(f"_{SHORT_NAMES.get(k, k)}{v:g}" for k, v in point.items())
+            + (f"_fold{fold}" if folds > 1 else ""))
 
 
 class _Runner:
@@ -296,51 +318,58 @@ def _conventions_of(method: type) -> tuple:
     return ("attention_sample", "attention_normalisation") + (("delta_scale",) if method.uses_source_features else ())
 
 
-def _search(cs: CompareSettings, runner: _Runner, train, methods, base_beta: float, seed: int, bar) -> dict:
+def _search(cs: CompareSettings, runner: _Runner, train, methods, base_settings, seed: int, bar) -> dict:
     """Every grid point of every method fitted on each split's fit part and scored on its validation part
-    (the mean over folds with cross-validation); the best score wins, ties keep the smaller alpha."""
+    (the mean over folds with cross-validation); the best score wins, ties keep the earlier point (the
+    smaller alpha)."""
     splits = validation_splits(train, cs, seed)
     uses_attention = any(METHODS[m].uses_attention for m in methods)
     attention = [runner.attention(fit_part, seed) if uses_attention else None for fit_part, _ in splits]
     results, chosen = [], {}
     for method in methods:
         best = None
-        for alpha, beta in _grid(cs, base_beta):
-            bar.set_postfix_str(f"search {method} alpha={alpha:g} beta={beta:g}")
-            folds = [_search_fit(runner, cs, method, alpha, beta, seed, k, part, att)
+        for point in _grid(cs, METHODS[method], _fixed_values(base_settings, method)):
+            bar.set_postfix_str(f"search {method} " + " ".join(f"{k}={v:g}" for k, v in point.items()))
+            folds = [_search_fit(runner, cs, method, point, seed, k, part, att)
                      for k, (part, att) in enumerate(zip(splits, attention))]
             ok = all(f["status"] == "ok" for f in folds)
             top1 = float(np.mean([f["val_top1"] for f in folds])) if ok else None
             status = "ok" if ok else next(f["status"] for f in folds if f["status"] != "ok")
-            record = {"method": method, "alpha": alpha, "beta": beta, "val_top1": top1, "status": status,
+            record = {"method": method, **point, "val_top1": top1, "status": status,
                       "seconds": _total_seconds(folds), "reused": all(f["reused"] for f in folds)}
             if cs.folds > 1:
                 record["folds"] = folds
             results.append(record)
-            if top1 is not None and (best is None or top1 > best[0]):  # ties keep the smaller alpha
-                best = (top1, alpha, beta)
+            if top1 is not None and (best is None or top1 > best[0]):
+                best = (top1, point)
             bar.update(1)
         if best is None:
             raise RuntimeError(f"search: every {method} run diverged; see {runner.out / 'runs' / 'search'}")
-        chosen[method] = {"alpha": best[1], "beta": best[2], "val_top1": best[0]}
+        chosen[method] = {**best[1], "val_top1": best[0]}
     split = ({"fit": _size(splits[0][0]), "val": _size(splits[0][1]), "val_fraction": cs.val_fraction}
              if cs.folds == 1 else {"folds": cs.folds, "fit": [_size(f) for f, _ in splits],
                                     "val": [_size(v) for _, v in splits]})
     return {"seed": seed, "split": split, "results": results, "chosen": chosen}
 
 
-def _search_fit(runner: _Runner, cs: CompareSettings, method: str, alpha: float, beta: float, seed: int,
+def _fixed_values(s, method: str) -> dict:
+    """`method`'s hyperparameters as the settings give them (its defaults where they leave them at None)."""
+    resolved = dataclasses.replace(s, method=method).resolved()
+    return {name: getattr(resolved, name) for name in METHODS[method].declared()}
+
+
+def _search_fit(runner: _Runner, cs: CompareSettings, method: str, point: dict, seed: int,
                 fold: int, part, attention) -> dict:
     """One search fit (or the finished one reused): its validation top-1 and status."""
     fit_part, val_part = part
-    name = f"search/{method}_a{alpha:g}_b{beta:g}" + (f"_fold{fold}" if cs.folds > 1 else "")
-    saved = (runner.finished(name, method, tuple(runner.fingerprint(p) for p in part), alpha=alpha, beta=beta,
+    name = _search_name(method, point, fold, cs.folds)
+    saved = (runner.finished(name, method, tuple(runner.fingerprint(p) for p in part), **point,
                              seed=seed) if cs.reuse_runs else None)
     if saved is not None:
         status, secs = saved["status"], saved.get("timings_s", {}).get("total")
         top1 = (saved.get("test") or {}).get("top1") if status == "ok" else None
     else:
-        res, secs = runner.fit(name, fit_part, val_part, method, alpha=alpha, beta=beta, seed=seed,
+        res, secs = runner.fit(name, fit_part, val_part, method, **point, seed=seed,
                                attention=attention if METHODS[method].uses_attention else None)
         status, top1 = res.status, res.test_top1 if res.status == "ok" else None
     return {"fold": fold, "val_top1": top1, "status": status, "seconds": secs, "reused": saved is not None}
@@ -500,7 +529,7 @@ def compare(model, train, test=None, methods: Sequence[str] = tuple(METHODS), se
     cs = compare_settings or CompareSettings()
     cs = dataclasses.replace(cs, methods=list(methods), seeds=seeds, search=search)
     cs.validate()
-    for key in ("seed", "method", "run_dir", "resume", "eval_every", "eval_images", "attention", "lr_schedule"):
+    for key in COMPARE_SETS:
         if key in fit_settings:
             raise SettingsError(f"compare sets {key!r} itself for each run; remove it from the settings")
     show_progress = bool(fit_settings.pop("progress", True))
@@ -518,14 +547,14 @@ def _compare_in(out: Path, model, weights, train, test, cs: CompareSettings, bas
     t_start = time.perf_counter()
     runner = _Runner(model, weights, base, out, log)
     searched = [m for m in cs.methods if METHODS[m].tuned] if cs.search != "none" else []
-    n_grid = len(_grid(cs, base_settings.beta))
+    n_grid = sum(len(_grid(cs, METHODS[m], _fixed_values(base_settings, m))) for m in searched)
     curve_runs = [(m, sch) for m in cs.methods if METHODS[m].learning_curve for sch in cs.schedules if sch != "step"]
-    total = len(searched) * n_grid + cs.seeds * len(cs.methods) + len(curve_runs)
+    total = n_grid + cs.seeds * len(cs.methods) + len(curve_runs)
     probe = _MapProbe(model, weights, base, train, test, cs.map_images)
     runner.source_sha256 = state_sha256(probe.source)
     report = {"schema": SCHEMA, "compare": {**dataclasses.asdict(cs), "methods": list(cs.methods)}}
     with progress_bar(total, "compare", "fit", show_progress) as bar:
-        search_record = (_search(cs, runner, _train_root(train), searched, base_settings.beta, 0, bar)
+        search_record = (_search(cs, runner, _train_root(train), searched, base_settings, 0, bar)
                          if searched else None)
         chosen = _chosen(cs, search_record, base_settings)
         every = max(1, base_settings.iterations // cs.curve_points) if cs.curve_points else 0
@@ -674,15 +703,17 @@ def _reused_final(runner: "_Runner", name: str, method: str, digests: tuple, fin
 
 
 def _chosen(cs: CompareSettings, search_record, s) -> Dict[str, dict]:
-    """alpha/beta per regularised method: from the search, else the given per-method or shared values."""
+    """The tuned hyperparameters per method: from the search, else the given per-method alphas / betas,
+    the settings' values or the method's defaults."""
     chosen = {}
     for m in cs.methods:
-        if not METHODS[m].tuned:
+        tuned = METHODS[m].tuned
+        if not tuned:
             continue
         if search_record is not None:
-            c = search_record["chosen"][m]
-            chosen[m] = {"alpha": c["alpha"], "beta": c["beta"]}
-        else:
-            alpha = s.alpha if s.alpha is not None else dataclasses.replace(s, method=m).resolved().alpha
-            chosen[m] = {"alpha": (cs.alphas or {}).get(m, alpha), "beta": (cs.betas or {}).get(m, s.beta)}
+            chosen[m] = {k: search_record["chosen"][m][k] for k in tuned}
+            continue
+        given = {"alpha": (cs.alphas or {}).get(m), "beta": (cs.betas or {}).get(m)}
+        fixed = _fixed_values(s, m)
+        chosen[m] = {k: given[k] if given.get(k) is not None else fixed[k] for k in tuned}
     return chosen

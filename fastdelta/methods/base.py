@@ -8,12 +8,12 @@ about it (class attributes below). Nothing else names a method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..features.forms import rectified_at_tap, rectifies, tap_modules
+from .hyperparameters import Hyperparameter, SettingField, setting_fields
 
 
 @dataclass
@@ -46,34 +46,52 @@ class Method:
     freezes_extractor = False      # only the head trains
     uses_weight_decay = False      # regularised by `weight_decay` (else by alpha / beta)
     pulls_to_source = False        # its reg term pulls parameters towards w*
-    tuned = ()                     # hyperparameters `compare` chooses on a validation split
     learning_curve = False         # one of the pair the paper's Fig. 3 compares
     activation_map = False         # a column of the paper's Fig. 6
     color = "tab:gray"             # its colour in figures
-    alpha_default = 0.01           # alpha when the settings leave it at None (the paper's fixed value)
+    # what it can be tuned by: each a setting (FitSettings field, CLI option); those with a grid are
+    # what `compare` chooses on a validation split (`tuned`, filled in by @register)
+    hyperparameters: Tuple[Hyperparameter, ...] = ()
+    tuned: Tuple[str, ...] = ()
 
     @classmethod
-    def default_alpha(cls, settings) -> float:
-        """alpha for these (resolved) settings when the user gives none; a method whose term's scale
-        depends on a convention overrides this."""
-        return cls.alpha_default
+    def declared(cls) -> Dict[str, Hyperparameter]:
+        return {h.name: h for h in cls.hyperparameters}
+
+    @classmethod
+    def default_alpha(cls, settings) -> Optional[float]:
+        """alpha for these (resolved) settings when the user gives none (None: the method has no alpha)."""
+        h = cls.declared().get("alpha")
+        return None if h is None else h.default_for(settings)
+
+    @classmethod
+    def hyperparameter_values(cls, given: Mapping[str, object]) -> Dict[str, object]:
+        """Each declared hyperparameter's value: given (not None), else its default (which may depend on
+        the others: a scale form first, then the alpha that depends on it); each checked."""
+        values = {h.name: given.get(h.name) for h in cls.hyperparameters}
+        for h in sorted(cls.hyperparameters, key=lambda h: callable(h.default)):
+            if values[h.name] is None:
+                values[h.name] = h.default_for(values)
+            h.check(values[h.name])
+        return values
 
     def __init__(self, target: nn.Module, source: nn.Module, head_name: str, layers: Sequence[str],
-                 alpha: float = 0.01, beta: float = 0.01, weight_decay: float = 1e-4, feature_map: str = "conv",
-                 attention: Optional[Sequence[torch.Tensor]] = None, delta_no_att_scale: str = "sum", *,
-                 delta_scale: str = "public", distance_impl: str = "auto", world_size: int = 1):
-        self.alpha, self.beta, self.weight_decay = alpha, beta, weight_decay
+                 attention: Optional[Sequence[torch.Tensor]] = None, *, distance_impl: str = "auto",
+                 world_size: int = 1, **hyperparameters):
+        """hyperparameters: this method's (`hyperparameters`), each set as an attribute; the ones other
+        registered methods declare are ignored (one set of settings serves every method), any other
+        name is an error."""
+        unknown = sorted(set(hyperparameters) - set(all_hyperparameters()))
+        if unknown:
+            raise TypeError(f"{self.name}: unknown hyperparameter(s) {unknown}; registered methods declare "
+                            f"{sorted(all_hyperparameters())}")
+        for key, value in self.hyperparameter_values(hyperparameters).items():
+            setattr(self, key, value)
         self.layers = list(layers)
-        self.feature_map, self.delta_no_att_scale, self.delta_scale = feature_map, delta_no_att_scale, delta_scale
         self.distance_impl = distance_impl  # which fused kernel computes feature-map distances
         # per-batch sums x world size under DDP, so that gradients averaged over ranks match one process
         self.sum_scale = float(world_size)
         self.world_size = world_size
-        self.relu = rectifies(feature_map)
-        self.rectify_at_tap = rectified_at_tap(feature_map)
-        self.taps = tap_modules(target, self.layers, feature_map)  # the modules whose outputs are read
-        self.tap_follows = {t: l for t, l in zip(self.taps, self.layers) if t != l}
-        self.layer_scale: Optional[List[float]] = None  # feature_scale "source_energy": 1 / E_l per layer
         prefix = head_name + "."
         self.head_params = [p for n, p in target.named_parameters() if n.startswith(prefix)]
         self.shared = [(n, p) for n, p in target.named_parameters() if not n.startswith(prefix)]
@@ -83,6 +101,19 @@ class Method:
         self.attention = None if attention is None else [a.detach().float().to(device) for a in attention]
         if self.uses_attention and self.attention is None:
             raise ValueError(f"{self.name} needs channel attention")
+
+    def source_network(self, source: nn.Module) -> nn.Module:
+        """The network whose feature maps the step compares with the target's (methods with source features)."""
+        return source
+
+    def prepare(self, source: nn.Module, images: Iterable[torch.Tensor]) -> dict:
+        """Work before training that needs the data (`images`: batches of training images on the device,
+        read only if iterated; e.g. measuring a scale); what to record in the run's settings."""
+        return {}
+
+    def explain_divergence(self) -> str:
+        """What to add to the message when this method's loss diverged ('' for nothing)."""
+        return ""
 
     def trainable_parameters(self, target: nn.Module) -> List[nn.Parameter]:
         return self.head_params if self.freezes_extractor else [p for p in target.parameters()]
@@ -113,8 +144,35 @@ def register(cls: type) -> type:
     """Class decorator: make a Method subclass available by its name (the order is the tables' order)."""
     if not cls.name or cls.name in METHODS:
         raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    cls.tuned = tuple(h.name for h in cls.hyperparameters if h.grid)
+    setting_fields({**METHODS, cls.name: cls})  # a clash with another method's declaration fails here
     METHODS[cls.name] = cls
+    _registry_changed()
     return cls
+
+
+def unregister(name: str) -> None:
+    """Remove method `name` (and the settings only it declared)."""
+    METHODS.pop(name)
+    _registry_changed()
+
+
+# told after the registry changed: FitSettings takes a new method's hyperparameters as fields
+_LISTENERS: List[Callable[[], None]] = []
+
+
+def on_registry_change(listener: Callable[[], None]) -> None:
+    _LISTENERS.append(listener)
+
+
+def _registry_changed() -> None:
+    for listener in _LISTENERS:
+        listener()
+
+
+def all_hyperparameters() -> Dict[str, SettingField]:
+    """Every registered method's hyperparameters, one setting per name."""
+    return setting_fields(METHODS)
 
 
 def method_class(name: str) -> type:
@@ -124,4 +182,6 @@ def method_class(name: str) -> type:
 
 
 def make_method(name: str, *args, **kwargs) -> Method:
+    """The method `name` built with Method's arguments (target, source, head_name, layers, attention,
+    keyword hyperparameters)."""
     return method_class(name)(*args, **kwargs)

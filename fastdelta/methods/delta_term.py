@@ -22,6 +22,13 @@ import torch
 
 from ..kernels import dispatch, reference_distance
 
+# DELTA's term: "public" = 0.5 sum_b sum_j c W_j ||d_j||^2 / (h w) (train.py); "paper_eq8" = the paper's eq. 8,
+# sum_j W_j ||d_j||^2 per image, mean over the batch
+DELTA_SCALES = ("public", "paper_eq8")
+# DELTA w/o ATT's term: "sum" = 0.5 sum_b sum_j ||d_j||^2 (public fea_map); "uniform_attention" = DELTA's
+# public term with W_j = 1/c; "paper_eq5" = the paper's eq. 5, sum_j ||d_j||^2 per image, mean over the batch
+DELTA_NO_ATT_SCALES = ("sum", "uniform_attention", "paper_eq5")
+
 
 def feature_map_distance(target: torch.Tensor, source: torch.Tensor, channel_scale: torch.Tensor,
                          relu: bool = True, impl: str = "auto") -> torch.Tensor:
@@ -79,6 +86,9 @@ class DeltaTerm:
     (the channel attention per layer, or None)."""
     layer_scale: Optional[List[float]] = None
     world_size: int = 1
+    # the scale forms (each owner sets the one its term uses: with attention delta_scale, else delta_no_att_scale)
+    delta_scale: str = "public"
+    delta_no_att_scale: str = "sum"
 
     def weights(self) -> Optional[List[torch.Tensor]]:
         return None

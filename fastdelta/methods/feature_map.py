@@ -6,8 +6,54 @@ FeatureMapRegularizer; here are the methods' formulas, defaults and loss terms.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from ..features.forms import FEATURE_MAPS, rectified_at_tap, rectifies, tap_modules
+from ..features.hooks import FeatureTaps
+from ..features.source import batch_statistics_copy
 from .base import Method, Terms, register, squared_norm
-from .delta_term import DeltaTerm
+from .delta_term import DELTA_NO_ATT_SCALES, DELTA_SCALES, DeltaTerm
+from .hyperparameters import BETA, PAPER_GRID, Hyperparameter, depends_on
+
+SOURCE_BN_MODES = ("running", "batch")
+FEATURE_SCALES = ("none", "source_energy")
+
+
+def _alpha_by_scale(form_setting: str) -> Hyperparameter:
+    """alpha whose default follows the term's scale form. With the public scaling the term is large
+    from step 0 (target BN on batch statistics, source BN on running ones): at the paper's 0.01 it
+    diverged on every committed raw-tap run, 1e-4 trained on all and was the validation choice in 26
+    of 30 searches (benchmarks/results). The paper's per-image forms are about B c / (2 h w) times
+    smaller: there the paper's fixed 0.01."""
+    def rule(values):
+        form = values[form_setting] if isinstance(values, dict) else getattr(values, form_setting)
+        return 0.01 if str(form).startswith("paper") else 1e-4
+    return Hyperparameter("alpha", depends_on(f"1e-4, or 0.01 with {form_setting}=paper_*", rule),
+                          "weight of the regulariser (feature maps or the pull to the source weights)",
+                          grid=PAPER_GRID)
+
+
+FEATURE_MAP = Hyperparameter(
+    "feature_map", "conv", "FM of a regularised layer: conv (raw output, public code), activation (ReLU after "
+    "the conv's BN, the paper's rectified map) or relu_conv (ReLU of the pre-BN output: in neither)",
+    type=str, choices=FEATURE_MAPS, recipe=True)
+SOURCE_BN = Hyperparameter(
+    "source_bn", "running", "source maps with running BN statistics (public, paper) or the batch's own "
+    "(not in the paper)", type=str, choices=SOURCE_BN_MODES)
+FEATURE_SCALE = Hyperparameter(
+    "feature_scale", "none", "source_energy: each layer's term divided by the source maps' energy per image "
+    "(not in the paper)", type=str, choices=FEATURE_SCALES)
+DELTA_NO_ATT_SCALE = Hyperparameter(
+    "delta_no_att_scale", "sum", "DELTA w/o ATT's term: sum (public fea_map, 0.5 sum ||d||^2), "
+    "uniform_attention (DELTA's public term with W = 1/c) or paper_eq5 (sum_j ||d_j||^2 per image, mean over "
+    "the batch)", type=str, choices=DELTA_NO_ATT_SCALES, recipe=True)
+DELTA_SCALE = Hyperparameter(
+    "delta_scale", "public", "DELTA's term: public (0.5 sum_j c W_j ||d_j||^2 / (h w), summed over the batch) "
+    "or paper_eq8 (sum_j W_j ||d_j||^2 per image, mean over the batch)", type=str, choices=DELTA_SCALES,
+    recipe=True)
 
 
 @register
@@ -21,22 +67,43 @@ class DeltaNoAtt(DeltaTerm, Method):
         head = beta/2 ||w_head||^2"""
     name, label, color = "delta_no_att", "DELTA w/o ATT", "tab:purple"
     uses_source_features = True
-    tuned = ("alpha", "beta")
     activation_map = True
-    # With the public scaling the term is large from step 0 (target BN on batch statistics, source BN on
-    # running ones): at the paper's 0.01 it diverged on every committed raw-tap run, 1e-4 trained on all
-    # and was the validation choice in 26 of 30 searches (benchmarks/results). The paper's per-image
-    # forms are about B c / (2 h w) times smaller: there the paper's fixed 0.01.
-    alpha_default = 1e-4
-    paper_alpha_default = 0.01
+    hyperparameters = (_alpha_by_scale("delta_no_att_scale"), BETA, FEATURE_MAP, DELTA_NO_ATT_SCALE, SOURCE_BN,
+                       FEATURE_SCALE)
 
-    @classmethod
-    def scale_form(cls, settings) -> str:
-        return settings.delta_no_att_scale
+    def __init__(self, target, source, head_name, layers, attention=None, **kwargs):
+        super().__init__(target, source, head_name, layers, attention, **kwargs)
+        self.relu = rectifies(self.feature_map)
+        self.rectify_at_tap = rectified_at_tap(self.feature_map)
+        self.taps = tap_modules(target, self.layers, self.feature_map)  # the modules whose outputs are read
+        self.tap_follows = {t: l for t, l in zip(self.taps, self.layers) if t != l}
 
-    @classmethod
-    def default_alpha(cls, settings) -> float:
-        return cls.paper_alpha_default if cls.scale_form(settings).startswith("paper") else cls.alpha_default
+    def source_network(self, source: nn.Module) -> nn.Module:
+        return source if self.source_bn == "running" else batch_statistics_copy(source)
+
+    @torch.no_grad()
+    def prepare(self, source: nn.Module, images: Iterable[torch.Tensor]) -> dict:
+        """feature_scale "source_energy": E_l per image of the source maps over `images` (batches), and each
+        layer's term divided by it from now on."""
+        energy = None
+        if self.feature_scale == "source_energy":
+            totals, n = [0.0] * len(self.taps), 0
+            with FeatureTaps(source, self.taps, rectify=self.rectify_at_tap) as taps:
+                for x in images:
+                    _, feats = taps(x)
+                    totals = [t + e for t, e in zip(totals, self.source_energy(feats))]
+                    n += len(x)
+            energy = [t / n for t in totals]
+            self.scale_by_energy(energy)
+        return {"feature_map_taps": dict(zip(self.layers, self.taps)),
+                "source_energy": None if energy is None else dict(zip(self.layers, energy))}
+
+    def explain_divergence(self) -> str:
+        if self.feature_map == "conv" and self.feature_scale == "none":
+            return ("with raw conv taps the feature-map term grows with the network's pre-BN activations, so an "
+                    "alpha tuned elsewhere can diverge here: lower alpha, or use feature_map='activation' "
+                    "(recipe='paper') or feature_scale='source_energy'")
+        return ""
 
     def terms(self, target_feats=None, source_feats=None) -> Terms:
         return Terms(self.delta_term(target_feats, source_feats, coef=self.alpha),
@@ -57,10 +124,7 @@ class Delta(DeltaNoAtt):
     name, label, color = "delta", "DELTA", "tab:red"
     uses_attention = True
     learning_curve = True
-
-    @classmethod
-    def scale_form(cls, settings) -> str:
-        return settings.delta_scale
+    hyperparameters = (_alpha_by_scale("delta_scale"), BETA, FEATURE_MAP, DELTA_SCALE, SOURCE_BN, FEATURE_SCALE)
 
     def weights(self):
         return self.attention

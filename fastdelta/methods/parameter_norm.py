@@ -7,6 +7,11 @@ import torch
 import torch.nn as nn
 
 from .base import Method, Pull, Terms, register, squared_norm
+from .hyperparameters import BETA, PAPER_GRID, WEIGHT_DECAY, Hyperparameter
+
+# L2-SP's alpha: the paper's fixed 0.01, searched over the paper's grid
+ALPHA_SP = Hyperparameter("alpha", 0.01, "weight of the regulariser (feature maps or the pull to the source weights)",
+                          grid=PAPER_GRID)
 
 
 @register
@@ -17,6 +22,7 @@ class L2FE(Method):
     name, label = "l2_fe", "L2-FE"
     freezes_extractor = True
     uses_weight_decay = True
+    hyperparameters = (WEIGHT_DECAY,)
 
     def terms(self, target_feats=None, source_feats=None) -> Terms:
         return Terms(self.zero(), 0.5 * self.weight_decay * squared_norm(self.head_params))
@@ -32,6 +38,7 @@ class L2(Method):
         reg = wd/2 ||w_shared||^2,   head = wd/2 ||w_head||^2"""
     name, label, color = "l2", "L2", "tab:blue"
     uses_weight_decay = True
+    hyperparameters = (WEIGHT_DECAY,)
     activation_map = True
 
     def terms(self, target_feats=None, source_feats=None) -> Terms:
@@ -49,7 +56,7 @@ class L2SP(Method):
         reg = alpha/2 ||w_shared - w*||^2   (BN affine included),   head = beta/2 ||w_head||^2"""
     name, label, color = "l2_sp", "L2-SP", "tab:orange"
     pulls_to_source = True
-    tuned = ("alpha", "beta")
+    hyperparameters = (ALPHA_SP, BETA)
     learning_curve = True
     activation_map = True
 
@@ -89,8 +96,8 @@ class L2SPAtt(L2SP):
     learning_curve = False
     activation_map = False
 
-    def __init__(self, target, source, head_name, layers, *args, **kwargs):
-        super().__init__(target, source, head_name, layers, *args, **kwargs)
+    def __init__(self, target, source, head_name, layers, attention=None, **kwargs):
+        super().__init__(target, source, head_name, layers, attention, **kwargs)
         self._weights = {}
         for layer, W in zip(self.layers, self.attention):
             conv = tapped_conv(target, layer, W.numel())
