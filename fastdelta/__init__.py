@@ -1,6 +1,6 @@
 """fastdelta: DELTA transfer learning (feature maps with supervised attention) and its baselines."""
 from .compare import CompareSettings, compare
-from .fit import attention, fit
+from .fitting import attention, fit
 from .ioutil import OutputError
 from .methods import METHODS, Method, register
 from .methods.attention import ChannelAttention, normalize_attention

@@ -1,17 +1,16 @@
 """Which images Algorithm 1 measures, and that a cached attention is the one a fresh run would use."""
 import dataclasses
-import importlib
 
 import numpy as np
 import pytest
 import torch
 
 import fastdelta
-from fastdelta.fit import attention_indices
+import fastdelta.fitting as fit_module
+from fastdelta.fitting import attention_indices
 from fastdelta.settings import FitSettings
 from tiny import TINY_LAYERS, arrays, tiny_net
 
-fit_module = importlib.import_module("fastdelta.fit")  # the module, not the function fastdelta.fit
 
 SMALL = dict(iterations=2, batch_size=4, resize=16, crop=16, layers=TINY_LAYERS, progress=False,
              attention_head_epochs=1)

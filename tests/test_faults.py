@@ -3,7 +3,6 @@ read-only) is an OutputError with nothing half-written, and SIGTERM/SIGINT stop 
 either way the run resumes to the weights of an uninterrupted one, bit for bit."""
 import builtins
 import errno
-import importlib
 import json
 import os
 import signal
@@ -22,11 +21,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import fastdelta
+import fastdelta.fitting as fit_module
 from fastdelta.train import loop
 from fastdelta.train.checkpoint import checkpoint_files
 from tiny import TINY_LAYERS, arrays, tiny_net
 
-fit_module = importlib.import_module("fastdelta.fit")  # `fastdelta.fit` itself is the function
 
 RUN = dict(method="delta", layers=TINY_LAYERS, iterations=6, checkpoint_every=2, batch_size=4, resize=16, crop=12,
            progress=False, attention_cache=None, attention_head_epochs=1, eval_batch_size=8)

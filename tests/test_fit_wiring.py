@@ -2,7 +2,6 @@
 written from the definitions: attention_head_bn (how Algorithm 1's L2-FE head trains), source_bn (which
 BN statistics the source maps use) and feature_scale="source_energy" (each layer's term divided by E_l)."""
 import copy
-import importlib
 
 import numpy as np
 import pytest
@@ -10,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import fastdelta
+import fastdelta.fitting as fit_module
 from fastdelta.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastdelta.features.source import SourceFeatures, batch_statistics_copy
 from tiny import TINY_LAYERS, arrays, tiny_net
 
-fit_module = importlib.import_module("fastdelta.fit")  # the module, not the function fastdelta.fit
 
 SMALL = dict(iterations=2, batch_size=4, resize=16, crop=16, layers=TINY_LAYERS, progress=False,
              attention_cache=None)

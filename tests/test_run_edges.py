@@ -1,7 +1,6 @@
 """Messages that name the cause, and the edges of long runs: NaN inputs and NaN weights named as such, a
 batch of one under BatchNorm, `fastdelta fit --resume RUN` alone (and its hint, shell-quoted), a stalled
 rank, SIGTERM outside the training loop, and resuming a run that already finished."""
-import importlib
 import json
 import os
 import shlex
@@ -15,12 +14,12 @@ import pytest
 import torch
 
 import fastdelta
+import fastdelta.fitting as fit_module
 from fastdelta import cli
 from fastdelta.data import DataError
 from fastdelta.train import loop
 from tiny import TINY_LAYERS, arrays, image_folder, sigterm_must_be_handled, tiny_net
 
-fit_module = importlib.import_module("fastdelta.fit")  # `fastdelta.fit` itself is the function
 TESTS = os.path.dirname(os.path.abspath(__file__))
 RUN = dict(method="l2", layers=TINY_LAYERS, iterations=4, checkpoint_every=2, batch_size=4, resize=16, crop=12,
            progress=False, attention_cache=None, attention_head_epochs=1, eval_batch_size=8)

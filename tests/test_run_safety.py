@@ -3,7 +3,6 @@ that are training images, output folders taken for classes, a poisoned cache ent
 file modes, and a disk that fills late. Each goes through fastdelta.fit / compare / the CLI."""
 import builtins
 import errno
-import importlib
 import json
 import os
 import shutil
@@ -17,11 +16,11 @@ import torch
 from PIL import Image
 
 import fastdelta
+import fastdelta.fitting as fit_module
 from fastdelta.compare.comparison import CompareSettings, compare
 from fastdelta.data import DataError, resolve_data
 from tiny import TINY_LAYERS, arrays, image_folder, tiny_net
 
-fit_module = importlib.import_module("fastdelta.fit")  # `fastdelta.fit` itself is the function
 TESTS = os.path.dirname(os.path.abspath(__file__))
 RUN = dict(method="l2", layers=TINY_LAYERS, iterations=4, checkpoint_every=2, batch_size=4, resize=16, crop=12,
            progress=False, attention_cache=None, attention_head_epochs=1, eval_batch_size=8)
