@@ -11,7 +11,7 @@ test = load_fashion_mnist("test")
 common = dict(weights="imagenet", iterations=100, batch_size=32, lr=0.01, beta=0.01, resize=37, crop=32, seed=0, progress=False)
 out = {}
 t0 = time.time()
-att = fastdelta.attention("efficientnet_lite0", train, attention_head_epochs=100, **common)
+att = fastdelta.compute_attention("efficientnet_lite0", train, attention_head_epochs=100, **common)
 out["head"] = att.head
 d = resolve_data(train, test, resize=37, crop=32)
 ts = materialise(d.test, d.classes)

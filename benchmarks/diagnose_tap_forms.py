@@ -95,7 +95,7 @@ def main(argv=None):
     test = (x_te[:a.test_images], y_te[:a.test_images])
     resize, crop = round(a.image_size * 256 / 224), a.image_size
     common = dict(batch_size=32, lr=0.01, resize=resize, crop=crop, seed=a.seed, progress=False)
-    att = fastdelta.attention("efficientnet_lite0", train, weights="imagenet", **common)
+    att = fastdelta.compute_attention("efficientnet_lite0", train, weights="imagenet", **common)
     data = resolve_data(train, test, resize=resize, crop=crop)
     device = torch.device("cpu")
     rows = []

@@ -1,6 +1,6 @@
 """fastdelta: DELTA transfer learning (feature maps with supervised attention) and its baselines."""
 from .compare import CompareSettings, compare
-from .fitting import attention, fit
+from .fitting import compute_attention, fit
 from .ioutil import OutputError
 from .methods import METHODS, Method, register
 from .methods.attention import ChannelAttention, normalize_attention
@@ -12,7 +12,7 @@ from .train.loop import NonFiniteLossError
 from .train.preempt import Preempted
 
 __version__ = "0.1.0"
-__all__ = ["fit", "attention", "compare", "CompareSettings", "FitResult", "FitSettings", "ChannelAttention",
+__all__ = ["fit", "compute_attention", "compare", "CompareSettings", "FitResult", "FitSettings", "ChannelAttention",
            "METHODS", "Method", "register", "DEFAULT_LAYERS", "FeatureMapRegularizer", "SourcePull",
            "channel_attention", "NonFiniteLossError", "ModelError", "SettingsError", "normalize_attention",
            "OutputError", "Preempted", "__version__"]

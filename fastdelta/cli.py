@@ -398,7 +398,7 @@ def _attention(args) -> None:
     from .train.preempt import StopOutsideTraining
     # SIGTERM/SIGINT: a Preempted (exit 4) saying that nothing was kept, not a silent death
     with _output_folder(args.out), StopOutsideTraining(phase="computing the channel attention").installed():
-        att = fastdelta.attention(args.model, args.data, attention_head_epochs=args.head_epochs,
+        att = fastdelta.compute_attention(args.model, args.data, attention_head_epochs=args.head_epochs,
                                   distributed=_under_torchrun(), **_settings(args))
         if not _is_main():
             return

@@ -77,7 +77,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     att = None
     if any(method_class(m).uses_attention for m in cfg.methods):
         t0 = time.perf_counter()
-        att = fastdelta.attention(DEMO_MODEL, train, **common)
+        att = fastdelta.compute_attention(DEMO_MODEL, train, **common)
         how = ", ".join(f"{l}: {r}" for l, r in att.impl.items()) if isinstance(att.impl, dict) else att.impl
         log(f"channel attention from {att.images} training images in {time.perf_counter() - t0:.1f} s ({how})")
         att.save(out / "channel_attention.json")

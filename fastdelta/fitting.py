@@ -1,4 +1,4 @@
-"""`fastdelta.fit` and `fastdelta.attention`: the library entry points."""
+"""`fastdelta.fit` and `fastdelta.compute_attention`: the library entry points."""
 from __future__ import annotations
 
 import copy
@@ -57,7 +57,7 @@ def seed_everything(seed: int) -> None:
 def _prepare(model, train_data, test_data, weights, settings: FitSettings, stop: Optional[StopOutsideTraining] = None,
              trains_target: bool = True):
     """Settings with the architecture's defaults, then data, then networks (the head needs the class count);
-    trains_target=False: only the attention's head is trained (fastdelta.attention)."""
+    trains_target=False: only the attention's head is trained (fastdelta.compute_attention)."""
     arch = model if isinstance(model, str) else guess_arch(model) if isinstance(model, nn.Module) else None
     s = settings.resolved(arch)
     seed_everything(s.seed)
@@ -145,7 +145,7 @@ def _labels_of(dataset):
     return None if targets is None else [int(t) for t in targets]
 
 
-def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistContext = DistContext(),
+def measure_attention(nets: Networks, data, s: FitSettings, device, ctx: DistContext = DistContext(),
                       log=print) -> ChannelAttention:
     """Algorithm 1 on a copy of the target: train the L2-FE head (identically on every rank), then
     sum each channel's loss increase over the images (split across ranks, sums all-reduced).
@@ -375,8 +375,8 @@ def _fit(model, train, test, weights, requested: FitSettings, stop: StopOutsideT
     if attention is None and method_class(s.method).uses_attention:
         stop.phase = "computing the channel attention, before training"
         attention = (_load_attention(s.attention, nets, s) if s.attention is not None
-                     else compute_attention(nets, data, s, device, ctx))
-        if s.attention is None and not ctx.active:  # compute_attention stored it there
+                     else measure_attention(nets, data, s, device, ctx))
+        if s.attention is None and not ctx.active:  # measure_attention stored it there
             stop.cached_attention = cache_dir(s.attention_cache)
         timings["attention"] = attention.timings.get("total", 0.0)
     stop.phase = "preparing the training, before training"
@@ -516,10 +516,10 @@ def _save(result: FitResult, run_dir: Path, checkpoint_dir) -> None:
         raise write_failed(f"the results in {run_dir}", e, checkpoint_dir) from e
 
 
-def attention(model: Union[str, nn.Module], train, weights=None, **settings) -> ChannelAttention:
+def compute_attention(model: Union[str, nn.Module], train, weights=None, **settings) -> ChannelAttention:
     """Only the channel attention (Algorithm 1) for `model` on `train`."""
     s, data, nets = _prepare(model, train, None, weights, make_settings(**settings), trains_target=False)
     ctx, device = _context(s)
     nets.source.to(device)
     nets.target.to(device)
-    return compute_attention(nets, data, s, device, ctx)
+    return measure_attention(nets, data, s, device, ctx)

@@ -21,7 +21,7 @@ Trainer, a Lightning module); the README shows a 25-line loop whose losses equal
   a frozen copy truncated after the last regularised layer with BN folded where exact, it moves with
   `.to()`, runs under your autocast, and the distance is the fused kernel (fastdelta.kernels).
 - `channel_attention(model, layers, batches)`: Algorithm 1's channel weights for a classifier whose
-  head is already trained on the target task with the source extractor frozen (`fastdelta.attention`
+  head is already trained on the target task with the source extractor frozen (`fastdelta.compute_attention`
   trains that head first).
 - `SourcePull(model, source, alpha)`: alpha/2 ||w - w*||^2 over the non-head parameters (L2-SP) added
   to the gradients after your backward, for any optimizer.

@@ -95,10 +95,10 @@ def test_a_cached_attention_is_what_a_fresh_run_computes(name, tmp_path):
     a run without the cache computes with that setting (a hit is fine only if nothing changed)."""
     data = arrays(4, 3)
     base = dict(SMALL, batch_size=4, attention_head_epochs=2, eval_batch_size=5)
-    fastdelta.attention(tiny_net(num_classes=3), data, attention_cache=str(tmp_path), **base)
+    fastdelta.compute_attention(tiny_net(num_classes=3), data, attention_cache=str(tmp_path), **base)
     changed = {**base, name: ALTERNATIVES[name]}
-    cached = fastdelta.attention(tiny_net(num_classes=3), data, attention_cache=str(tmp_path), **changed)
-    fresh = fastdelta.attention(tiny_net(num_classes=3), data, attention_cache=None, **changed)
+    cached = fastdelta.compute_attention(tiny_net(num_classes=3), data, attention_cache=str(tmp_path), **changed)
+    fresh = fastdelta.compute_attention(tiny_net(num_classes=3), data, attention_cache=None, **changed)
     assert cached.layers == fresh.layers
     for a, b in zip(cached.weights, fresh.weights):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
@@ -106,7 +106,7 @@ def test_a_cached_attention_is_what_a_fresh_run_computes(name, tmp_path):
 
 def test_fit_normalises_a_precomputed_attention_with_its_own_settings():
     data = arrays(4, 3)
-    att = fastdelta.attention(tiny_net(num_classes=3), data, attention_cache=None, **SMALL)
+    att = fastdelta.compute_attention(tiny_net(num_classes=3), data, attention_cache=None, **SMALL)
     res = fastdelta.fit(tiny_net(num_classes=3), data, None, method="delta", attention=att,
                         attention_temperature=0.5, **SMALL)
     assert res.attention.temperature == 0.5 and res.settings["attention_temperature"] == 0.5

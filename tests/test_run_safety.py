@@ -279,8 +279,8 @@ def test_disk_full_at_model_pt_is_an_output_error_naming_the_checkpoint(tmp_path
 def test_cli_attention_on_a_full_disk_exits_2(tmp_path, monkeypatch, capsys):
     from fastdelta import cli
     data = folder(tmp_path / "data", per_class=4)
-    att = fastdelta.attention(tiny_net(num_classes=2), str(data), layers=TINY_LAYERS, batch_size=4, resize=16,
-                              crop=12, progress=False, attention_cache=None, attention_head_epochs=1)
+    att = fastdelta.compute_attention(tiny_net(num_classes=2), str(data), layers=TINY_LAYERS, batch_size=4, resize=16,
+                                      crop=12, progress=False, attention_cache=None, attention_head_epochs=1)
     real_open = builtins.open
 
     def open_(file, mode="r", *args, **kwargs):
@@ -288,7 +288,7 @@ def test_cli_attention_on_a_full_disk_exits_2(tmp_path, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(fastdelta, "attention", lambda *a, **k: att)
+    monkeypatch.setattr(fastdelta, "compute_attention", lambda *a, **k: att)
     monkeypatch.setattr(builtins, "open", open_)
     assert cli.main(["attention", "--data", str(data), "--out", str(tmp_path / "att"), "--no-progress"]) == 2
     err = capsys.readouterr().err

@@ -286,7 +286,7 @@ class _Runner:
 
     def attention(self, train, seed: int):
         import fastdelta
-        return fastdelta.attention(self.model, train, weights=self.weights, **{**self.base, "seed": seed})
+        return fastdelta.compute_attention(self.model, train, weights=self.weights, **{**self.base, "seed": seed})
 
 
 def _conventions_of(method: type) -> tuple:
