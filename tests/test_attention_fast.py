@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import fastdelta
-from fastdelta.methods.attention import (PrefixReuse, channel_loss_increase, loss_increase_closed_form,
+from fastdelta.attention.loss_increase import (PrefixReuse, channel_loss_increase, loss_increase_closed_form,
                                  loss_increase_first_order, loss_increase_prefix,
                                  spearman, top_overlap)
 from test_attention import brute_force, make_batches
