@@ -160,7 +160,7 @@ class Slimmer:
         return home
 
     def slim_attention(self, path: Path) -> None:
-        from fastdelta.attention.loss_increase import ChannelAttention
+        from fastdelta.attention.weights import ChannelAttention
         d = json.loads(path.read_text())
         slim = dict(d)
         if "raw" in d and "weights" in d:

@@ -3,7 +3,7 @@ from .compare import CompareSettings, compare
 from .fitting import compute_attention, fit
 from .ioutil import OutputError
 from .methods import METHODS, Method, register
-from .attention.loss_increase import ChannelAttention, normalize_attention
+from .attention.weights import ChannelAttention, normalize_attention
 from .networks.models import DEFAULT_LAYERS, ModelError
 from .own_loop import FeatureMapRegularizer, SourcePull, channel_attention
 from .result import FitResult

@@ -22,7 +22,8 @@ from .data.fingerprint import state_sha256
 from .data.sampling import FixedAugmentation
 from .ioutil import check_output_dir, require_free_space
 from .methods import L2FE, make_method, method_class
-from .attention.loss_increase import ChannelAttention, channel_loss_increase
+from .attention.loss_increase import channel_loss_increase
+from .attention.weights import ChannelAttention
 from .attention.cache import attention_key, cache_dir, load_cached, store
 from .features.hooks import FeatureTaps
 from .networks.models import Networks, build_networks, guess_arch

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .ioutil import atomic_write, atomic_write_text
-from .attention.loss_increase import ChannelAttention
+from .attention.weights import ChannelAttention
 
 
 @dataclass

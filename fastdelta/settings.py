@@ -17,7 +17,7 @@ from .data.backend import DATA_BACKENDS
 from .data.transforms import AUGMENTATIONS
 from .kernels.dispatch import IMPLS as DISTANCE_IMPLS
 from .methods import METHODS, Delta
-from .attention.loss_increase import NORMALISATIONS
+from .attention.weights import NORMALISATIONS
 from .features.forms import FEATURE_MAPS
 
 LR_SCHEDULES = ("step", "exp")

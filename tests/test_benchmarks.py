@@ -29,7 +29,7 @@ def test_bench_attention_smoke(tmp_path):
 
 def test_compare_attention(tmp_path):
     import torch
-    from fastdelta.attention.loss_increase import ChannelAttention
+    from fastdelta.attention.weights import ChannelAttention
     raw = [torch.arange(20, dtype=torch.float64), torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)]
     ChannelAttention(["a", "b"], raw).save(tmp_path / "x.json")
     ChannelAttention(["a", "b"], [raw[0].flip(0), raw[1]]).save(tmp_path / "y.json")

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import fastdelta
-from fastdelta.attention.loss_increase import ChannelAttention
+from fastdelta.attention.weights import ChannelAttention
 from fastdelta.train.loop import TrainSpec, param_groups, train_loop
 from fastdelta.networks.models import build_architecture
 from fastdelta.methods import L2FE, make_method

@@ -11,7 +11,7 @@ import torch.nn as nn
 from PIL import Image
 
 from fastdelta.compare.report import claims, load_report, markdown, report_path, shortest_float32
-from fastdelta.attention.loss_increase import ChannelAttention
+from fastdelta.attention.weights import ChannelAttention
 from fastdelta.result import FitResult, load_history
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastdelta
-from fastdelta.attention.loss_increase import ChannelAttention
+from fastdelta.attention.weights import ChannelAttention
 from fastdelta.train.loop import NonFiniteLossError
 from fastdelta.methods import make_method
 from fastdelta.settings import SettingsError, make_settings
