@@ -1,6 +1,7 @@
 """fastdelta: DELTA transfer learning (feature maps with supervised attention) and its baselines."""
 from .compare import CompareSettings, compare
-from .fitting import compute_attention, fit
+from .attention.measure import compute_attention
+from .fitting import fit
 from .ioutil import OutputError
 from .methods import METHODS, Method, register
 from .attention.weights import ChannelAttention, normalize_attention

@@ -32,6 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's fastdelta, and the tests' tiny CNN
 import fastdelta  # noqa: E402
+import fastdelta.attention.measure as measure_module  # noqa: E402
 import fastdelta.fitting as fit_module  # noqa: E402
 from fastdelta import cli  # noqa: E402
 from fastdelta.compare.comparison import CompareSettings, compare  # noqa: E402
@@ -467,7 +468,7 @@ def edge_tries():
     outcome("SIGTERM while the data is scanned", lambda: sigterm_during(
         sources, "scan_image_folder", *CLI_FIT, "--method", "l2", "--iterations", "2", "--out", TMP / "scan"))
     outcome("SIGTERM during the channel attention", lambda: sigterm_during(
-        fit_module, "channel_loss_increase", *CLI_FIT, "--method", "delta", "--layers", "layer1.1.conv2",
+        measure_module, "channel_loss_increase", *CLI_FIT, "--method", "delta", "--layers", "layer1.1.conv2",
         "--iterations", "2", "--attention-cache", "off", "--out", TMP / "att_stop"))
     outcome("`fastdelta fit --resume RUN` on a finished run", resume_a_finished_run)
 

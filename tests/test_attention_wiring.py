@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fastdelta
-import fastdelta.fitting as fit_module
-from fastdelta.fitting import attention_indices
+import fastdelta.attention.measure as measure_module
+from fastdelta.attention.measure import attention_indices
 from fastdelta.settings import FitSettings
 from tiny import TINY_LAYERS, arrays, tiny_net
 
@@ -25,13 +25,13 @@ def _class_ordered(n_per_class=8, classes=4):
 def _labels_measured(monkeypatch, **settings):
     """The labels of the images that reach the channel ablation inside fastdelta.fit."""
     seen = []
-    original = fit_module.channel_loss_increase
+    original = measure_module.channel_loss_increase
 
     def spy(model, layers, batches, *args, **kwargs):
         seen.extend(int(v) for _, y in batches for v in y)
         return original(model, layers, batches, *args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "channel_loss_increase", spy)
+    monkeypatch.setattr(measure_module, "channel_loss_increase", spy)
     res = fastdelta.fit(tiny_net(num_classes=4), _class_ordered(), None, method="delta", attention_cache=None,
                         **{**SMALL, **settings})
     return seen, res

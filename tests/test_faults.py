@@ -22,6 +22,7 @@ from PIL import Image
 
 import fastdelta
 import fastdelta.fitting as fit_module
+import fastdelta.run_setup as run_setup_module
 from fastdelta.train import loop
 from fastdelta.train.checkpoint import checkpoint_files
 from tiny import TINY_LAYERS, arrays, tiny_net
@@ -36,8 +37,8 @@ def no_work(monkeypatch):
     """Fail the test if fit gets as far as the data or the model."""
     def called(*args, **kwargs):
         raise AssertionError("fit started its work before checking the output folder")
-    monkeypatch.setattr(fit_module, "resolve_data", called)
-    monkeypatch.setattr(fit_module, "build_networks", called)
+    monkeypatch.setattr(run_setup_module, "resolve_data", called)
+    monkeypatch.setattr(run_setup_module, "build_networks", called)
 
 
 def tmp_files(root) -> list:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fastdelta
+import fastdelta.attention.measure as measure_module
 import fastdelta.fitting as fit_module
 from fastdelta import cli
 from fastdelta.data import DataError
@@ -227,7 +228,7 @@ def test_cli_sigterm_while_scanning_the_data_exits_4_saying_nothing_was_kept(tmp
 
 def test_cli_sigterm_during_the_attention_exits_4(tmp_path, monkeypatch, capsys):
     data, out = folder(tmp_path / "data"), tmp_path / "run"
-    monkeypatch.setattr(fit_module, "channel_loss_increase", sigterm_self)
+    monkeypatch.setattr(measure_module, "channel_loss_increase", sigterm_self)
     with sigterm_must_be_handled():
         assert cli.main(["fit", "--data", str(data), "--model", "resnet18", "--weights", "random", "--method",
                          "delta", "--layers", "layer1.1.conv2", "--iterations", "2", "--batch-size", "4", "--resize",
