@@ -134,7 +134,7 @@ def main(argv=None):
             Path(a.out).write_text(text)
         print(text, end="")
         return text
-    from fastdelta.bench import main as bench_main  # torch and the package: not needed for the summary
+    from fastdelta.apps.bench import main as bench_main  # torch and the package: not needed for the summary
     return bench_main(argv)
 
 

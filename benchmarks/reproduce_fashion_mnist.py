@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Tuple
 
-from fastdelta.compare.comparison import CompareSettings, compare
+from fastdelta.apps.compare.comparison import CompareSettings, compare
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.compare.figures import label
-from fastdelta.compare.report import RULE_SHORT, load_report, report_path, verdict
-from fastdelta.compare.report import paired_difference as report_paired_difference, paired_stats as report_paired_stats
+from fastdelta.apps.compare.figures import label
+from fastdelta.apps.compare.report import RULE_SHORT, load_report, report_path, verdict
+from fastdelta.apps.compare.report import (paired_difference as report_paired_difference,
+                                           paired_stats as report_paired_stats)
 from fastdelta.ioutil import atomic_write_text
 from fastdelta.settings import DEFAULT_RECIPE, METHODS, RECIPES, describe_conventions
 

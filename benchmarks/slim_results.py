@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastdelta.compare.report import claims, markdown, report_bytes  # noqa: E402
+from fastdelta.apps.compare.report import claims, markdown, report_bytes  # noqa: E402
 from fastdelta.ioutil import atomic_write  # noqa: E402
 
 SAMPLED = "history.sampled.jsonl.gz"

@@ -1,5 +1,5 @@
 """fastdelta: DELTA transfer learning (feature maps with supervised attention) and its baselines."""
-from .compare import CompareSettings, compare
+from .apps.compare import CompareSettings, compare
 from .attention.measure import compute_attention
 from .fitting import fit
 from .ioutil import OutputError

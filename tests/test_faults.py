@@ -294,7 +294,7 @@ def test_no_checkpoint_yet_is_said(tmp_path, monkeypatch):
 
 
 def test_cli_write_failure_exits_2_with_the_message(monkeypatch, capsys):
-    from fastdelta import cli
+    from fastdelta.apps import cli
 
     def failing_fit(*args, **kwargs):
         raise fastdelta.OutputError("could not write checkpoint x: No space left on device; the run can be resumed")

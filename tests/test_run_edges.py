@@ -16,7 +16,7 @@ import torch
 import fastdelta
 import fastdelta.attention.measure as measure_module
 import fastdelta.fitting as fit_module
-from fastdelta import cli
+from fastdelta.apps import cli
 from fastdelta.data import DataError
 from fastdelta.train import loop
 from tiny import TINY_LAYERS, arrays, image_folder, sigterm_must_be_handled, tiny_net

@@ -17,7 +17,7 @@ from PIL import Image
 
 import fastdelta
 import fastdelta.fitting as fit_module
-from fastdelta.compare.comparison import CompareSettings, compare
+from fastdelta.apps.compare.comparison import CompareSettings, compare
 from fastdelta.data import DataError, resolve_data
 from tiny import TINY_LAYERS, arrays, image_folder, tiny_net
 
@@ -277,7 +277,7 @@ def test_disk_full_at_model_pt_is_an_output_error_naming_the_checkpoint(tmp_path
 
 
 def test_cli_attention_on_a_full_disk_exits_2(tmp_path, monkeypatch, capsys):
-    from fastdelta import cli
+    from fastdelta.apps import cli
     data = folder(tmp_path / "data", per_class=4)
     att = fastdelta.compute_attention(tiny_net(num_classes=2), str(data), layers=TINY_LAYERS, batch_size=4, resize=16,
                                       crop=12, progress=False, attention_cache=None, attention_head_epochs=1)
@@ -297,7 +297,7 @@ def test_cli_attention_on_a_full_disk_exits_2(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_divergence_with_a_full_disk_still_exits_3_with_a_note(tmp_path, monkeypatch, capsys):
-    from fastdelta import cli
+    from fastdelta.apps import cli
     from fastdelta.train.loop import NonFiniteLossError
 
     class Unsaveable:

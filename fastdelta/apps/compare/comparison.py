@@ -31,19 +31,19 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import resolve_data
-from ..data.errors import DataError
-from ..data.fingerprint import array_fingerprint, dataset_fingerprint, fingerprint_of, state_sha256
+from ...data import resolve_data
+from ...data.errors import DataError
+from ...data.fingerprint import array_fingerprint, dataset_fingerprint, fingerprint_of, state_sha256
 from ..demo import environment
-from ..ioutil import atomic_write_text
-from ..methods import METHODS
-from ..methods.parameter_norm import tapped_conv
-from ..networks.models import build_networks, guess_arch
-from ..progress import progress_bar
-from ..run_folder import RunFolder
-from ..settings import LEGACY_VALUES, SettingsError, make_settings
-from ..train.evaluate import evaluate
-from ..train.loop import NonFiniteLossError
+from ...ioutil import atomic_write_text
+from ...methods import METHODS
+from ...methods.parameter_norm import tapped_conv
+from ...networks.models import build_networks, guess_arch
+from ...progress import progress_bar
+from ...run_folder import RunFolder
+from ...settings import LEGACY_VALUES, SettingsError, make_settings
+from ...train.evaluate import evaluate
+from ...train.loop import NonFiniteLossError
 from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
                        min_max, pick_low_activation_filters, pick_map_layer, tap_maps)
 
@@ -155,8 +155,8 @@ def _raw_train(train):
         x, y = train
         y = np.asarray(y, dtype=np.int64)
         return train, y, [str(i) for i in range(int(y.max()) + 1)]
-    from ..data.folder import ImageListDataset, scan_image_folder
-    from ..data.sources import _dataset_labels, _split_dataset_root
+    from ...data.folder import ImageListDataset, scan_image_folder
+    from ...data.sources import _dataset_labels, _split_dataset_root
     if isinstance(train, (str, os.PathLike)):
         root, _ = _split_dataset_root(train)
         index = scan_image_folder(root, role="train folder")

@@ -8,9 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..settings import (ATTENTION_SAMPLES, DEFAULT_RECIPE, DELTA_NO_ATT_SCALES, DELTA_SCALES, FEATURE_MAPS,
+                        FEATURE_SCALES, HEAD_BN_MODES, METHODS, NORMALISATIONS, RECIPES, SOURCE_BN_MODES, FitSettings)
 from .demo import DEMO_METHODS
-from .settings import (ATTENTION_SAMPLES, DEFAULT_RECIPE, DELTA_NO_ATT_SCALES, DELTA_SCALES, FEATURE_MAPS,
-                       FEATURE_SCALES, HEAD_BN_MODES, METHODS, NORMALISATIONS, RECIPES, SOURCE_BN_MODES, FitSettings)
 
 
 def _csv(value: str):
@@ -256,7 +256,7 @@ def _compare(args) -> None:
     from .compare.comparison import CompareSettings, compare
     train, test = args.data, args.test
     if args.data == "fashion-mnist":  # the embedded real dataset, few-shot
-        from .data.fashion_mnist import few_shot_subset, load_fashion_mnist
+        from ..data.fashion_mnist import few_shot_subset, load_fashion_mnist
         train = few_shot_subset(*load_fashion_mnist("train"), args.per_class or 10, args.subset_seed)
         test = load_fashion_mnist("test")
     elif args.per_class is not None:
@@ -298,8 +298,8 @@ def main(argv=None) -> int:
             print(f"fastdelta: error: {e}", file=sys.stderr)
             return 2
         return 0
-    from .train.loop import NonFiniteLossError
-    from .train.preempt import Preempted
+    from ..train.loop import NonFiniteLossError
+    from ..train.preempt import Preempted
     try:
         _run(args)
     except NonFiniteLossError as e:
@@ -357,8 +357,8 @@ def _resumed_call(call: dict, run_dir, given: set) -> dict:
     """The fastdelta.fit call the run in `run_dir` was started with (its latest checkpoint keeps it), with
     the options given on this command line put over it; fit then refuses any that changes the result,
     naming it."""
-    from .settings import SettingsError
-    from .train.checkpoint import CheckpointError, load_latest
+    from ..settings import SettingsError
+    from ..train.checkpoint import CheckpointError, load_latest
     ckpt = load_latest(Path(run_dir) / "checkpoints")
     if ckpt is None:
         raise CheckpointError(f"resume: no checkpoint in {Path(run_dir) / 'checkpoints'}")
@@ -384,8 +384,8 @@ def _output_folder(out):
     """OUT checked, marked as fastdelta's and locked for the command (rank 0 only under torchrun)."""
     from contextlib import nullcontext
 
-    from .ioutil import check_output_dir
-    from .run_folder import RunFolder
+    from ..ioutil import check_output_dir
+    from ..run_folder import RunFolder
     if not _is_main():
         return nullcontext()
     check_output_dir(out)  # before the work, not at its end
@@ -394,8 +394,8 @@ def _output_folder(out):
 
 def _attention(args) -> None:
     import fastdelta
-    from .ioutil import OutputError, reason
-    from .train.preempt import StopOutsideTraining
+    from ..ioutil import OutputError, reason
+    from ..train.preempt import StopOutsideTraining
     # SIGTERM/SIGINT: a Preempted (exit 4) saying that nothing was kept, not a silent death
     with _output_folder(args.out), StopOutsideTraining(phase="computing the channel attention").installed():
         att = fastdelta.compute_attention(args.model, args.data, attention_head_epochs=args.head_epochs,
@@ -425,7 +425,7 @@ def _demo(args) -> None:
 
 def _save_partial(partial, out) -> None:
     """The diverged run's partial result in OUT; a failed write is said, and the exit status stays 3."""
-    from .ioutil import reason
+    from ..ioutil import reason
     try:
         partial.save(out)
     except (OSError, RuntimeError) as e:

@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from .data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
-from .ioutil import atomic_write, atomic_write_text
-from .methods import L2, L2SP, Delta, method_class
-from .settings import DEFAULT_RECIPE, describe_conventions, make_settings
-from .train.loop import NonFiniteLossError
+from ..data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
+from ..ioutil import atomic_write, atomic_write_text
+from ..methods import L2, L2SP, Delta, method_class
+from ..settings import DEFAULT_RECIPE, describe_conventions, make_settings
+from ..train.loop import NonFiniteLossError
 
 DEMO_MODEL = "efficientnet_lite0"
 DEMO_METHODS = (L2.name, L2SP.name, Delta.name)  # the plain fine-tune, the parameter pull, DELTA
