@@ -8,8 +8,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..attention.measure import compute_attention
+from ..fitting import fit
 from ..settings import (ATTENTION_SAMPLES, DEFAULT_RECIPE, DELTA_NO_ATT_SCALES, DELTA_SCALES, FEATURE_MAPS,
-                        FEATURE_SCALES, HEAD_BN_MODES, METHODS, NORMALISATIONS, RECIPES, SOURCE_BN_MODES, FitSettings)
+                        FEATURE_SCALES, HEAD_BN_MODES, METHODS, NORMALISATIONS, RECIPES, SOURCE_BN_MODES, FitSettings,
+                        SettingsError)
 from .demo import DEMO_METHODS
 
 
@@ -318,7 +321,6 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> None:
-    import fastdelta
     if args.command == "fit":
         call = dict(model=args.model, train=args.data, test=args.test, method=args.method, alpha=args.alpha,
                     beta=args.beta, weight_decay=args.weight_decay, iterations=args.iterations,
@@ -326,8 +328,8 @@ def _run(args) -> None:
                     checkpoint_every=args.checkpoint_every, allow_low_disk=args.allow_low_disk, **_settings(args))
         if args.resume:
             call = _resumed_call(call, args.resume, args.given)
-        res = fastdelta.fit(**call, run_dir=args.out, resume=bool(args.resume), distributed=_under_torchrun(),
-                            overwrite=args.overwrite)
+        res = fit(**call, run_dir=args.out, resume=bool(args.resume), distributed=_under_torchrun(),
+                  overwrite=args.overwrite)
         if _is_main():  # fit() has written OUT (rank 0 only)
             print(json.dumps({"method": res.method, "test": res.test, "out": str(Path(args.out).resolve())}))
     elif args.command == "attention":
@@ -357,7 +359,6 @@ def _resumed_call(call: dict, run_dir, given: set) -> dict:
     """The fastdelta.fit call the run in `run_dir` was started with (its latest checkpoint keeps it), with
     the options given on this command line put over it; fit then refuses any that changes the result,
     naming it."""
-    from ..settings import SettingsError
     from ..train.checkpoint import CheckpointError, load_latest
     ckpt = load_latest(Path(run_dir) / "checkpoints")
     if ckpt is None:
@@ -393,13 +394,12 @@ def _output_folder(out):
 
 
 def _attention(args) -> None:
-    import fastdelta
     from ..ioutil import OutputError, reason
     from ..train.preempt import StopOutsideTraining
     # SIGTERM/SIGINT: a Preempted (exit 4) saying that nothing was kept, not a silent death
     with _output_folder(args.out), StopOutsideTraining(phase="computing the channel attention").installed():
-        att = fastdelta.compute_attention(args.model, args.data, attention_head_epochs=args.head_epochs,
-                                  distributed=_under_torchrun(), **_settings(args))
+        att = compute_attention(args.model, args.data, attention_head_epochs=args.head_epochs,
+                                distributed=_under_torchrun(), **_settings(args))
         if not _is_main():
             return
         path = Path(args.out) / "channel_attention.json"
@@ -411,11 +411,10 @@ def _attention(args) -> None:
 
 
 def _demo(args) -> None:
-    import fastdelta
     from .demo import DemoConfig, run_demo
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
-        raise fastdelta.SettingsError(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+        raise SettingsError(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
     with _output_folder(args.out):
         run_demo(DemoConfig(args.methods, args.per_class, args.test_images, args.image_size, args.iterations,
                             args.batch_size, args.lr, args.alpha_feature, args.alpha_sp, args.beta,

@@ -31,10 +31,12 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from ...attention.measure import compute_attention
 from ...data import resolve_data
 from ...data.errors import DataError
 from ...data.fingerprint import array_fingerprint, dataset_fingerprint, fingerprint_of, state_sha256
 from ..demo import environment
+from ...fitting import fit
 from ...ioutil import atomic_write_text
 from ...methods import METHODS
 from ...methods.parameter_norm import tapped_conv
@@ -224,11 +226,10 @@ class _Runner:
     def fit(self, name: str, train, test, method: str, final_test=None, **overrides):
         """One fit; with final_test (a _TensorSet), fit only evaluates `test` (curve points, or nothing)
         and the final top-1 comes from fast_top1 on final_test."""
-        import fastdelta
         t0 = time.perf_counter()
         settings = {**self.base, **overrides}
         try:
-            res = fastdelta.fit(self.model, train, test, method=method, weights=self.weights, **settings)
+            res = fit(self.model, train, test, method=method, weights=self.weights, **settings)
         except NonFiniteLossError as e:
             res = e.partial_result
         if final_test is not None and res.status == "ok":
@@ -285,8 +286,7 @@ class _Runner:
         return self._fingerprints[id(part)]
 
     def attention(self, train, seed: int):
-        import fastdelta
-        return fastdelta.compute_attention(self.model, train, weights=self.weights, **{**self.base, "seed": seed})
+        return compute_attention(self.model, train, weights=self.weights, **{**self.base, "seed": seed})
 
 
 def _conventions_of(method: type) -> tuple:
