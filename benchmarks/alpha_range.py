@@ -20,7 +20,7 @@ import fastdelta
 from fastdelta.apps.compare.comparison import PAPER_GRID
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.apps.demo import environment
-from fastdelta.ioutil import atomic_write_text
+from fastdelta.output_files import atomic_write_text
 from fastdelta.settings import DEFAULT_RECIPE, RECIPES
 from rowlog import RowLog
 

@@ -25,7 +25,7 @@ from fastdelta.apps.compare.figures import label
 from fastdelta.apps.compare.report import RULE_SHORT, load_report, report_path, verdict
 from fastdelta.apps.compare.report import (paired_difference as report_paired_difference,
                                            paired_stats as report_paired_stats)
-from fastdelta.ioutil import atomic_write_text
+from fastdelta.output_files import atomic_write_text
 from fastdelta.settings import DEFAULT_RECIPE, METHODS, RECIPES, describe_conventions
 
 

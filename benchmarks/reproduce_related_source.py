@@ -34,7 +34,7 @@ from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset,
 from fastdelta.apps.compare.figures import label  # noqa: E402
 from fastdelta.apps.compare.report import RULE_SHORT, load_report, report_path  # noqa: E402
 from fastdelta.apps.demo import environment  # noqa: E402
-from fastdelta.ioutil import atomic_write_text  # noqa: E402
+from fastdelta.output_files import atomic_write_text  # noqa: E402
 from fastdelta.settings import DEFAULT_RECIPE, RECIPES, describe_conventions  # noqa: E402
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fastdelta.apps.compare.report import claims, markdown, report_bytes  # noqa: E402
-from fastdelta.ioutil import atomic_write  # noqa: E402
+from fastdelta.output_files import atomic_write  # noqa: E402
 
 SAMPLED = "history.sampled.jsonl.gz"
 ATTENTION = "channel_attention.json"

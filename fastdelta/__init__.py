@@ -2,7 +2,7 @@
 from .apps.compare import CompareSettings, compare
 from .attention.measure import compute_attention
 from .fitting import fit
-from .ioutil import OutputError
+from .output_files import OutputError
 from .methods import METHODS, Method, register
 from .attention.weights import ChannelAttention, normalize_attention
 from .networks.models import DEFAULT_LAYERS, ModelError

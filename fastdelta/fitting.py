@@ -15,7 +15,7 @@ from torch.utils.data import Subset
 
 from .data.backend import choose_backend
 from .data.fingerprint import state_sha256
-from .ioutil import check_output_dir, require_free_space
+from .output_files import check_output_dir, require_free_space
 from .methods import make_method, method_class
 from .attention.cache import cache_dir
 from .attention.measure import load_attention, measure_attention

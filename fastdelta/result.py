@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .ioutil import atomic_write, atomic_write_text
+from .output_files import atomic_write, atomic_write_text
 from .attention.weights import ChannelAttention
 
 

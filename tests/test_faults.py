@@ -258,7 +258,7 @@ def test_write_failure_is_an_output_error_and_the_run_resumes_exactly(tmp_path, 
 
 
 def test_failed_atomic_write_leaves_no_temp_file_even_when_cleanup_fails(tmp_path, monkeypatch):
-    from fastdelta.ioutil import atomic_write
+    from fastdelta.output_files import atomic_write
     real_unlink = os.unlink
 
     def write(tmp):

@@ -385,7 +385,7 @@ def _output_folder(out):
     """OUT checked, marked as fastdelta's and locked for the command (rank 0 only under torchrun)."""
     from contextlib import nullcontext
 
-    from ..ioutil import check_output_dir
+    from ..output_files import check_output_dir
     from ..run_folder import RunFolder
     if not _is_main():
         return nullcontext()
@@ -394,7 +394,7 @@ def _output_folder(out):
 
 
 def _attention(args) -> None:
-    from ..ioutil import OutputError, reason
+    from ..output_files import OutputError, reason
     from ..train.preempt import StopOutsideTraining
     # SIGTERM/SIGINT: a Preempted (exit 4) saying that nothing was kept, not a silent death
     with _output_folder(args.out), StopOutsideTraining(phase="computing the channel attention").installed():
@@ -424,7 +424,7 @@ def _demo(args) -> None:
 
 def _save_partial(partial, out) -> None:
     """The diverged run's partial result in OUT; a failed write is said, and the exit status stays 3."""
-    from ..ioutil import reason
+    from ..output_files import reason
     try:
         partial.save(out)
     except (OSError, RuntimeError) as e:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..ioutil import atomic_write_text
+from ..output_files import atomic_write_text
 
 
 # How a layer's raw loss increases become weights W (per layer):

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.sampling import GlobalBatchSampler, SeededSamples
 from ..methods import Method
 from ..progress import progress_bar
-from ..ioutil import atomic_write_text
+from ..output_files import atomic_write_text
 from .checkpoint import rng_state, save_checkpoint, set_rng_state, write_failed
 from .distributed import DistContext
 from .evaluate import flush_denormals

@@ -37,7 +37,7 @@ from ...data.errors import DataError
 from ...data.fingerprint import array_fingerprint, dataset_fingerprint, fingerprint_of, state_sha256
 from ..demo import environment
 from ...fitting import fit
-from ...ioutil import atomic_write_text
+from ...output_files import atomic_write_text
 from ...methods import METHODS
 from ...methods.parameter_norm import tapped_conv
 from ...networks.models import build_networks, guess_arch

@@ -11,7 +11,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from ...ioutil import atomic_write
+from ...output_files import atomic_write
 from ...methods import METHODS, method_class
 from ...settings import FEATURE_MAP_NAMES
 
