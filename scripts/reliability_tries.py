@@ -462,11 +462,11 @@ def resume_a_finished_run():
 
 
 def edge_tries():
-    from fastdelta.data import sources
+    from fastdelta.data import inputs
     print("distributed and preemption edges", flush=True)
     outcome("one of two gloo ranks stopped (SIGSTOP), dist_timeout=3", stalled_rank)
     outcome("SIGTERM while the data is scanned", lambda: sigterm_during(
-        sources, "scan_image_folder", *CLI_FIT, "--method", "l2", "--iterations", "2", "--out", TMP / "scan"))
+        inputs, "scan_image_folder", *CLI_FIT, "--method", "l2", "--iterations", "2", "--out", TMP / "scan"))
     outcome("SIGTERM during the channel attention", lambda: sigterm_during(
         measure_module, "channel_loss_increase", *CLI_FIT, "--method", "delta", "--layers", "layer1.1.conv2",
         "--iterations", "2", "--attention-cache", "off", "--out", TMP / "att_stop"))

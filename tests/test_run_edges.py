@@ -208,14 +208,14 @@ def test_dist_timeout_is_validated():
 
 def test_cli_sigterm_while_scanning_the_data_exits_4_saying_nothing_was_kept(tmp_path, monkeypatch, capsys):
     data, out = folder(tmp_path / "data"), tmp_path / "run"
-    from fastdelta.data import sources
-    scan = sources.scan_image_folder
+    from fastdelta.data import inputs
+    scan = inputs.scan_image_folder
 
     def scan_then_signal(*args, **kwargs):
         sigterm_self()
         return scan(*args, **kwargs)
 
-    monkeypatch.setattr(sources, "scan_image_folder", scan_then_signal)
+    monkeypatch.setattr(inputs, "scan_image_folder", scan_then_signal)
     with sigterm_must_be_handled():
         assert cli.main(["fit", "--data", str(data), "--model", "resnet18", "--weights", "random", "--method", "l2",
                          "--iterations", "2", "--batch-size", "4", "--resize", "16", "--crop", "16",

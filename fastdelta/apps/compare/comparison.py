@@ -158,7 +158,7 @@ def _raw_train(train):
         y = np.asarray(y, dtype=np.int64)
         return train, y, [str(i) for i in range(int(y.max()) + 1)]
     from ...data.folder import ImageListDataset, scan_image_folder
-    from ...data.sources import _dataset_labels, _split_dataset_root
+    from ...data.inputs import _dataset_labels, _split_dataset_root
     if isinstance(train, (str, os.PathLike)):
         root, _ = _split_dataset_root(train)
         index = scan_image_folder(root, role="train folder")
