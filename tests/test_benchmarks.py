@@ -187,7 +187,7 @@ def test_step_timer_synchronises_the_stop_event_before_reading_cuda_events():
     """CUDA's elapsed_time needs both events completed; the non-deferred loop asks right after recording
     the stop event (the update still queued), so StepTimer.seconds must synchronise it first."""
     import torch
-    from fastdelta.train.deferred import StepTimer
+    from fastdelta.train.deferred_reads import StepTimer
     calls = []
 
     class FakeEvent:

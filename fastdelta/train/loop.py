@@ -30,7 +30,7 @@ from ..output_files import atomic_write_text
 from .checkpoint import rng_state, save_checkpoint, set_rng_state, write_failed
 from .distributed import DistContext
 from .evaluate import flush_denormals
-from .deferred import BufferSnapshots, DeferredStats, DevicePrefetcher, StepTimer
+from .deferred_reads import BufferSnapshots, DeferredStats, DevicePrefetcher, StepTimer
 from .preempt import Preempted, StopRequest, ignore_stop_signals
 from .steps import STATS, FastStep, ReferenceStep, Step, StepOptions, StepOutput, mean_over_ranks
 
