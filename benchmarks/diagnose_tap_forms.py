@@ -29,7 +29,7 @@ from fastdelta.output_files import atomic_write_text
 from fastdelta.methods import make_method
 from fastdelta.features.hooks import FeatureTaps
 from fastdelta.networks.models import build_networks
-from fastdelta.train.deferred_reads import BufferSnapshots
+from fastdelta.train.bn_buffers import BufferSnapshots
 from fastdelta.train.distributed import DistContext
 from fastdelta.train.evaluate import evaluate
 from fastdelta.train.loop import TrainSpec, lr_at, make_loader, make_train_loader

@@ -1,48 +1,20 @@
-"""What lets the training loop run ahead of the host: deferred stats, BN snapshots, input prefetch, step timing.
+"""What the host reads of a training step one step later, so that the loop runs ahead of the device
+(the loop's deferred reads): the step's stats and its time.
 
 On a GPU every host read of a device value (`.item()`, `.tolist()`, `.cpu()`) waits for all queued
 work. The loop therefore reads step t's stats only after step t+1 is queued (`DeferredStats`: one
-non-blocking copy into pinned memory per step, read after its event), lets a device flag cancel an
-update instead of checking on the host first (fastdelta.train.steps.GuardedUpdate), and restores the
-BatchNorm statistics a failed step's forward changed (`BufferSnapshots`) when the host learns of it.
+non-blocking copy into pinned memory per step, read after its event) and times each step with CUDA
+events read at the same time (`StepTimer`). A device flag cancels an update instead of a check on the
+host first (fastdelta.train.steps.GuardedUpdate), and the BatchNorm statistics a failed step's forward
+changed are restored when the host learns of it (fastdelta.train.bn_buffers).
 """
 from __future__ import annotations
 
 import time
-from typing import Iterator, Optional
 
 import torch
-import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .steps import StepOutput
-
-
-class BufferSnapshots:
-    """Copies of the BatchNorm buffers (running statistics, batch counts) taken before a step's forward,
-    in `slots` alternating slots (two when the host learns of a failure one step late), restored when
-    the step turns out not finite: a failed step then leaves no trace in the statistics."""
-
-    def __init__(self, model: nn.Module, slots: int = 1):
-        self.buffers = [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
-        self.floating = [b for b in self.buffers if b.is_floating_point()]  # num_batches_tracked is not
-        self.slots = [[b.clone() for b in self.buffers] for _ in range(slots if self.buffers else 0)]
-
-    def save(self, iteration: int) -> None:
-        if self.slots:
-            torch._foreach_copy_(self.slots[iteration % len(self.slots)], self.buffers)
-
-    @torch.no_grad()
-    def norm(self, like: torch.Tensor) -> torch.Tensor:
-        """(1,) float64 on `like`'s device: the norm of the floating BN buffers, not finite when any is not."""
-        if not self.floating:
-            return like.new_zeros(1)
-        return torch.stack(torch._foreach_norm(self.floating)).double().norm().reshape(1)
-
-    @torch.no_grad()
-    def restore(self, iteration: int) -> None:
-        if self.slots:
-            torch._foreach_copy_(self.buffers, self.slots[iteration % len(self.slots)])
 
 
 class DeferredStats:
@@ -96,34 +68,3 @@ class StepTimer:
             return stop - start
         stop.synchronize()  # the start event was recorded before it on the same stream: complete too
         return start.elapsed_time(stop) / 1000.0
-
-
-class DevicePrefetcher:
-    """Batches on the device. On CUDA the next batch is copied on a side stream (from pinned memory)
-    while the current step computes; elsewhere a plain `.to(device)`."""
-
-    def __init__(self, batches: Iterator, device: torch.device):
-        self.batches, self.device = batches, device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.ready: Optional[tuple] = None
-
-    def __iter__(self):
-        return self
-
-    def _load(self) -> tuple:
-        x, y = next(self.batches)
-        if self.stream is None:
-            return x.to(self.device), y.to(self.device)
-        with torch.cuda.stream(self.stream):
-            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def __next__(self) -> tuple:
-        if self.stream is None:
-            return self._load()
-        x, y = self.ready if self.ready is not None else self._load()
-        current = torch.cuda.current_stream(self.device)
-        current.wait_stream(self.stream)
-        x.record_stream(current)
-        y.record_stream(current)
-        self.ready = self._load()
-        return x, y

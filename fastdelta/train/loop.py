@@ -4,8 +4,8 @@ One step: target forward (with taps), source forward (no grad, eval mode) when t
 its feature maps, loss = CE + reg + head, SGD with momentum, lr from the schedule. Each step's
 stats (the terms, the gradient norm, the norm of the BN statistics) are checked for non-finite
 values so that the model keeps its last good state: on the CPU before the update; on CUDA they are
-read a step later (`train.deferred`) while a device flag cancels a bad update and the BN statistics
-are restored from a snapshot.
+read a step later (`train.deferred_reads`) while a device flag cancels a bad update and the BN statistics
+are restored from a snapshot (`train.bn_buffers`).
 """
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ from ..output_files import atomic_write_text
 from .checkpoint import rng_state, save_checkpoint, set_rng_state, write_failed
 from .distributed import DistContext
 from .evaluate import flush_denormals
-from .deferred_reads import BufferSnapshots, DeferredStats, DevicePrefetcher, StepTimer
+from .bn_buffers import BufferSnapshots
+from .deferred_reads import DeferredStats, StepTimer
 from .preempt import Preempted, StopRequest, ignore_stop_signals
+from .prefetch import DevicePrefetcher
 from .steps import STATS, FastStep, ReferenceStep, Step, StepOptions, StepOutput, mean_over_ranks
 
 
