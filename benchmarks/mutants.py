@@ -39,29 +39,30 @@ class Mutant:
 
 
 MUTANTS = [
-    # fit.py: settings that fit must hand on
-    Mutant("head_bn_always_frozen", "fastdelta/fit.py", "extractor_bn=s.attention_head_bn)",
+    # fitting.py and attention/measure.py: settings that fit must hand on
+    Mutant("head_bn_always_frozen", "fastdelta/attention/measure.py", "extractor_bn=s.attention_head_bn)",
            'extractor_bn="frozen")', [WIRING + "test_attention_head_bn_reaches_the_head_training[train]"]),
-    Mutant("head_bn_always_train", "fastdelta/fit.py", "extractor_bn=s.attention_head_bn)",
+    Mutant("head_bn_always_train", "fastdelta/attention/measure.py", "extractor_bn=s.attention_head_bn)",
            'extractor_bn="train")', [WIRING + "test_attention_head_bn_reaches_the_head_training[frozen]"]),
-    Mutant("source_bn_ignored", "fastdelta/fit.py",
+    Mutant("source_bn_ignored", "fastdelta/fitting.py",
            'feature_source = nets.source if s.source_bn == "running" else batch_statistics_copy(nets.source)',
            "feature_source = nets.source",
            [WIRING + "test_source_bn_decides_the_statistics_of_the_source_maps[reference]"]),
-    Mutant("energy_scale_doubled", "fastdelta/fit.py", "reg.layer_scale = [1.0 / e if e > 0",
+    Mutant("energy_scale_doubled", "fastdelta/fitting.py", "reg.layer_scale = [1.0 / e if e > 0",
            "reg.layer_scale = [2.0 / e if e > 0",
            [WIRING + "test_source_energy_is_the_mean_source_term_per_image_and_divides_each_layer[running]"]),
-    Mutant("energy_scale_not_inverted", "fastdelta/fit.py", "reg.layer_scale = [1.0 / e if e > 0",
+    Mutant("energy_scale_not_inverted", "fastdelta/fitting.py", "reg.layer_scale = [1.0 / e if e > 0",
            "reg.layer_scale = [e if e > 0",
            [WIRING + "test_source_energy_is_the_mean_source_term_per_image_and_divides_each_layer[running]"]),
-    Mutant("energy_doubled", "fastdelta/fit.py", "return [t / n for t in totals]", "return [2 * t / n for t in totals]",
+    Mutant("energy_doubled", "fastdelta/fitting.py", "return [t / n for t in totals]",
+           "return [2 * t / n for t in totals]",
            [WIRING + "test_source_energy_is_the_mean_source_term_per_image_and_divides_each_layer[running]"]),
-    Mutant("energy_not_per_image", "fastdelta/fit.py", "return [t / n for t in totals]", "return totals",
+    Mutant("energy_not_per_image", "fastdelta/fitting.py", "return [t / n for t in totals]", "return totals",
            [WIRING + "test_source_energy_is_the_mean_source_term_per_image_and_divides_each_layer[running]"]),
-    Mutant("energy_on_running_source", "fastdelta/fit.py", "energy = source_energy(reg, feature_source,",
+    Mutant("energy_on_running_source", "fastdelta/fitting.py", "energy = source_energy(reg, feature_source,",
            "energy = source_energy(reg, nets.source,",
            [WIRING + "test_source_energy_is_the_mean_source_term_per_image_and_divides_each_layer[batch]"]),
-    Mutant("attention_sample_first_images", "fastdelta/fit.py",
+    Mutant("attention_sample_first_images", "fastdelta/attention/measure.py",
            "return torch.randperm(total, generator=g)[:n].tolist()", "return list(range(n))",
            ["tests/test_attention_wiring.py::test_attention_sample_is_seeded_the_same_everywhere_and_all_means_all"]),
     # recipes
@@ -92,9 +93,9 @@ MUTANTS = [
            "e * f.shape[0] * self.world_size if self.per_image_form() else e", "e",
            ["tests/test_regularizers.py::test_paper_source_energy_is_per_image_too"]),
     # attention normalisation
-    Mutant("zscore_unbiased_std", "fastdelta/methods/attention.py", "std = raw.std(unbiased=False)",
+    Mutant("zscore_unbiased_std", "fastdelta/attention/weights.py", "std = raw.std(unbiased=False)",
            "std = raw.std(unbiased=True)", ["tests/test_attention.py::test_normalisation_is_zscore_softmax"]),
-    Mutant("temperature_ignored", "fastdelta/methods/attention.py", "torch.softmax(z / temperature, dim=0)",
+    Mutant("temperature_ignored", "fastdelta/attention/weights.py", "torch.softmax(z / temperature, dim=0)",
            "torch.softmax(z, dim=0)", ["tests/test_attention.py::test_normalisation_is_zscore_softmax"]),
     # BN modes
     Mutant("head_extractor_bn_always_train", "fastdelta/train/loop.py",

@@ -180,7 +180,7 @@ def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=(
 
 def paired_difference(report: dict, other: str):
     """(mean, std, per-seed values) of DELTA minus `other`, seed by seed (step schedule), or None: the
-    numbers the report's claims are decided on (fastdelta.compare.report.paired_difference)."""
+    numbers the report's claims are decided on (fastdelta.apps.compare.report.paired_difference)."""
     return _as_tuple(report_paired_difference(report, other))
 
 

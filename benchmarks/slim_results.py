@@ -7,9 +7,9 @@ bulky and either duplicated or read by no report is cut. Run it on every new res
 
 What it does, per file (each step checks before it deletes):
 - report.json -> report.json.gz: compact, the figures' data at float32's shortest digits
-  (fastdelta.compare.report.dumps_report), gzipped. Checked first: the claims and report.md's text computed
+  (fastdelta.apps.compare.report.dumps_report), gzipped. Checked first: the claims and report.md's text computed
   from the slim report equal those computed from the original. Every reader takes either form
-  (fastdelta.compare.report.load_report; benchmarks/reproduce_*.py, refresh_reports.py).
+  (fastdelta.apps.compare.report.load_report; benchmarks/reproduce_*.py, refresh_reports.py).
 - a run folder's (one with result.json) history.jsonl -> history.sampled.jsonl.gz: the first row, every k-th
   iteration (k = iterations / --history-rows, default 20 rows), every row with a test evaluation and the
   last row, float32 quantities at their shortest digits (fastdelta.result.load_history reads it). The
