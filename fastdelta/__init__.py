@@ -1,11 +1,11 @@
 """fastdelta: DELTA transfer learning (feature maps with supervised attention) and its baselines."""
 from .apps.compare import CompareSettings, compare
 from .attention.measure import compute_attention
-from .fitting import fit
-from .output_files import OutputError
-from .methods import METHODS, Method, register
 from .attention.weights import ChannelAttention, normalize_attention
+from .fitting import fit
+from .methods import METHODS, Method, register
 from .networks.models import DEFAULT_LAYERS, ModelError
+from .output_files import OutputError
 from .own_loop import FeatureMapRegularizer, SourcePull, channel_attention
 from .result import FitResult
 from .settings import FitSettings, SettingsError

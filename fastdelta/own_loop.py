@@ -33,11 +33,11 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .attention.loss_increase import channel_loss_increase
+from .attention.weights import ChannelAttention
 from .features.forms import rectified_at_tap, rectifies, tap_modules
 from .features.hooks import FeatureTaps
 from .features.source import source_features
-from .attention.loss_increase import channel_loss_increase
-from .attention.weights import ChannelAttention
 from .methods.base import Pull
 from .methods.delta_term import DeltaTerm
 from .methods.parameter_norm import L2SP

@@ -15,8 +15,8 @@ from typing import List, Optional
 from ..attention.measure import compute_attention
 from ..data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
 from ..fitting import fit
-from ..output_files import atomic_write, atomic_write_text
 from ..methods import L2, L2SP, Delta, method_class
+from ..output_files import atomic_write, atomic_write_text
 from ..settings import DEFAULT_RECIPE, describe_conventions, make_settings
 from ..train.loop import NonFiniteLossError
 

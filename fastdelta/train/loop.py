@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.sampling import GlobalBatchSampler, SeededSamples
 from ..methods import Method
-from ..progress import progress_bar
 from ..output_files import atomic_write_text
+from ..progress import progress_bar
+from .bn_buffers import BufferSnapshots
 from .checkpoint import rng_state, save_checkpoint, set_rng_state, write_failed
+from .deferred_reads import DeferredStats, StepTimer
 from .distributed import DistContext
 from .evaluate import flush_denormals
-from .bn_buffers import BufferSnapshots
-from .deferred_reads import DeferredStats, StepTimer
 from .preempt import Preempted, StopRequest, ignore_stop_signals
 from .prefetch import DevicePrefetcher
 from .steps import STATS, FastStep, ReferenceStep, Step, StepOptions, StepOutput, mean_over_ranks

@@ -9,8 +9,8 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 
-from ...output_files import atomic_write, atomic_write_text
 from ...methods import L2, L2SP, Delta, DeltaNoAtt
+from ...output_files import atomic_write, atomic_write_text
 from ...settings import describe_conventions
 from .figures import all_figures, describe_split, label
 
