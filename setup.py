@@ -65,5 +65,5 @@ setup(
         "test": ["pytest", "pytest-benchmark", "scikit-image"],
         "bench": ["pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["fastdelta=fastdelta.cli:main"]},
+    entry_points={"console_scripts": ["fastdelta=fastdelta.apps.cli:main"]},
 )

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import fastdelta
-from fastdelta.compare.comparison import PAPER_GRID
+from fastdelta.apps.compare.comparison import PAPER_GRID
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.demo import environment
-from fastdelta.ioutil import atomic_write_text
+from fastdelta.apps.demo import environment
+from fastdelta.output_files import atomic_write_text
 from fastdelta.settings import DEFAULT_RECIPE, RECIPES
 from rowlog import RowLog
 

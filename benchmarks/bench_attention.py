@@ -29,8 +29,10 @@ import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rowlog import RowLog  # noqa: E402
-from fastdelta.methods.attention import (PrefixReuse, loss_increase_closed_form, loss_increase_first_order,
-                                 loss_increase_prefix, spearman)
+from fastdelta.attention.loss_increase import (loss_increase_closed_form, loss_increase_first_order,
+                                               loss_increase_prefix)
+from fastdelta.attention.prefix_reuse import PrefixReuse
+from fastdelta.attention.weights import spearman
 from fastdelta.networks.models import DEFAULT_LAYERS
 
 

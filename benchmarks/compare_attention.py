@@ -8,7 +8,7 @@ Spearman rank correlation of the raw loss increases and overlap of the top 10% c
 import json
 import sys
 
-from fastdelta.methods.attention import ChannelAttention, spearman, top_overlap
+from fastdelta.attention.weights import ChannelAttention, spearman, top_overlap
 
 
 def compare(path_a: str, path_b: str) -> list:

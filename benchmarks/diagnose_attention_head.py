@@ -4,14 +4,14 @@ diagnose_attention_head.json. Result: benchmarks/results/reproduction_fashion_mn
 import json, time
 import fastdelta
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.compare.comparison import materialise, fast_top1
+from fastdelta.apps.compare.comparison import materialise, fast_top1
 from fastdelta.data import resolve_data
 train = few_shot_subset(*load_fashion_mnist("train"), 10, 0)
 test = load_fashion_mnist("test")
 common = dict(weights="imagenet", iterations=100, batch_size=32, lr=0.01, beta=0.01, resize=37, crop=32, seed=0, progress=False)
 out = {}
 t0 = time.time()
-att = fastdelta.attention("efficientnet_lite0", train, attention_head_epochs=100, **common)
+att = fastdelta.compute_attention("efficientnet_lite0", train, attention_head_epochs=100, **common)
 out["head"] = att.head
 d = resolve_data(train, test, resize=37, crop=32)
 ts = materialise(d.test, d.classes)
@@ -19,7 +19,7 @@ for alpha in (1e-4,):
     res = fastdelta.fit("efficientnet_lite0", train, None, method="delta", alpha=alpha, attention=att, **common)
     out[f"delta_alpha{alpha}"] = fast_top1(res.model, ts)
 out["seconds"] = round(time.time() - t0, 1)
-from fastdelta.demo import environment
+from fastdelta.apps.demo import environment
 out["environment"] = environment()
 print(json.dumps(out))
 json.dump(out, open("diagnose_attention_head.json", "w"), indent=1)

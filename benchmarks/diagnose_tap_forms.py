@@ -24,12 +24,12 @@ import torch.nn.functional as F
 import fastdelta
 from fastdelta.data import resolve_data
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.demo import environment
-from fastdelta.ioutil import atomic_write_text
+from fastdelta.apps.demo import environment
+from fastdelta.output_files import atomic_write_text
 from fastdelta.methods import make_method
 from fastdelta.features.hooks import FeatureTaps
 from fastdelta.networks.models import build_networks
-from fastdelta.train.deferred import BufferSnapshots
+from fastdelta.train.bn_buffers import BufferSnapshots
 from fastdelta.train.distributed import DistContext
 from fastdelta.train.evaluate import evaluate
 from fastdelta.train.loop import TrainSpec, lr_at, make_loader, make_train_loader
@@ -95,7 +95,7 @@ def main(argv=None):
     test = (x_te[:a.test_images], y_te[:a.test_images])
     resize, crop = round(a.image_size * 256 / 224), a.image_size
     common = dict(batch_size=32, lr=0.01, resize=resize, crop=crop, seed=a.seed, progress=False)
-    att = fastdelta.attention("efficientnet_lite0", train, weights="imagenet", **common)
+    att = fastdelta.compute_attention("efficientnet_lite0", train, weights="imagenet", **common)
     data = resolve_data(train, test, resize=resize, crop=crop)
     device = torch.device("cpu")
     rows = []

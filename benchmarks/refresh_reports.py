@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastdelta.compare.report import (REPORT_FILES, claims, finish_report, load_report, markdown,  # noqa: E402
-                                      report_path, save_report_json)
-from fastdelta.ioutil import atomic_write_text  # noqa: E402
+from fastdelta.apps.compare.report import (REPORT_FILES, claims, finish_report, load_report, markdown,  # noqa: E402
+                                           report_path, save_report_json)
+from fastdelta.output_files import atomic_write_text  # noqa: E402
 
 REPORT_CLAIMS = "## The paper's claims on this data"
 SUMMARY_CLAIMS = "## The paper's claims, per size"

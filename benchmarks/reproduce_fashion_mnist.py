@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Tuple
 
-from fastdelta.compare.comparison import CompareSettings, compare
+from fastdelta.apps.compare.comparison import CompareSettings, compare
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.compare.figures import label
-from fastdelta.compare.report import RULE_SHORT, load_report, report_path, verdict
-from fastdelta.compare.report import paired_difference as report_paired_difference, paired_stats as report_paired_stats
-from fastdelta.ioutil import atomic_write_text
+from fastdelta.apps.compare.figures import label
+from fastdelta.apps.compare.report import RULE_SHORT, load_report, report_path, verdict
+from fastdelta.apps.compare.report import (paired_difference as report_paired_difference,
+                                           paired_stats as report_paired_stats)
+from fastdelta.output_files import atomic_write_text
 from fastdelta.settings import DEFAULT_RECIPE, METHODS, RECIPES, describe_conventions
 
 
@@ -179,7 +180,7 @@ def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=(
 
 def paired_difference(report: dict, other: str):
     """(mean, std, per-seed values) of DELTA minus `other`, seed by seed (step schedule), or None: the
-    numbers the report's claims are decided on (fastdelta.compare.report.paired_difference)."""
+    numbers the report's claims are decided on (fastdelta.apps.compare.report.paired_difference)."""
     return _as_tuple(report_paired_difference(report, other))
 
 

@@ -31,10 +31,10 @@ from reproduce_fashion_mnist import Plan, paired_cell, paired_rows, paired_stats
 
 import fastdelta  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
-from fastdelta.compare.figures import label  # noqa: E402
-from fastdelta.compare.report import RULE_SHORT, load_report, report_path  # noqa: E402
-from fastdelta.demo import environment  # noqa: E402
-from fastdelta.ioutil import atomic_write_text  # noqa: E402
+from fastdelta.apps.compare.figures import label  # noqa: E402
+from fastdelta.apps.compare.report import RULE_SHORT, load_report, report_path  # noqa: E402
+from fastdelta.apps.demo import environment  # noqa: E402
+from fastdelta.output_files import atomic_write_text  # noqa: E402
 from fastdelta.settings import DEFAULT_RECIPE, RECIPES, describe_conventions  # noqa: E402
 
 SOURCE_CLASSES = (0, 1, 2, 3, 4)

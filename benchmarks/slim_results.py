@@ -7,9 +7,9 @@ bulky and either duplicated or read by no report is cut. Run it on every new res
 
 What it does, per file (each step checks before it deletes):
 - report.json -> report.json.gz: compact, the figures' data at float32's shortest digits
-  (fastdelta.compare.report.dumps_report), gzipped. Checked first: the claims and report.md's text computed
+  (fastdelta.apps.compare.report.dumps_report), gzipped. Checked first: the claims and report.md's text computed
   from the slim report equal those computed from the original. Every reader takes either form
-  (fastdelta.compare.report.load_report; benchmarks/reproduce_*.py, refresh_reports.py).
+  (fastdelta.apps.compare.report.load_report; benchmarks/reproduce_*.py, refresh_reports.py).
 - a run folder's (one with result.json) history.jsonl -> history.sampled.jsonl.gz: the first row, every k-th
   iteration (k = iterations / --history-rows, default 20 rows), every row with a test evaluation and the
   last row, float32 quantities at their shortest digits (fastdelta.result.load_history reads it). The
@@ -37,8 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastdelta.compare.report import claims, markdown, report_bytes  # noqa: E402
-from fastdelta.ioutil import atomic_write  # noqa: E402
+from fastdelta.apps.compare.report import claims, markdown, report_bytes  # noqa: E402
+from fastdelta.output_files import atomic_write  # noqa: E402
 
 SAMPLED = "history.sampled.jsonl.gz"
 ATTENTION = "channel_attention.json"
@@ -160,7 +160,7 @@ class Slimmer:
         return home
 
     def slim_attention(self, path: Path) -> None:
-        from fastdelta.methods.attention import ChannelAttention
+        from fastdelta.attention.weights import ChannelAttention
         d = json.loads(path.read_text())
         slim = dict(d)
         if "raw" in d and "weights" in d:

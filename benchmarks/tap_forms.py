@@ -29,8 +29,8 @@ import torch
 import fastdelta
 from fastdelta.train.checkpoint import read_checkpoint
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.demo import environment
-from fastdelta.ioutil import atomic_write_text
+from fastdelta.apps.demo import environment
+from fastdelta.output_files import atomic_write_text
 from fastdelta.networks.models import build_networks
 from fastdelta.methods import make_method
 from fastdelta.settings import DEFAULT_RECIPE, FEATURE_MAPS, RECIPES

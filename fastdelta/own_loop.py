@@ -21,7 +21,7 @@ Trainer, a Lightning module); the README shows a 25-line loop whose losses equal
   a frozen copy truncated after the last regularised layer with BN folded where exact, it moves with
   `.to()`, runs under your autocast, and the distance is the fused kernel (fastdelta.kernels).
 - `channel_attention(model, layers, batches)`: Algorithm 1's channel weights for a classifier whose
-  head is already trained on the target task with the source extractor frozen (`fastdelta.attention`
+  head is already trained on the target task with the source extractor frozen (`fastdelta.compute_attention`
   trains that head first).
 - `SourcePull(model, source, alpha)`: alpha/2 ||w - w*||^2 over the non-head parameters (L2-SP) added
   to the gradients after your backward, for any optimizer.
@@ -33,10 +33,11 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .attention.loss_increase import channel_loss_increase
+from .attention.weights import ChannelAttention
 from .features.forms import rectified_at_tap, rectifies, tap_modules
 from .features.hooks import FeatureTaps
 from .features.source import source_features
-from .methods.attention import ChannelAttention, channel_loss_increase
 from .methods.base import Pull
 from .methods.delta_term import DeltaTerm
 from .methods.parameter_norm import L2SP

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .ioutil import atomic_write, atomic_write_text
-from .methods.attention import ChannelAttention
+from .attention.weights import ChannelAttention
+from .output_files import atomic_write, atomic_write_text
 
 
 @dataclass

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from .ioutil import RUN_MARKER, OutputError, reason
+from .output_files import RUN_MARKER, OutputError, reason
 from .train.checkpoint import checkpoint_files
 
 try:

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 # vocabularies defined by the modules that implement them, validated here once
+from .attention.weights import NORMALISATIONS
 from .data.backend import DATA_BACKENDS
 from .data.transforms import AUGMENTATIONS
 from .kernels.dispatch import IMPLS as DISTANCE_IMPLS
 # the vocabularies of the methods' settings, re-exported for scripts that name them from here
 from .features.forms import FEATURE_MAPS  # noqa: F401
 from .methods import METHODS, Delta
-from .methods.attention import NORMALISATIONS
 from .methods.base import all_hyperparameters, on_registry_change
 from .methods.delta_term import DELTA_NO_ATT_SCALES, DELTA_SCALES  # noqa: F401
 from .methods.feature_map import FEATURE_SCALES, SOURCE_BN_MODES  # noqa: F401

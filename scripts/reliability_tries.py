@@ -9,7 +9,6 @@ runs two real gloo processes, one of them stopped with SIGSTOP.
 """
 import contextlib
 import errno
-import importlib
 import io
 import json
 import os
@@ -33,11 +32,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's fastdelta, and the tests' tiny CNN
 import fastdelta  # noqa: E402
-from fastdelta import cli  # noqa: E402
-from fastdelta.compare.comparison import CompareSettings, compare  # noqa: E402
+import fastdelta.attention.measure as measure_module  # noqa: E402
+import fastdelta.fitting as fit_module  # noqa: E402
+from fastdelta.apps import cli  # noqa: E402
+from fastdelta.apps.compare.comparison import CompareSettings, compare  # noqa: E402
 from tiny import TINY_LAYERS, arrays, image_folder, sigterm_must_be_handled, tiny_net  # noqa: E402
 
-fit_module = importlib.import_module("fastdelta.fit")  # `fastdelta.fit` itself is the function
 warnings.simplefilter("ignore")
 QUICK = dict(batch_size=4, resize=36, crop=32, progress=False, attention_cache=None)
 TINY = dict(method="l2", layers=TINY_LAYERS, iterations=4, checkpoint_every=2, batch_size=4, resize=16, crop=12,
@@ -462,13 +462,13 @@ def resume_a_finished_run():
 
 
 def edge_tries():
-    from fastdelta.data import sources
+    from fastdelta.data import inputs
     print("distributed and preemption edges", flush=True)
     outcome("one of two gloo ranks stopped (SIGSTOP), dist_timeout=3", stalled_rank)
     outcome("SIGTERM while the data is scanned", lambda: sigterm_during(
-        sources, "scan_image_folder", *CLI_FIT, "--method", "l2", "--iterations", "2", "--out", TMP / "scan"))
+        inputs, "scan_image_folder", *CLI_FIT, "--method", "l2", "--iterations", "2", "--out", TMP / "scan"))
     outcome("SIGTERM during the channel attention", lambda: sigterm_during(
-        fit_module, "channel_loss_increase", *CLI_FIT, "--method", "delta", "--layers", "layer1.1.conv2",
+        measure_module, "channel_loss_increase", *CLI_FIT, "--method", "delta", "--layers", "layer1.1.conv2",
         "--iterations", "2", "--attention-cache", "off", "--out", TMP / "att_stop"))
     outcome("`fastdelta fit --resume RUN` on a finished run", resume_a_finished_run)
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdelta.methods.attention import (ChannelAttention, PrefixReuse, channel_loss_increase, loss_increase_masked_forward,
-                                 loss_increase_prefix, normalize_attention, spearman, top_overlap)
+from fastdelta.attention.loss_increase import channel_loss_increase, loss_increase_masked_forward, loss_increase_prefix
+from fastdelta.attention.prefix_reuse import PrefixReuse
+from fastdelta.attention.weights import ChannelAttention, normalize_attention, spearman, top_overlap
 from tiny import TINY_LAYERS, tiny_net
 
 

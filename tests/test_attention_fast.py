@@ -5,9 +5,10 @@ import torch
 import torchvision
 
 import fastdelta
-from fastdelta.methods.attention import (PrefixReuse, channel_loss_increase, loss_increase_closed_form,
-                                 loss_increase_first_order, loss_increase_prefix,
-                                 spearman, top_overlap)
+from fastdelta.attention.loss_increase import (channel_loss_increase, loss_increase_closed_form,
+                                               loss_increase_first_order, loss_increase_prefix)
+from fastdelta.attention.prefix_reuse import PrefixReuse
+from fastdelta.attention.weights import spearman, top_overlap
 from test_attention import brute_force, make_batches
 from tiny import TINY_LAYERS, tiny_net
 

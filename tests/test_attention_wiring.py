@@ -1,17 +1,16 @@
 """Which images Algorithm 1 measures, and that a cached attention is the one a fresh run would use."""
 import dataclasses
-import importlib
 
 import numpy as np
 import pytest
 import torch
 
 import fastdelta
-from fastdelta.fit import attention_indices
+import fastdelta.attention.measure as measure_module
+from fastdelta.attention.measure import attention_indices
 from fastdelta.settings import FitSettings
 from tiny import TINY_LAYERS, arrays, tiny_net
 
-fit_module = importlib.import_module("fastdelta.fit")  # the module, not the function fastdelta.fit
 
 SMALL = dict(iterations=2, batch_size=4, resize=16, crop=16, layers=TINY_LAYERS, progress=False,
              attention_head_epochs=1)
@@ -26,13 +25,13 @@ def _class_ordered(n_per_class=8, classes=4):
 def _labels_measured(monkeypatch, **settings):
     """The labels of the images that reach the channel ablation inside fastdelta.fit."""
     seen = []
-    original = fit_module.channel_loss_increase
+    original = measure_module.channel_loss_increase
 
     def spy(model, layers, batches, *args, **kwargs):
         seen.extend(int(v) for _, y in batches for v in y)
         return original(model, layers, batches, *args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "channel_loss_increase", spy)
+    monkeypatch.setattr(measure_module, "channel_loss_increase", spy)
     res = fastdelta.fit(tiny_net(num_classes=4), _class_ordered(), None, method="delta", attention_cache=None,
                         **{**SMALL, **settings})
     return seen, res
@@ -96,10 +95,10 @@ def test_a_cached_attention_is_what_a_fresh_run_computes(name, tmp_path):
     a run without the cache computes with that setting (a hit is fine only if nothing changed)."""
     data = arrays(4, 3)
     base = dict(SMALL, batch_size=4, attention_head_epochs=2, eval_batch_size=5)
-    fastdelta.attention(tiny_net(num_classes=3), data, attention_cache=str(tmp_path), **base)
+    fastdelta.compute_attention(tiny_net(num_classes=3), data, attention_cache=str(tmp_path), **base)
     changed = {**base, name: ALTERNATIVES[name]}
-    cached = fastdelta.attention(tiny_net(num_classes=3), data, attention_cache=str(tmp_path), **changed)
-    fresh = fastdelta.attention(tiny_net(num_classes=3), data, attention_cache=None, **changed)
+    cached = fastdelta.compute_attention(tiny_net(num_classes=3), data, attention_cache=str(tmp_path), **changed)
+    fresh = fastdelta.compute_attention(tiny_net(num_classes=3), data, attention_cache=None, **changed)
     assert cached.layers == fresh.layers
     for a, b in zip(cached.weights, fresh.weights):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
@@ -107,7 +106,7 @@ def test_a_cached_attention_is_what_a_fresh_run_computes(name, tmp_path):
 
 def test_fit_normalises_a_precomputed_attention_with_its_own_settings():
     data = arrays(4, 3)
-    att = fastdelta.attention(tiny_net(num_classes=3), data, attention_cache=None, **SMALL)
+    att = fastdelta.compute_attention(tiny_net(num_classes=3), data, attention_cache=None, **SMALL)
     res = fastdelta.fit(tiny_net(num_classes=3), data, None, method="delta", attention=att,
                         attention_temperature=0.5, **SMALL)
     assert res.attention.temperature == 0.5 and res.settings["attention_temperature"] == 0.5

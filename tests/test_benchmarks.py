@@ -29,7 +29,7 @@ def test_bench_attention_smoke(tmp_path):
 
 def test_compare_attention(tmp_path):
     import torch
-    from fastdelta.methods.attention import ChannelAttention
+    from fastdelta.attention.weights import ChannelAttention
     raw = [torch.arange(20, dtype=torch.float64), torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)]
     ChannelAttention(["a", "b"], raw).save(tmp_path / "x.json")
     ChannelAttention(["a", "b"], [raw[0].flip(0), raw[1]]).save(tmp_path / "y.json")
@@ -147,7 +147,7 @@ def test_bench_step_delta_rows_stay_finite_on_deep_random_resnets():
     identical for both engines, every row of ResNet-50 and ResNet-101 is finite (3 steps, 64 px, batch 2)."""
     import math
     import torch
-    from fastdelta import bench
+    from fastdelta.apps import bench
     from fastdelta.train.steps import resolve_step_options
     cpu = torch.device("cpu")
     fast = resolve_step_options(cpu, "fp32", "off", False, False, "fast")
@@ -170,7 +170,7 @@ def test_bench_step_delta_rows_stay_finite_on_deep_random_resnets():
 def test_bench_step_rows_are_checked_for_non_finite_steps(monkeypatch):
     """A row whose steps go non-finite is an error, not a timing (the public step had no check)."""
     import torch
-    from fastdelta import bench
+    from fastdelta.apps import bench
     monkeypatch.setattr(bench, "bench_hyperparameters",
                         lambda method: {"alpha": float("inf"), "beta": 0.01, "lr": 0.01, "momentum": 0.9,
                                         "weight_decay": 1e-4})
@@ -187,7 +187,7 @@ def test_step_timer_synchronises_the_stop_event_before_reading_cuda_events():
     """CUDA's elapsed_time needs both events completed; the non-deferred loop asks right after recording
     the stop event (the update still queued), so StepTimer.seconds must synchronise it first."""
     import torch
-    from fastdelta.train.deferred import StepTimer
+    from fastdelta.train.deferred_reads import StepTimer
     calls = []
 
     class FakeEvent:
@@ -250,7 +250,7 @@ def test_public_step_is_the_six_methods_and_refuses_others():
     import copy
     import torch
     import torch.nn.functional as F
-    from fastdelta.bench import PublicStep
+    from fastdelta.apps.bench import PublicStep
     from fastdelta.methods import METHODS, make_method
     from fastdelta.features.hooks import FeatureTaps
     from fastdelta.networks.models import build_networks

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from fastdelta import cli
+from fastdelta.apps import cli
 from fastdelta.data.fashion_mnist import FASHION_MNIST_DIR
 from tiny import image_folder
 

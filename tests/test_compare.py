@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fastdelta import SettingsError
-from fastdelta.compare.comparison import (CompareSettings, compare, stratified_folds, stratified_split,
-                                          validation_split)
+from fastdelta.apps.compare.comparison import (CompareSettings, compare, stratified_folds, stratified_split,
+                                               validation_split)
 from fastdelta.data.errors import DataError
 from tiny import TINY_LAYERS, arrays, tiny_net
 
@@ -161,7 +161,7 @@ def test_fast_top1_matches_the_reference_evaluation():
     """fast_top1 (held tensors sliced into train.evaluate.evaluate) gives the same top-1 as evaluate over a DataLoader, and
     channels_last logits match a float64 forward (eval mode) to float32 rounding."""
     import torch
-    from fastdelta.compare.comparison import _TensorSet, fast_top1
+    from fastdelta.apps.compare.comparison import _TensorSet, fast_top1
     from fastdelta.train.evaluate import evaluate
     from fastdelta.train.loop import make_loader
     net = tiny_net(num_classes=3).eval()
@@ -181,7 +181,7 @@ def test_evaluate_runs_channels_last_on_cpu_and_restores_the_layout():
     """train.evaluate.evaluate switches a CPU model to channels_last for its forwards (faster) and back after;
     a model that was channels_last already stays so; the top-1 equals a float64 forward's."""
     import torch
-    from fastdelta.compare.comparison import _TensorSet
+    from fastdelta.apps.compare.comparison import _TensorSet
     from fastdelta.train.evaluate import evaluate
     from fastdelta.train.loop import make_loader
     net = tiny_net(num_classes=3).eval()
@@ -310,7 +310,7 @@ def claim_report(delta_minus):
     ({"l2": [-9.0], "l2_sp": [9.0]}, None, "not decided: one seed"),
 ])
 def test_accuracy_claim_holds_only_where_the_paired_difference_exceeds_its_spread(delta_minus, holds, verdict):
-    from fastdelta.compare.report import RULE, claims
+    from fastdelta.apps.compare.report import RULE, claims
     c = claims(claim_report(delta_minus))["accuracy"]
     assert c["holds"] is holds and c["verdict"] == verdict and c["rule"] == RULE
     assert set(c["paired"]) == set(delta_minus)
@@ -325,7 +325,7 @@ def test_accuracy_claim_holds_only_where_the_paired_difference_exceeds_its_sprea
 
 def test_accuracy_claim_pairs_only_seeds_both_finished():
     """A diverged run (test_top1 None) leaves its seed out of the pairs: two pairs left still decide."""
-    from fastdelta.compare.report import claims
+    from fastdelta.apps.compare.report import claims
     report = claim_report({"l2": [2.0, 2.1, 1.9]})
     next(r for r in report["runs"] if r["method"] == "l2" and r["seed"] == 1)["test_top1"] = None
     c = claims(report)["accuracy"]
@@ -335,7 +335,7 @@ def test_accuracy_claim_pairs_only_seeds_both_finished():
 
 def test_single_seed_claims_decide_nothing_and_say_so():
     """The learning curves and the filter distances are measured on seed 0 only: one seed's measurement."""
-    from fastdelta.compare.report import claims
+    from fastdelta.apps.compare.report import claims
     report = claim_report({"l2_sp": [3.0, 3.1, 2.9]})
     report["roughness"] = {"delta/step": 1.0, "l2_sp/step": 2.0}
     report["attention_split"] = {m: {"conv": {"low_attention_mean": v}} for m, v in [("delta", 0.5), ("l2_sp", 0.2)]}
@@ -347,7 +347,7 @@ def test_single_seed_claims_decide_nothing_and_say_so():
 
 
 def test_report_md_states_the_rule_once(twice):
-    from fastdelta.compare.report import RULE
+    from fastdelta.apps.compare.report import RULE
     (report, out), _ = twice
     md = (out / "report.md").read_text()
     assert md.count(RULE) == 1 and md.index(RULE) > md.index("## The paper's claims on this data")

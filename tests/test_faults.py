@@ -3,7 +3,6 @@ read-only) is an OutputError with nothing half-written, and SIGTERM/SIGINT stop 
 either way the run resumes to the weights of an uninterrupted one, bit for bit."""
 import builtins
 import errno
-import importlib
 import json
 import os
 import signal
@@ -22,11 +21,12 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import fastdelta
+import fastdelta.fitting as fit_module
+import fastdelta.run_setup as run_setup_module
 from fastdelta.train import loop
 from fastdelta.train.checkpoint import checkpoint_files
 from tiny import TINY_LAYERS, arrays, tiny_net
 
-fit_module = importlib.import_module("fastdelta.fit")  # `fastdelta.fit` itself is the function
 
 RUN = dict(method="delta", layers=TINY_LAYERS, iterations=6, checkpoint_every=2, batch_size=4, resize=16, crop=12,
            progress=False, attention_cache=None, attention_head_epochs=1, eval_batch_size=8)
@@ -37,8 +37,8 @@ def no_work(monkeypatch):
     """Fail the test if fit gets as far as the data or the model."""
     def called(*args, **kwargs):
         raise AssertionError("fit started its work before checking the output folder")
-    monkeypatch.setattr(fit_module, "resolve_data", called)
-    monkeypatch.setattr(fit_module, "build_networks", called)
+    monkeypatch.setattr(run_setup_module, "resolve_data", called)
+    monkeypatch.setattr(run_setup_module, "build_networks", called)
 
 
 def tmp_files(root) -> list:
@@ -258,7 +258,7 @@ def test_write_failure_is_an_output_error_and_the_run_resumes_exactly(tmp_path, 
 
 
 def test_failed_atomic_write_leaves_no_temp_file_even_when_cleanup_fails(tmp_path, monkeypatch):
-    from fastdelta.ioutil import atomic_write
+    from fastdelta.output_files import atomic_write
     real_unlink = os.unlink
 
     def write(tmp):
@@ -294,11 +294,11 @@ def test_no_checkpoint_yet_is_said(tmp_path, monkeypatch):
 
 
 def test_cli_write_failure_exits_2_with_the_message(monkeypatch, capsys):
-    from fastdelta import cli
+    from fastdelta.apps import cli
 
     def failing_fit(*args, **kwargs):
         raise fastdelta.OutputError("could not write checkpoint x: No space left on device; the run can be resumed")
-    monkeypatch.setattr(fastdelta, "fit", failing_fit)
+    monkeypatch.setattr(cli, "fit", failing_fit)
     assert cli.main(["fit", "--data", "d", "--out", "o", "--no-progress"]) == 2
     assert "fastdelta: error: could not write checkpoint x: No space left on device" in capsys.readouterr().err
 

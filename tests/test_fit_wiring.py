@@ -2,7 +2,6 @@
 written from the definitions: attention_head_bn (how Algorithm 1's L2-FE head trains), source_bn (which
 BN statistics the source maps use) and feature_scale="source_energy" (each layer's term divided by E_l)."""
 import copy
-import importlib
 
 import numpy as np
 import pytest
@@ -10,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import fastdelta
+import fastdelta.attention.measure as measure_module
+import fastdelta.fitting as fit_module
 from fastdelta.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastdelta.features.source import SourceFeatures, batch_statistics_copy
 from tiny import TINY_LAYERS, arrays, tiny_net
 
-fit_module = importlib.import_module("fastdelta.fit")  # the module, not the function fastdelta.fit
 
 SMALL = dict(iterations=2, batch_size=4, resize=16, crop=16, layers=TINY_LAYERS, progress=False,
              attention_cache=None)
@@ -79,7 +79,7 @@ def test_attention_head_bn_reaches_the_head_training(mode, monkeypatch):
     """The L2-FE head of Algorithm 1 trains with the extractor's BN statistics adapting ("train") or
     fixed ("frozen"), as the setting says, and the attention is measured on that trained copy."""
     heads = []
-    original = fit_module.train_loop
+    original = measure_module.train_loop
 
     def spy(target, source, reg, dataset, spec, *args, **kwargs):
         before = copy.deepcopy(target.state_dict())
@@ -88,7 +88,7 @@ def test_attention_head_bn_reaches_the_head_training(mode, monkeypatch):
             heads.append((before, copy.deepcopy(target)))
         return history
 
-    monkeypatch.setattr(fit_module, "train_loop", spy)
+    monkeypatch.setattr(measure_module, "train_loop", spy)
     x, y = arrays()
     res = fastdelta.fit(tiny_net(), (x, y), None, method="delta", attention_head_bn=mode, attention_augmented=False,
                         attention_head_epochs=3, **SMALL)

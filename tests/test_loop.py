@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastdelta.methods import make_method
-from fastdelta.train.deferred import DeferredStats
+from fastdelta.train.deferred_reads import DeferredStats
 from fastdelta.train.loop import NonFiniteLossError, TrainSpec, train_loop
 from fastdelta.train.steps import StepOptions
 from tiny import TINY_LAYERS, tiny_net

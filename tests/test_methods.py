@@ -40,7 +40,7 @@ def l1_sp():
 
 
 def test_a_new_method_is_one_class_and_trains_the_same_on_both_steps(l1_sp):
-    from fastdelta.cli import build_parser
+    from fastdelta.apps.cli import build_parser
     kw = dict(QUICK, method=l1_sp.name, alpha=0.05)
     ref = fastdelta.fit(tiny_net(), arrays(), None, step_engine="reference", **kw)
     fast = fastdelta.fit(tiny_net(), arrays(), None, step_engine="fast", **kw)
@@ -51,5 +51,5 @@ def test_a_new_method_is_one_class_and_trains_the_same_on_both_steps(l1_sp):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), k
     args = build_parser().parse_args(["fit", "--data", "D", "--out", "O", "--method", l1_sp.name])
     assert args.method == l1_sp.name
-    from fastdelta.compare.figures import color, label
+    from fastdelta.apps.compare.figures import color, label
     assert (label(l1_sp.name), color(l1_sp.name)) == ("L1-SP", "tab:olive")

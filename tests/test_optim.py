@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastdelta
-from fastdelta.methods.attention import ChannelAttention
+from fastdelta.attention.weights import ChannelAttention
 from fastdelta.methods import Pull
 from fastdelta.train.optim import PullSGD
 from fastdelta.methods import make_method

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import fastdelta
-from fastdelta.methods.attention import ChannelAttention
+from fastdelta.attention.weights import ChannelAttention
 from fastdelta.train.loop import TrainSpec, param_groups, train_loop
 from fastdelta.networks.models import build_architecture
 from fastdelta.methods import L2FE, make_method
@@ -135,16 +135,16 @@ def test_attention_head_bn_mode(mode):
 
 
 def test_public_attention_uses_augmented_images_and_records_how(tmp_path):
-    a = fastdelta.attention(tiny_net(), arrays(), **{k: v for k, v in QUICK.items() if k != "iterations"},
-                            attention_max_images=5)
-    b = fastdelta.attention(tiny_net(), arrays(), **{k: v for k, v in QUICK.items() if k != "iterations"},
-                            attention_max_images=5, attention_augmented=False, attention_head_bn="frozen")
+    a = fastdelta.compute_attention(tiny_net(), arrays(), **{k: v for k, v in QUICK.items() if k != "iterations"},
+                                    attention_max_images=5)
+    b = fastdelta.compute_attention(tiny_net(), arrays(), **{k: v for k, v in QUICK.items() if k != "iterations"},
+                                    attention_max_images=5, attention_augmented=False, attention_head_bn="frozen")
     assert a.images == b.images == 5
     assert a.head["bn"] == "train" and a.head["images_augmented"] is True and a.head["batch_size"] == 12  # public 32, capped at 12 images
     assert b.head["bn"] == "frozen" and b.head["images_augmented"] is False
     assert not all(torch.equal(x, y) for x, y in zip(a.raw, b.raw))
-    again = fastdelta.attention(tiny_net(), arrays(), **{k: v for k, v in QUICK.items() if k != "iterations"},
-                                attention_max_images=5)
+    again = fastdelta.compute_attention(tiny_net(), arrays(), **{k: v for k, v in QUICK.items() if k != "iterations"},
+                                        attention_max_images=5)
     assert all(torch.equal(x, y) for x, y in zip(a.raw, again.raw))  # the augmentation is seeded
 
 
@@ -213,6 +213,6 @@ def test_a_changed_convention_is_never_labelled_as_its_recipe():
 
 def test_attention_head_min_iterations_trains_the_head_longer():
     kw = {k: v for k, v in QUICK.items() if k != "iterations"}
-    short = fastdelta.attention(tiny_net(), arrays(), **kw)
-    longer = fastdelta.attention(tiny_net(), arrays(), attention_head_min_iterations=7, **kw)
+    short = fastdelta.compute_attention(tiny_net(), arrays(), **kw)
+    longer = fastdelta.compute_attention(tiny_net(), arrays(), attention_head_min_iterations=7, **kw)
     assert short.head["iterations"] == 1 and longer.head["iterations"] == 7  # 1 epoch: 12 images, one batch

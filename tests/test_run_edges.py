@@ -1,7 +1,6 @@
 """Messages that name the cause, and the edges of long runs: NaN inputs and NaN weights named as such, a
 batch of one under BatchNorm, `fastdelta fit --resume RUN` alone (and its hint, shell-quoted), a stalled
 rank, SIGTERM outside the training loop, and resuming a run that already finished."""
-import importlib
 import json
 import os
 import shlex
@@ -15,12 +14,13 @@ import pytest
 import torch
 
 import fastdelta
-from fastdelta import cli
+import fastdelta.attention.measure as measure_module
+import fastdelta.fitting as fit_module
+from fastdelta.apps import cli
 from fastdelta.data import DataError
 from fastdelta.train import loop
 from tiny import TINY_LAYERS, arrays, image_folder, sigterm_must_be_handled, tiny_net
 
-fit_module = importlib.import_module("fastdelta.fit")  # `fastdelta.fit` itself is the function
 TESTS = os.path.dirname(os.path.abspath(__file__))
 RUN = dict(method="l2", layers=TINY_LAYERS, iterations=4, checkpoint_every=2, batch_size=4, resize=16, crop=12,
            progress=False, attention_cache=None, attention_head_epochs=1, eval_batch_size=8)
@@ -208,14 +208,14 @@ def test_dist_timeout_is_validated():
 
 def test_cli_sigterm_while_scanning_the_data_exits_4_saying_nothing_was_kept(tmp_path, monkeypatch, capsys):
     data, out = folder(tmp_path / "data"), tmp_path / "run"
-    from fastdelta.data import sources
-    scan = sources.scan_image_folder
+    from fastdelta.data import inputs
+    scan = inputs.scan_image_folder
 
     def scan_then_signal(*args, **kwargs):
         sigterm_self()
         return scan(*args, **kwargs)
 
-    monkeypatch.setattr(sources, "scan_image_folder", scan_then_signal)
+    monkeypatch.setattr(inputs, "scan_image_folder", scan_then_signal)
     with sigterm_must_be_handled():
         assert cli.main(["fit", "--data", str(data), "--model", "resnet18", "--weights", "random", "--method", "l2",
                          "--iterations", "2", "--batch-size", "4", "--resize", "16", "--crop", "16",
@@ -228,7 +228,7 @@ def test_cli_sigterm_while_scanning_the_data_exits_4_saying_nothing_was_kept(tmp
 
 def test_cli_sigterm_during_the_attention_exits_4(tmp_path, monkeypatch, capsys):
     data, out = folder(tmp_path / "data"), tmp_path / "run"
-    monkeypatch.setattr(fit_module, "channel_loss_increase", sigterm_self)
+    monkeypatch.setattr(measure_module, "channel_loss_increase", sigterm_self)
     with sigterm_must_be_handled():
         assert cli.main(["fit", "--data", str(data), "--model", "resnet18", "--weights", "random", "--method",
                          "delta", "--layers", "layer1.1.conv2", "--iterations", "2", "--batch-size", "4", "--resize",

@@ -3,7 +3,6 @@ that are training images, output folders taken for classes, a poisoned cache ent
 file modes, and a disk that fills late. Each goes through fastdelta.fit / compare / the CLI."""
 import builtins
 import errno
-import importlib
 import json
 import os
 import shutil
@@ -17,11 +16,11 @@ import torch
 from PIL import Image
 
 import fastdelta
-from fastdelta.compare.comparison import CompareSettings, compare
+import fastdelta.fitting as fit_module
+from fastdelta.apps.compare.comparison import CompareSettings, compare
 from fastdelta.data import DataError, resolve_data
 from tiny import TINY_LAYERS, arrays, image_folder, tiny_net
 
-fit_module = importlib.import_module("fastdelta.fit")  # `fastdelta.fit` itself is the function
 TESTS = os.path.dirname(os.path.abspath(__file__))
 RUN = dict(method="l2", layers=TINY_LAYERS, iterations=4, checkpoint_every=2, batch_size=4, resize=16, crop=12,
            progress=False, attention_cache=None, attention_head_epochs=1, eval_batch_size=8)
@@ -278,10 +277,10 @@ def test_disk_full_at_model_pt_is_an_output_error_naming_the_checkpoint(tmp_path
 
 
 def test_cli_attention_on_a_full_disk_exits_2(tmp_path, monkeypatch, capsys):
-    from fastdelta import cli
+    from fastdelta.apps import cli
     data = folder(tmp_path / "data", per_class=4)
-    att = fastdelta.attention(tiny_net(num_classes=2), str(data), layers=TINY_LAYERS, batch_size=4, resize=16,
-                              crop=12, progress=False, attention_cache=None, attention_head_epochs=1)
+    att = fastdelta.compute_attention(tiny_net(num_classes=2), str(data), layers=TINY_LAYERS, batch_size=4, resize=16,
+                                      crop=12, progress=False, attention_cache=None, attention_head_epochs=1)
     real_open = builtins.open
 
     def open_(file, mode="r", *args, **kwargs):
@@ -289,7 +288,7 @@ def test_cli_attention_on_a_full_disk_exits_2(tmp_path, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(fastdelta, "attention", lambda *a, **k: att)
+    monkeypatch.setattr(cli, "compute_attention", lambda *a, **k: att)
     monkeypatch.setattr(builtins, "open", open_)
     assert cli.main(["attention", "--data", str(data), "--out", str(tmp_path / "att"), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -298,7 +297,7 @@ def test_cli_attention_on_a_full_disk_exits_2(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_divergence_with_a_full_disk_still_exits_3_with_a_note(tmp_path, monkeypatch, capsys):
-    from fastdelta import cli
+    from fastdelta.apps import cli
     from fastdelta.train.loop import NonFiniteLossError
 
     class Unsaveable:
@@ -310,7 +309,7 @@ def test_cli_divergence_with_a_full_disk_still_exits_3_with_a_note(tmp_path, mon
         e.partial_result = Unsaveable()
         raise e
 
-    monkeypatch.setattr(fastdelta, "fit", diverging_fit)
+    monkeypatch.setattr(cli, "fit", diverging_fit)
     assert cli.main(["fit", "--data", "d", "--out", str(tmp_path / "o"), "--no-progress"]) == 3
     err = capsys.readouterr().err
     assert "fastdelta: error: non-finite loss term 'ce' at iteration 3" in err

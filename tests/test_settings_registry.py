@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 import fastdelta
-from fastdelta.cli import NOT_FOR_ATTENTION, build_parser, given_settings
-from fastdelta.compare.comparison import COMPARE_SETS, CompareSettings, _grid
+from fastdelta.apps.cli import NOT_FOR_ATTENTION, build_parser, given_settings
+from fastdelta.apps.compare.comparison import COMPARE_SETS, CompareSettings, _grid
 from fastdelta.methods import METHODS, Method, Terms, register
 from fastdelta.methods.base import squared_norm, unregister
 from fastdelta.methods.hyperparameters import BETA, PAPER_GRID, Hyperparameter

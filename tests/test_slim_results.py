@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from fastdelta.compare.report import claims, load_report, markdown, report_path, shortest_float32
-from fastdelta.methods.attention import ChannelAttention
+from fastdelta.apps.compare.report import claims, load_report, markdown, report_path, shortest_float32
+from fastdelta.attention.weights import ChannelAttention
 from fastdelta.result import FitResult, load_history
 
 ROOT = Path(__file__).resolve().parent.parent

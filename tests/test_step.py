@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastdelta
-from fastdelta.methods.attention import ChannelAttention
+from fastdelta.attention.weights import ChannelAttention
 from fastdelta.train.loop import NonFiniteLossError
 from fastdelta.methods import make_method
 from fastdelta.settings import SettingsError, make_settings
@@ -242,7 +242,7 @@ def test_bench_step_smoke(tmp_path):
     assert json.load(open(tmp_path / "bench_step.json"))["environment"]["torch"] == torch.__version__
     table = (tmp_path / "bench_step.md").read_text()
     assert "| smoke | delta |" in table and "ratio" in table
-    from fastdelta.cli import main as cli_main  # `fastdelta bench step` is the same code
+    from fastdelta.apps.cli import main as cli_main  # `fastdelta bench step` is the same code
     assert cli_main(["bench", "step", "--smoke", "--methods", "l2", "--engines", "fastdelta", "--profile", "1",
                      "--out", str(tmp_path / "cli")]) == 0
     rows = json.load(open(tmp_path / "cli" / "bench_step.json"))["rows"]
@@ -254,7 +254,7 @@ def test_bench_warm_first_step_reruns_compiled_rows_in_a_fresh_process(tmp_path,
     (The real thing compiles twice with inductor: run by hand.)"""
     import argparse
     import subprocess
-    from fastdelta import bench
+    from fastdelta.apps import bench
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     args = p.parse_args(["--smoke", "--compile", "default", "--warm-first-step"])

@@ -20,7 +20,7 @@ from .folder import (
     scan_image_folder,
     to_rgb,
 )
-from .sources import DataBundle, UserDatasetAdapter, resolve_data
+from .inputs import DataBundle, UserDatasetAdapter, resolve_data
 from .transforms import (AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, build_center_transform, build_transforms,
                          is_ten_crop)
 

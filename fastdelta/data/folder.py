@@ -18,7 +18,7 @@ import torch.utils.data
 from PIL import Image
 from tqdm import tqdm
 
-from ..ioutil import RUN_MARKER
+from ..output_files import RUN_MARKER
 from .errors import DataError
 from .fingerprint import folder_listing, listing_fingerprint
 from .manifest import Manifest

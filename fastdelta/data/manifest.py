@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import PIL
 
-from ..ioutil import atomic_write_text
+from ..output_files import atomic_write_text
 
 MANIFEST_VERSION = 1
 

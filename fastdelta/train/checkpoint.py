@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..ioutil import OutputError, atomic_write, reason
+from ..output_files import OutputError, atomic_write, reason
 
 MAGIC = b"FDCKPT01"
 KEEP = 2

@@ -4,8 +4,8 @@ One step: target forward (with taps), source forward (no grad, eval mode) when t
 its feature maps, loss = CE + reg + head, SGD with momentum, lr from the schedule. Each step's
 stats (the terms, the gradient norm, the norm of the BN statistics) are checked for non-finite
 values so that the model keeps its last good state: on the CPU before the update; on CUDA they are
-read a step later (`train.deferred`) while a device flag cancels a bad update and the BN statistics
-are restored from a snapshot.
+read a step later (`train.deferred_reads`) while a device flag cancels a bad update and the BN statistics
+are restored from a snapshot (`train.bn_buffers`).
 """
 from __future__ import annotations
 
@@ -25,13 +25,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.sampling import GlobalBatchSampler, SeededSamples
 from ..methods import Method
+from ..output_files import atomic_write_text
 from ..progress import progress_bar
-from ..ioutil import atomic_write_text
+from .bn_buffers import BufferSnapshots
 from .checkpoint import rng_state, save_checkpoint, set_rng_state, write_failed
+from .deferred_reads import DeferredStats, StepTimer
 from .distributed import DistContext
 from .evaluate import flush_denormals
-from .deferred import BufferSnapshots, DeferredStats, DevicePrefetcher, StepTimer
 from .preempt import Preempted, StopRequest, ignore_stop_signals
+from .prefetch import DevicePrefetcher
 from .steps import STATS, FastStep, ReferenceStep, Step, StepOptions, StepOutput, mean_over_ranks
 
 

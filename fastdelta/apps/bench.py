@@ -42,12 +42,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .methods import L2, make_method, method_class
-from .networks.models import DEFAULT_LAYERS, build_architecture, build_networks
-from .settings import METHODS, make_settings
-from .train.evaluate import flush_denormals
-from .train.loop import set_training_mode
-from .train.steps import FastStep, resolve_step_options
+from ..methods import L2, make_method, method_class
+from ..networks.models import DEFAULT_LAYERS, build_architecture, build_networks
+from ..settings import METHODS, make_settings
+from ..train.evaluate import flush_denormals
+from ..train.loop import set_training_mode
+from ..train.steps import FastStep, resolve_step_options
 
 GPU_MODELS = ["resnet50", "resnet101", "efficientnet_lite0"]
 
@@ -458,7 +458,7 @@ def environment(device) -> dict:
                    cudnn=torch.backends.cudnn.version(),
                    driver_capability=".".join(map(str, torch.cuda.get_device_capability(device))))
     try:
-        from .kernels.dispatch import describe
+        from ..kernels.dispatch import describe
         env["distance_kernels"] = describe()
     except Exception:  # noqa: BLE001 - the kernels module is optional here
         pass
@@ -553,7 +553,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
-    from .train.distributed import DistContext, device_for
+    from ..train.distributed import DistContext, device_for
     device = device_for(DistContext(), args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..features.hooks import FeatureTaps
+from ...features.hooks import FeatureTaps
 
 
 def stage_of(model: nn.Module, param_name: str) -> str:

@@ -12,11 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from .data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
-from .ioutil import atomic_write, atomic_write_text
-from .methods import L2, L2SP, Delta, method_class
-from .settings import DEFAULT_RECIPE, describe_conventions, make_settings
-from .train.loop import NonFiniteLossError
+from ..attention.measure import compute_attention
+from ..data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
+from ..fitting import fit
+from ..methods import L2, L2SP, Delta, method_class
+from ..output_files import atomic_write, atomic_write_text
+from ..settings import DEFAULT_RECIPE, describe_conventions, make_settings
+from ..train.loop import NonFiniteLossError
 
 DEMO_MODEL = "efficientnet_lite0"
 DEMO_METHODS = (L2.name, L2SP.name, Delta.name)  # the plain fine-tune, the parameter pull, DELTA
@@ -54,7 +56,6 @@ def _regularisation(cfg: DemoConfig, method: str, weight_decay: float = 1e-4) ->
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
-    import fastdelta
     t_start = time.perf_counter()
     x_tr, y_tr = load_fashion_mnist("train")
     x_tr, y_tr = few_shot_subset(x_tr, y_tr, cfg.per_class, cfg.seed)
@@ -77,7 +78,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     att = None
     if any(method_class(m).uses_attention for m in cfg.methods):
         t0 = time.perf_counter()
-        att = fastdelta.attention(DEMO_MODEL, train, **common)
+        att = compute_attention(DEMO_MODEL, train, **common)
         how = ", ".join(f"{l}: {r}" for l, r in att.impl.items()) if isinstance(att.impl, dict) else att.impl
         log(f"channel attention from {att.images} training images in {time.perf_counter() - t0:.1f} s ({how})")
         att.save(out / "channel_attention.json")
@@ -86,8 +87,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         t0 = time.perf_counter()
         row = {"method": method, "regularisation": _regularisation(cfg, method)}
         try:
-            res = fastdelta.fit(DEMO_MODEL, train, test, method=method, alpha=_alpha(cfg, method),
-                                attention=att if method_class(method).uses_attention else None, **common)
+            res = fit(DEMO_MODEL, train, test, method=method, alpha=_alpha(cfg, method),
+                      attention=att if method_class(method).uses_attention else None, **common)
             row.update(test_top1=res.test_top1, status="ok")
         except NonFiniteLossError as e:
             res = e.partial_result

@@ -255,7 +255,7 @@ def resolve_data(
     strict: bool = False,
     allow_overlap: bool = False,
 ) -> DataBundle:
-    """Resolve train/test sources into datasets with the train/eval transforms applied.
+    """Resolve the train/test inputs into datasets with the train/eval transforms applied.
 
     `train` may be a folder of class folders, a folder with train/ (and
     optionally test/, used when `test` is None), a torch Dataset, or an (x, y)

@@ -31,20 +31,22 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import resolve_data
-from ..data.errors import DataError
-from ..data.fingerprint import array_fingerprint, dataset_fingerprint, fingerprint_of, state_sha256
+from ...attention.measure import compute_attention
+from ...data import resolve_data
+from ...data.errors import DataError
+from ...data.fingerprint import array_fingerprint, dataset_fingerprint, fingerprint_of, state_sha256
 from ..demo import environment
-from ..ioutil import atomic_write_text
-from ..methods import METHODS
-from ..methods.hyperparameters import PAPER_GRID  # noqa: F401  (re-exported: the paper's grid)
-from ..methods.parameter_norm import tapped_conv
-from ..networks.models import build_networks, guess_arch
-from ..progress import progress_bar
-from ..run_folder import RunFolder
-from ..settings import LEGACY_VALUES, SettingsError, make_settings
-from ..train.evaluate import evaluate
-from ..train.loop import NonFiniteLossError
+from ...fitting import fit
+from ...output_files import atomic_write_text
+from ...methods import METHODS
+from ...methods.hyperparameters import PAPER_GRID  # noqa: F401  (re-exported: the paper's grid)
+from ...methods.parameter_norm import tapped_conv
+from ...networks.models import build_networks, guess_arch
+from ...progress import progress_bar
+from ...run_folder import RunFolder
+from ...settings import LEGACY_VALUES, SettingsError, make_settings
+from ...train.evaluate import evaluate
+from ...train.loop import NonFiniteLossError
 from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
                        min_max, pick_low_activation_filters, pick_map_layer, tap_maps)
 
@@ -161,8 +163,8 @@ def _raw_train(train):
         x, y = train
         y = np.asarray(y, dtype=np.int64)
         return train, y, [str(i) for i in range(int(y.max()) + 1)]
-    from ..data.folder import ImageListDataset, scan_image_folder
-    from ..data.sources import _dataset_labels, _split_dataset_root
+    from ...data.folder import ImageListDataset, scan_image_folder
+    from ...data.inputs import _dataset_labels, _split_dataset_root
     if isinstance(train, (str, os.PathLike)):
         root, _ = _split_dataset_root(train)
         index = scan_image_folder(root, role="train folder")
@@ -246,11 +248,10 @@ class _Runner:
     def fit(self, name: str, train, test, method: str, final_test=None, **overrides):
         """One fit; with final_test (a _TensorSet), fit only evaluates `test` (curve points, or nothing)
         and the final top-1 comes from fast_top1 on final_test."""
-        import fastdelta
         t0 = time.perf_counter()
         settings = {**self.base, **overrides}
         try:
-            res = fastdelta.fit(self.model, train, test, method=method, weights=self.weights, **settings)
+            res = fit(self.model, train, test, method=method, weights=self.weights, **settings)
         except NonFiniteLossError as e:
             res = e.partial_result
         if final_test is not None and res.status == "ok":
@@ -307,8 +308,7 @@ class _Runner:
         return self._fingerprints[id(part)]
 
     def attention(self, train, seed: int):
-        import fastdelta
-        return fastdelta.attention(self.model, train, weights=self.weights, **{**self.base, "seed": seed})
+        return compute_attention(self.model, train, weights=self.weights, **{**self.base, "seed": seed})
 
 
 def _conventions_of(method: type) -> tuple:

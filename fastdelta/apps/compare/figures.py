@@ -11,9 +11,9 @@ from typing import Dict, List
 
 import numpy as np
 
-from ..ioutil import atomic_write
-from ..methods import METHODS, method_class
-from ..settings import FEATURE_MAP_NAMES
+from ...methods import METHODS, method_class
+from ...output_files import atomic_write
+from ...settings import FEATURE_MAP_NAMES
 
 SOURCE = "source"  # the source network's column of Fig. 6
 

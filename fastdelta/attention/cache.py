@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .attention import ChannelAttention
+from .weights import ChannelAttention
 
 # settings that change the attention (alpha, beta, iterations of the main fit do not)
 KEY_SETTINGS = ("layers", "attention_head_epochs", "attention_head_min_iterations", "lr", "momentum", "weight_decay", "batch_size", "seed",

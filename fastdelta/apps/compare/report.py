@@ -9,9 +9,9 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 
-from ..ioutil import atomic_write, atomic_write_text
-from ..methods import L2, L2SP, Delta, DeltaNoAtt
-from ..settings import describe_conventions
+from ...methods import L2, L2SP, Delta, DeltaNoAtt
+from ...output_files import atomic_write, atomic_write_text
+from ...settings import describe_conventions
 from .figures import all_figures, describe_split, label
 
 

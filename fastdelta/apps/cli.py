@@ -9,8 +9,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..attention.measure import compute_attention
+from ..fitting import fit
+from ..settings import ATTENTION_IMPLS, DEFAULT_RECIPE, METHODS, RECIPES, FitSettings, SettingsError
 from .demo import DEMO_METHODS
-from .settings import ATTENTION_IMPLS, DEFAULT_RECIPE, METHODS, RECIPES, FitSettings
 
 DEFAULT_MODEL = "resnet101"
 # settings the `attention` command has no use for: the main fit's method, schedule, evaluation and run
@@ -209,7 +211,7 @@ def _compare(args) -> None:
     from .compare.comparison import CompareSettings, compare
     train, test = args.data, args.test
     if args.data == "fashion-mnist":  # the embedded real dataset, few-shot
-        from .data.fashion_mnist import few_shot_subset, load_fashion_mnist
+        from ..data.fashion_mnist import few_shot_subset, load_fashion_mnist
         train = few_shot_subset(*load_fashion_mnist("train"), args.per_class or 10, args.subset_seed)
         test = load_fashion_mnist("test")
     elif args.per_class is not None:
@@ -246,8 +248,8 @@ def main(argv=None) -> int:
             print(f"fastdelta: error: {e}", file=sys.stderr)
             return 2
         return 0
-    from .train.loop import NonFiniteLossError
-    from .train.preempt import Preempted
+    from ..train.loop import NonFiniteLossError
+    from ..train.preempt import Preempted
     try:
         _run(args)
     except NonFiniteLossError as e:
@@ -266,13 +268,12 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> None:
-    import fastdelta
     if args.command == "fit":
         given = {k: v for k, v in (("model", args.model), ("train", args.data), ("test", args.test),
                                    ("weights", args.weights)) if v is not None}
         given.update(given_settings(args))
         call = _resumed_call(given, args.resume) if args.resume else {"model": DEFAULT_MODEL, "test": None, **given}
-        res = fastdelta.fit(**call, run_dir=args.out, resume=bool(args.resume), distributed=_under_torchrun())
+        res = fit(**call, run_dir=args.out, resume=bool(args.resume), distributed=_under_torchrun())
         if _is_main():  # fit() has written OUT (rank 0 only)
             print(json.dumps({"method": res.method, "test": res.test, "out": str(Path(args.out).resolve())}))
     elif args.command == "attention":
@@ -287,8 +288,7 @@ def _resumed_call(given: dict, run_dir) -> dict:
     """The fastdelta.fit call the run in `run_dir` was started with (its latest checkpoint keeps it), with
     what this command line gives (`given`: model, train, test, weights, settings) put over it; fit then
     refuses any that changes the result, naming it."""
-    from .settings import SettingsError
-    from .train.checkpoint import CheckpointError, load_latest
+    from ..train.checkpoint import CheckpointError, load_latest
     ckpt = load_latest(Path(run_dir) / "checkpoints")
     if ckpt is None:
         raise CheckpointError(f"resume: no checkpoint in {Path(run_dir) / 'checkpoints'}")
@@ -314,8 +314,8 @@ def _output_folder(out):
     """OUT checked, marked as fastdelta's and locked for the command (rank 0 only under torchrun)."""
     from contextlib import nullcontext
 
-    from .ioutil import check_output_dir
-    from .run_folder import RunFolder
+    from ..output_files import check_output_dir
+    from ..run_folder import RunFolder
     if not _is_main():
         return nullcontext()
     check_output_dir(out)  # before the work, not at its end
@@ -323,12 +323,11 @@ def _output_folder(out):
 
 
 def _attention(args) -> None:
-    import fastdelta
-    from .ioutil import OutputError, reason
-    from .train.preempt import StopOutsideTraining
+    from ..output_files import OutputError, reason
+    from ..train.preempt import StopOutsideTraining
     # SIGTERM/SIGINT: a Preempted (exit 4) saying that nothing was kept, not a silent death
     with _output_folder(args.out), StopOutsideTraining(phase="computing the channel attention").installed():
-        att = fastdelta.attention(args.model or DEFAULT_MODEL, args.data, args.weights,
+        att = compute_attention(args.model or DEFAULT_MODEL, args.data, args.weights,
                                   distributed=_under_torchrun(), **given_settings(args))
         if not _is_main():
             return
@@ -341,11 +340,10 @@ def _attention(args) -> None:
 
 
 def _demo(args) -> None:
-    import fastdelta
     from .demo import DemoConfig, run_demo
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
-        raise fastdelta.SettingsError(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+        raise SettingsError(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
     with _output_folder(args.out):
         run_demo(DemoConfig(args.methods, args.per_class, args.test_images, args.image_size, args.iterations,
                             args.batch_size, args.lr, args.alpha_feature, args.alpha_sp, args.beta,
@@ -355,7 +353,7 @@ def _demo(args) -> None:
 
 def _save_partial(partial, out) -> None:
     """The diverged run's partial result in OUT; a failed write is said, and the exit status stays 3."""
-    from .ioutil import reason
+    from ..output_files import reason
     try:
         partial.save(out)
     except (OSError, RuntimeError) as e:

@@ -1,36 +1,33 @@
-"""`fastdelta.fit` and `fastdelta.attention`: the library entry points."""
+"""`fastdelta.fit`, the library entry point: data -> networks -> attention -> training -> result."""
 from __future__ import annotations
 
-import copy
 import json
 import os
-import random
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import Subset
 
-from .data import resolve_data
 from .data.backend import choose_backend
 from .data.fingerprint import state_sha256
-from .data.sampling import FixedAugmentation
-from .ioutil import check_output_dir, require_free_space
-from .methods import L2FE, method_class
-from .methods.attention import ChannelAttention, channel_loss_increase
-from .methods.attention_cache import attention_key, cache_dir, load_cached, store
-from .networks.models import Networks, build_networks, guess_arch
+from .output_files import check_output_dir, require_free_space
+from .methods import method_class
+from .attention.cache import cache_dir
+from .attention.measure import load_attention, measure_attention
+from .attention.weights import ChannelAttention
+from .networks.models import Networks
 from .result import FitResult
 from .run_folder import RunFolder
+from .run_setup import prepare_run, run_context, shard
 from .settings import FitSettings, SettingsError, make_settings
 from .train.checkpoint import (KEEP, CheckpointError, checkpoint_bytes, load_latest, resume_hint, state_bytes,
                                write_failed)
-from .train.distributed import DistContext, collective_timeout, device_for, init_distributed
+from .train.distributed import DistContext, collective_timeout
 from .train.evaluate import evaluate
 from .train.identity import check_identity, run_identity
 from .train.loop import NonFiniteLossError, StartState, TrainSpec, make_loader, train_loop
@@ -46,49 +43,6 @@ RESUMABLE_DIFFERENCES = {"progress", "device", "num_workers", "eval_batch_size",
 NOT_RECORDED = ("run_dir", "resume", "overwrite", "distributed", "attention")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _prepare(model, train_data, test_data, weights, settings: FitSettings, stop: Optional[StopOutsideTraining] = None,
-             trains_target: bool = True):
-    """Settings with the architecture's defaults, then data, then networks (the head needs the class count);
-    trains_target=False: only the attention's head is trained (fastdelta.attention)."""
-    arch = model if isinstance(model, str) else guess_arch(model) if isinstance(model, nn.Module) else None
-    s = settings.resolved(arch)
-    seed_everything(s.seed)
-    data = resolve_data(train_data, test_data, augmentation=s.augmentation, resize=s.resize, crop=s.crop,
-                        strict=s.strict_data, allow_overlap=s.allow_overlap)
-    if stop is not None:
-        stop.phase = "building the networks, before training"
-    nets = build_networks(model, len(data.classes), weights, s.layers, s.seed)
-    if s.batch_size > len(data.train):
-        raise SettingsError(f"batch_size={s.batch_size} is larger than the training set ({len(data.train)} images)")
-    _check_batch_norm_batches(s, nets, len(data.train), trains_target)
-    return s, data, nets
-
-
-def _check_batch_norm_batches(s: FitSettings, nets: Networks, train_images: int, trains_target: bool) -> None:
-    """BatchNorm in train mode normalises by the batch's statistics, which one image per rank does not
-    have: torch fails mid-step ("Expected more than 1 value per channel") without naming the setting."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in nets.target.modules()):
-        return
-    world = int(os.environ.get("WORLD_SIZE", "1")) if s.distributed else 1
-    method = method_class(s.method)
-    why = ("the network has BatchNorm layers, which train on each batch's statistics and need at least 2 "
-           "images per batch")
-    if trains_target and not method.freezes_extractor and s.batch_size // world == 1:  # L2-FE: BN in eval mode
-        per_rank = f" over {world} ranks (1 image per rank)" if world > 1 else ""
-        raise SettingsError(f"batch_size={s.batch_size}{per_rank}: {why}; use a larger batch_size")
-    head_batch = min(s.attention_head_batch_size or s.batch_size, train_images)
-    if method.uses_attention and s.attention is None and s.attention_head_bn == "train" and head_batch == 1:
-        name = "attention_head_batch_size" if s.attention_head_batch_size else "batch_size"
-        raise SettingsError(f"{name}={getattr(s, name)}: the attention's head training uses it, and {why}; use "
-                            f"a larger {name}, or attention_head_bn='frozen'")
-
-
 def _writes_files(s: FitSettings) -> bool:
     """Whether this process writes the run's files: under torchrun only rank 0 does (its context is
     not set up yet when the output folder is checked)."""
@@ -101,95 +55,11 @@ def _output_bytes(nets: Networks, s: FitSettings) -> int:
     return state_bytes(nets.target) + ((KEEP + 1) * checkpoint_bytes(nets.target) if s.checkpoint_every > 0 else 0)
 
 
-def _context(s: FitSettings):
-    ctx = init_distributed(s.device, s.dist_timeout) if s.distributed else DistContext()
-    if s.batch_size % ctx.world_size:
-        raise SettingsError(f"batch_size={s.batch_size} (global) is not divisible by the {ctx.world_size} ranks")
-    return ctx, device_for(ctx, s.device)
-
-
 def _model_info(nets: Networks) -> dict:
     """The model record; source_sha256 tells whether two runs started from the same weights."""
     return {"arch": nets.arch, "weights": nets.weights, "head": nets.head_name, "layers": nets.layers,
             "parameters": sum(p.numel() for p in nets.target.parameters()),
             "source_sha256": state_sha256(nets.source)}
-
-
-def _shard(dataset, ctx: DistContext):
-    return dataset if not ctx.active else Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-
-
-def attention_indices(total: int, limit, sample: str, seed: int) -> list:
-    """Which of `total` training images Algorithm 1 measures: all of them, or `limit` of them drawn by
-    `sample` ("random": a seeded random sample, the same on every rank; "first": the first ones)."""
-    n = total if limit == "all" else min(limit, total)
-    if n == total or sample == "first":
-        return list(range(n))
-    g = torch.Generator().manual_seed(seed * 7_919 + 104_729)
-    return torch.randperm(total, generator=g)[:n].tolist()
-
-
-def _sample_record(data, indices: list, sample: str) -> dict:
-    labels = _labels_of(data.train_eval)
-    record = {"rule": "all" if len(indices) == len(data.train_eval) else sample, "images": len(indices)}
-    if labels is not None:
-        counts = np.bincount([labels[i] for i in indices], minlength=len(data.classes)).tolist()
-        record["per_class"] = dict(zip(map(str, data.classes), counts))
-    return record
-
-
-def _labels_of(dataset):
-    targets = getattr(dataset, "targets", None)
-    return None if targets is None else [int(t) for t in targets]
-
-
-def compute_attention(nets: Networks, data, s: FitSettings, device, ctx: DistContext = DistContext(),
-                      log=print) -> ChannelAttention:
-    """Algorithm 1 on a copy of the target: train the L2-FE head (identically on every rank), then
-    sum each channel's loss increase over the images (split across ranks, sums all-reduced).
-    A result cached for the same weights, images and settings is read instead (single process); the
-    loss increases are what is measured and cached, W is normalised by this run's settings."""
-    t0 = time.perf_counter()
-    indices = attention_indices(len(data.train_eval), s.attention_max_images, s.attention_sample, s.seed)
-    n = len(indices)
-    pool = FixedAugmentation(data.train, s.seed) if s.attention_augmented else data.train_eval
-    images = _shard(Subset(pool, indices), ctx)
-    loader = make_loader(images, max(1, min(s.eval_batch_size, len(images))), False, s.seed, s.num_workers)
-    batches = list(loader)
-    cache = None if ctx.active else cache_dir(s.attention_cache)
-    key = None
-    if cache is not None:
-        key = attention_key(nets.target, batches, {**s.to_dict(), "layers": nets.layers,
-                                                   "num_classes": len(data.classes)})
-        cached = load_cached(cache, key)
-        if cached is not None:
-            cached.timings = {**cached.timings, "cache_hit": True, "total": round(time.perf_counter() - t0, 3)}
-            return cached.normalised(s.attention_temperature, s.attention_normalisation)
-    fe = Networks(nets.source, copy.deepcopy(nets.target), nets.arch, nets.head_name, nets.layers, nets.weights)
-    batch = min(s.attention_head_batch_size or s.batch_size, len(data.train))
-    head_iters = max(1, s.attention_head_min_iterations, s.attention_head_epochs * max(1, len(data.train) // batch))
-    reg = L2FE(fe.target, fe.source, fe.head_name, fe.layers, weight_decay=s.weight_decay)
-    spec = TrainSpec(head_iters, s.lr, s.momentum, batch, s.seed, "exp", max(1, round(head_iters * 0.6)),
-                     0.1, s.num_workers, s.progress and ctx.is_main, "attention: L2-FE head",
-                     extractor_bn=s.attention_head_bn)
-    head_history = train_loop(fe.target, fe.source, reg, data.train, spec, device)
-    t_head = time.perf_counter() - t0
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
-    dtype = torch.bfloat16 if s.attention_dtype == "bf16" else torch.float32
-    raws, ran, per_layer = channel_loss_increase(fe.target, nets.layers, batches, s.attention_impl,
-                                                 s.progress and ctx.is_main, log, s.attention_chunk, dtype)
-    raws = [ctx.all_reduce_sum(r) for r in raws]
-    att = ChannelAttention(list(nets.layers), raws, s.attention_temperature, n, ran,
-                           {"head_training": round(t_head, 3), **{f"layer:{k}": v for k, v in per_layer.items()},
-                            "total": round(time.perf_counter() - t0, 3)},
-                           {"iterations": head_iters, "batch_size": batch, "lr": s.lr, "schedule": "exp to 0.1x at 60%",
-                            "bn": s.attention_head_bn, "images_augmented": s.attention_augmented,
-                            "final_ce": head_history[-1]["ce"]},
-                           torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-                           s.attention_normalisation, _sample_record(data, indices, s.attention_sample))
-    if key is not None:
-        store(cache, key, att)
-    return att
 
 
 # training images (centre crop) a method may measure before training (Method.prepare: e.g. the source
@@ -205,17 +75,6 @@ def _prepare_images(data, s: FitSettings, device):
                          s.num_workers)
     for x, _ in loader:
         yield x.to(device)
-
-
-def _load_attention(given, nets: Networks, s: FitSettings) -> ChannelAttention:
-    """A precomputed attention (object or file): its loss increases, normalised by this run's settings."""
-    att = given if isinstance(given, ChannelAttention) else ChannelAttention.load(given, nets.layers)
-    if list(att.layers) != list(nets.layers):
-        raise SettingsError(f"attention is for layers {att.layers}, but the regularised layers are {nets.layers}")
-    if not all(torch.isfinite(r).all() for r in att.raw):
-        raise SettingsError("the given attention holds NaN or infinite loss increases (its weights would be "
-                            "NaN or uniform): compute it again")
-    return att.normalised(s.attention_temperature, s.attention_normalisation)
 
 
 def _identity(s: FitSettings, info: dict, data, world_size: int) -> dict:
@@ -243,7 +102,7 @@ def _curve_evaluator(model: nn.Module, test, s: FitSettings, device, ctx: DistCo
     if not s.eval_every or test is None:
         return None
     subset = test if s.eval_images is None else Subset(test, range(min(s.eval_images, len(test))))
-    loader = make_loader(_shard(subset, ctx), s.eval_batch_size, False, s.seed, s.num_workers)
+    loader = make_loader(shard(subset, ctx), s.eval_batch_size, False, s.seed, s.num_workers)
 
     def evaluates(done: int) -> bool:
         return done % s.eval_every == 0 or done == s.iterations
@@ -350,11 +209,11 @@ def _stop_outside_training(s: FitSettings):
 
 
 def _fit(model, train, test, weights, requested: FitSettings, stop: StopOutsideTraining, call: dict) -> FitResult:
-    s, data, nets = _prepare(model, train, test, weights, requested, stop)
+    s, data, nets = prepare_run(model, train, test, weights, requested, stop)
     if s.run_dir is not None and _writes_files(s):  # a disk known to be too small fails before the training
         require_free_space(s.run_dir, _output_bytes(nets, s), "this run's checkpoints and model.pt",
                            s.allow_low_disk)
-    ctx, device = _context(s)
+    ctx, device = run_context(s)
     info = _model_info(nets)  # hashes the source weights while they are on the CPU
     nets.source.to(device)
     nets.target.to(device)
@@ -368,9 +227,9 @@ def _fit(model, train, test, weights, requested: FitSettings, stop: StopOutsideT
             return finished
     if attention is None and method_class(s.method).uses_attention:
         stop.phase = "computing the channel attention, before training"
-        attention = (_load_attention(s.attention, nets, s) if s.attention is not None
-                     else compute_attention(nets, data, s, device, ctx))
-        if s.attention is None and not ctx.active:  # compute_attention stored it there
+        attention = (load_attention(s.attention, nets, s) if s.attention is not None
+                     else measure_attention(nets, data, s, device, ctx))
+        if s.attention is None and not ctx.active:  # measure_attention stored it there
             stop.cached_attention = cache_dir(s.attention_cache)
         timings["attention"] = attention.timings.get("total", 0.0)
     stop.phase = "preparing the training, before training"
@@ -493,7 +352,7 @@ def _test(model: nn.Module, test, s: FitSettings, device, ctx: DistContext, back
         return {}
     t0 = time.perf_counter()
     loader = (_dali_eval_loader(test, s, device, ctx) if backend.name == "dali" else
-              make_loader(_shard(test, ctx), s.eval_batch_size, False, s.seed, s.num_workers))
+              make_loader(shard(test, ctx), s.eval_batch_size, False, s.seed, s.num_workers))
     metrics = evaluate(model, loader, device, s.progress, f"test {s.method}", ctx)
     timings["test"] = round(time.perf_counter() - t0, 3)
     return metrics
@@ -506,12 +365,3 @@ def _save(result: FitResult, run_dir: Path, checkpoint_dir) -> None:
         result.save(run_dir)
     except OSError as e:
         raise write_failed(f"the results in {run_dir}", e, checkpoint_dir) from e
-
-
-def attention(model: Union[str, nn.Module], train, weights=None, **settings) -> ChannelAttention:
-    """Only the channel attention (Algorithm 1) for `model` on `train`."""
-    s, data, nets = _prepare(model, train, None, weights, make_settings(**settings), trains_target=False)
-    ctx, device = _context(s)
-    nets.source.to(device)
-    nets.target.to(device)
-    return compute_attention(nets, data, s, device, ctx)
