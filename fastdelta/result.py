@@ -16,6 +16,23 @@ from .attention.weights import ChannelAttention
 from .output_files import atomic_write, atomic_write_text
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def cpu_arithmetic() -> dict:
+    """What decides a CPU run's floating-point results, beside the code: the thread count (the order of
+    sums), the vector instruction set torch dispatches to and the CPU model (oneDNN picks its conv
+    kernels by instruction set): the same code on another CPU gives other last digits from the first
+    step on, and a different trajectory after a few hundred."""
+    return {"cpu_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_model": _cpu_model()}
+
+
 @dataclass
 class FitResult:
     model: nn.Module                       # the trained target network
@@ -47,9 +64,7 @@ class FitResult:
                     "layers": self.attention.layers, "images": self.attention.images, "impl": self.attention.impl,
                     "file": "channel_attention.json"},
                 "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                                "device": self.settings.get("device_used"),
-                                # CPU results depend on it: the summation order changes with the thread count
-                                "cpu_threads": torch.get_num_threads()}}
+                                "device": self.settings.get("device_used"), **cpu_arithmetic()}}
 
     def save(self, directory, weights: bool = True, plots: bool = True, attention_at=None) -> Path:
         """result.json, history.jsonl, model.pt (unless weights=False), channel_attention.json (if any),

@@ -91,6 +91,8 @@ def test_save_writes_every_file_and_reloads(tmp_path):
     assert result["method"] == "delta" and result["test"]["top1"] == res.test_top1
     assert result["settings"]["feature_map"] == "conv" and result["settings"]["recipe"] == "public"
     assert result["settings"]["feature_map_taps"] == {l: l for l in TINY_LAYERS}
+    # what decides CPU arithmetic besides the code is recorded (threads, instruction set, CPU model)
+    assert {"cpu_threads", "cpu_capability", "cpu_model"} <= set(result["environment"])
     assert result["model"]["layers"] == TINY_LAYERS
     assert len(open(tmp_path / "history.jsonl").readlines()) == 3
     att = json.load(open(tmp_path / "channel_attention.json"))

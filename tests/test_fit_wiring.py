@@ -136,10 +136,10 @@ def test_a_batch_statistics_source_is_truncated_for_the_fast_step_without_foldin
 
 @pytest.mark.parametrize("source_bn", ["running", "batch"])
 def test_source_energy_is_the_mean_source_term_per_image_and_divides_each_layer(source_bn, monkeypatch):
-    """E_l = mean over the first ENERGY_IMAGES training images (centre crop) of 0.5 sum_j ||FM_j(w*, x_i)||^2
+    """E_l = mean over the first PREPARE_IMAGES training images (centre crop) of 0.5 sum_j ||FM_j(w*, x_i)||^2
     (the public "sum" form), with the source maps the run uses; the iteration-0 term is then
     alpha * sum_l d_l / E_l, d_l = 0.5 sum_{i,j} ||FM_j(w, x_i) - FM_j(w*, x_i)||^2 over the first batch."""
-    monkeypatch.setattr(fit_module, "ENERGY_IMAGES", 5)  # fewer than the 12 images: "first n" and "/ n" show
+    monkeypatch.setattr(fit_module, "PREPARE_IMAGES", 5)  # fewer than the 12 images: "first n" and "/ n" show
     x, y = mirrored_arrays()
     alpha = 0.5
     kw = dict(SMALL, iterations=1, batch_size=len(y), alpha=alpha, source_bn=source_bn)

@@ -110,15 +110,17 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
 
 def environment() -> dict:
-    """Device, torch, python, CPU threads and date: recorded with every result file (CPU results depend on
-    the thread count: it changes the order of floating-point sums)."""
+    """Device, torch, python, what decides CPU arithmetic (threads, instruction set, CPU model) and date:
+    recorded with every result file."""
     import os
     import platform
 
     import torch
+
+    from ..result import cpu_arithmetic
     gpu = torch.cuda.is_available()
     return {"device": torch.cuda.get_device_name(0) if gpu else f"cpu ({os.cpu_count()} cores)",
-            "torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), **cpu_arithmetic(),
             "date": time.strftime("%Y-%m-%d")}
 
 
