@@ -76,8 +76,16 @@ def setting(default=None, help: str = "", *, choices=None, parse=None, flags=(),
     return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
 
 
-def _csv(value: str) -> list:
+def csv_list(value: str) -> list:
+    """'a, b,c' -> ['a', 'b', 'c'] (an option's text)."""
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def csv_floats(value: str) -> list:
+    try:
+        return [float(v) for v in csv_list(value)]
+    except ValueError:
+        raise ValueError(f"expected comma separated numbers, got {value!r}") from None
 
 
 def _images(value: str):
@@ -109,7 +117,7 @@ def _cache(value: str):
     return None if value == "off" else value
 
 
-def _json_object(value: str) -> dict:
+def json_object(value: str) -> dict:
     import json
     v = json.loads(value)
     if not isinstance(v, dict):
@@ -164,7 +172,7 @@ class FitSettings:
     recipe: str = setting(DEFAULT_RECIPE, "conventions where the paper and its public code differ (the settings "
                           "left at the recipe's)", choices=tuple(RECIPES))
     layers: Optional[Sequence[str]] = setting(None, "regularised layers, comma separated module names (default: "
-                                              "the architecture's)", parse=_csv)
+                                              "the architecture's)", parse=csv_list)
     attention_temperature: float = setting(5.0, "T of the zscore_softmax normalisation (the public code's 5)",
                                            flags=("--temperature",))
     attention_normalisation: Optional[str] = setting(
@@ -229,7 +237,7 @@ class FitSettings:
                                      cli="--out")
     checkpoint_every: int = setting(500, "iterations between checkpoints (and one at the end; 0: only at the end)")
     resume: bool = setting(False, "continue from run_dir's latest valid checkpoint", cli="--resume RUN_DIR")
-    extra: dict = setting(help="free-form notes recorded with the result (a JSON object)", parse=_json_object,
+    extra: dict = setting(help="free-form notes recorded with the result (a JSON object)", parse=json_object,
                           factory=dict)
     overwrite: bool = setting(False, "the output folder holds an earlier run: remove its files and start anew")
     allow_overlap: bool = setting(False, "go on when test images are also training images (same file or same "

@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 import fastdelta
-from fastdelta.apps.cli import NOT_FOR_ATTENTION, build_parser, given_settings
+from fastdelta.apps.cli import NOT_FOR_ATTENTION, build_parser, given_fields, given_settings
+from fastdelta.apps.demo import DemoConfig
 from fastdelta.apps.compare.comparison import COMPARE_SETS, CompareSettings, _grid
 from fastdelta.methods import METHODS, Method, Terms, register
 from fastdelta.methods.base import squared_norm, unregister
@@ -157,3 +158,18 @@ def test_compare_searches_each_methods_declared_grid_unless_given_one():
     assert _grid(CompareSettings(), METHODS["delta"], fixed) == [{"alpha": a, "beta": 0.01} for a in PAPER_GRID]
     assert _grid(CompareSettings(alpha_grid=(0.5,)), METHODS["delta"], fixed) == [{"alpha": 0.5, "beta": 0.01}]
     assert _grid(CompareSettings(), METHODS["l2"], {"weight_decay": 1e-4}) == [{}]
+
+
+@pytest.mark.parametrize("command, cls", [("compare", CompareSettings), ("demo", DemoConfig)])
+def test_compare_and_demo_options_are_made_from_their_settings(command, cls):
+    """CompareSettings and DemoConfig make their commands' options as FitSettings makes fit's."""
+    parser = _subparser(command)
+    assert {f.name for f in dataclasses.fields(cls)} <= _dests(parser)
+    argv = [command] + (["--data", "D"] if command == "compare" else [])
+    assert given_fields(build_parser().parse_args(argv), cls) == {}
+    args = build_parser().parse_args(argv + ["--methods", "l2,delta", "--seed" if command == "demo" else "--seeds",
+                                             "2", "--no-progress" if command == "demo" else "--reuse-search"])
+    given = given_fields(args, cls)
+    assert given["methods"] == ["l2", "delta"] and cls(**given).methods == ["l2", "delta"]
+    assert given == ({"methods": ["l2", "delta"], "seed": 2, "progress": False} if command == "demo" else
+                     {"methods": ["l2", "delta"], "seeds": 2, "reuse_runs": True})

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ..attention.measure import compute_attention
 from ..fitting import fit
-from ..settings import ATTENTION_IMPLS, DEFAULT_RECIPE, METHODS, RECIPES, FitSettings, SettingsError
-from .demo import DEMO_METHODS
+from ..settings import METHODS, FitSettings, SettingsError
+from .demo import DemoConfig
 
 DEFAULT_MODEL = "resnet101"
 # settings the `attention` command has no use for: the main fit's method, schedule, evaluation and run
@@ -21,20 +21,13 @@ NOT_FOR_ATTENTION = ("method", "alpha", "beta", "feature_map", "delta_scale", "d
                      "eval_every", "eval_images", "checkpoint_every", "overwrite", "allow_low_disk", "extra")
 
 
-def _csv(value: str):
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _floats(value: str):
-    try:
-        return [float(v) for v in _csv(value)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma separated numbers, got {value!r}") from None
+def option_fields(cls: type, exclude=()) -> list:
+    """The fields of dataclass `cls` the command line sets with an option of their own."""
+    return [f for f in dataclasses.fields(cls) if f.name not in exclude and f.metadata.get("cli") is None]
 
 
 def setting_fields(exclude=()) -> list:
-    """The FitSettings fields the command line sets with an option of their own."""
-    return [f for f in dataclasses.fields(FitSettings) if f.name not in exclude and f.metadata.get("cli") is None]
+    return option_fields(FitSettings, exclude)
 
 
 def _value_parser(f: dataclasses.Field):
@@ -53,18 +46,23 @@ def _value_parser(f: dataclasses.Field):
 
 
 def _default_text(f: dataclasses.Field) -> str:
-    if f.default is None or f.default is dataclasses.MISSING or "(default" in f.metadata["help"]:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default is None or "(default" in f.metadata["help"]:
         return ""
-    shown = ("yes" if f.default else "no") if isinstance(f.default, bool) else f.default
+    if isinstance(default, bool):
+        shown = "yes" if default else "no"
+    elif isinstance(default, (list, tuple)):
+        shown = ",".join(map(str, default))
+    else:
+        shown = default
     return f" (default: {shown})"
 
 
-def add_setting_options(p: argparse.ArgumentParser, exclude=()) -> None:
-    """One option per FitSettings field (`--name-with-dashes` and the field's extra flags): its type,
-    choices and help come from the field, and its default stays the settings' (an option not given is
-    not passed, so FitSettings alone says the default)."""
-    group = p.add_argument_group("settings", "fit settings (FitSettings); defaults in brackets")
-    for f in setting_fields(exclude):
+def add_options(group, cls: type, exclude=()) -> None:
+    """One option per field of dataclass `cls` (`--name-with-dashes` and the field's extra flags): its
+    type, choices and help come from the field (fastdelta.settings.setting), and its default stays the
+    dataclass's (an option not given is not passed, so the dataclass alone says the default)."""
+    for f in option_fields(cls, exclude):
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata["flags"]]
         help_text = f.metadata["help"] + _default_text(f)
         if str(f.type) == "bool":
@@ -77,10 +75,19 @@ def add_setting_options(p: argparse.ArgumentParser, exclude=()) -> None:
                            help=help_text, metavar=None if choices else f.name.upper())
 
 
-def given_settings(args) -> dict:
-    """The settings written on the command line (options not given are absent: FitSettings' defaults)."""
-    names = {f.name for f in setting_fields()}  # not run_dir / resume: --out and --resume RUN_DIR set those
+def add_setting_options(p: argparse.ArgumentParser, exclude=()) -> None:
+    """An option per FitSettings field (those in `exclude` left out)."""
+    add_options(p.add_argument_group("settings", "fit settings (FitSettings)"), FitSettings, exclude)
+
+
+def given_fields(args, cls: type) -> dict:
+    """The fields of `cls` written on the command line (options not given are absent: the defaults)."""
+    names = {f.name for f in option_fields(cls)}  # not run_dir / resume: --out and --resume RUN_DIR set those
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def given_settings(args) -> dict:
+    return given_fields(args, FitSettings)
 
 
 def _add_model_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
@@ -133,36 +140,18 @@ def _add_attention_command(sub) -> None:
 
 
 def _add_compare_command(sub) -> None:
-    from .compare.comparison import COMPARE_SETS
+    from .compare.comparison import COMPARE_SETS, CompareSettings
     p = sub.add_parser("compare", help="run several methods x seeds under identical settings; write a report",
                        description="The paper's comparison on your data: alpha/beta chosen on a validation split "
                                    "of the training set, every method per seed with the same data order, then "
                                    "report.md, report.json and figures (Table 1, Fig. 3-6 analogs) in --out.")
     _add_model_args(p)
     p.set_defaults(out="fastdelta-compare")
-    c = p.add_argument_group("comparison")
-    c.add_argument("--methods", type=_csv, default=list(METHODS), help=f"comma separated, from {', '.join(METHODS)}")
-    c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    c.add_argument("--search", choices=["alpha", "grid", "none"], default="alpha",
-                   help="alpha (the others fixed), grid (every tuned hyperparameter) or none (use the settings)")
-    c.add_argument("--alpha-grid", type=_floats, default=None, help="alpha values to search (default: each "
-                   "method's grid; the paper's 0.0001, 0.001, 0.01, 0.1, 0.2)")
-    c.add_argument("--beta-grid", type=_floats, default=None, help="beta values of --search grid (default: each "
-                   "method's grid)")
-    c.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out for the search")
-    c.add_argument("--folds", type=int, default=1,
-                   help="K >= 2: choose alpha (and beta) by K-fold cross-validation, as the paper (5), "
-                        "instead of one holdout of --val-fraction")
-    c.add_argument("--schedules", type=_csv, default=["step", "exp"],
-                   help="Fig. 3: the first seed's l2_sp and delta also run with each of these lr schedules")
-    c.add_argument("--curve-points", type=int, default=10, help="test evaluations along training (Fig. 3)")
-    c.add_argument("--curve-images", type=int, default=2000, help="test images per curve point")
+    c = p.add_argument_group("comparison", "how the comparison runs (CompareSettings)")
+    add_options(c, CompareSettings)
     c.add_argument("--per-class", type=int, default=None,
                    help="with --data fashion-mnist: training images per class (default 10)")
     c.add_argument("--subset-seed", type=int, default=0, help="with --data fashion-mnist: which images")
-    c.add_argument("--reuse-runs", "--reuse-search", dest="reuse_runs", action="store_true",
-                   help="take back the runs (search and final) an interrupted compare finished in --out, with "
-                        "the same settings, data and source weights, instead of refitting them")
     add_setting_options(p, exclude=COMPARE_SETS)
 
 
@@ -171,23 +160,7 @@ def _add_demo_command(sub) -> None:
                        description="Runs the embedded default on real weights and real data and prints a table "
                                    "of test top-1 per method. Sizes are settings; defaults finish in minutes on a "
                                    "2-core CPU.")
-    p.add_argument("--methods", type=_csv, default=list(DEMO_METHODS),
-                   help=f"comma separated, from {', '.join(METHODS)}")
-    p.add_argument("--per-class", type=int, default=10)
-    p.add_argument("--test-images", type=int, default=None, help="default: all 10,000")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--iterations", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--alpha-feature", type=float, default=1e-4, help="alpha of delta / delta_no_att")
-    p.add_argument("--alpha-sp", type=float, default=0.01, help="alpha of l2_sp / l2_sp_att")
-    p.add_argument("--beta", type=float, default=0.01)
-    p.add_argument("--head-epochs", type=int, default=10)
-    p.add_argument("--attention-impl", choices=list(ATTENTION_IMPLS), default="prefix")
-    p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="fastdelta-demo")
-    p.add_argument("--no-progress", action="store_true")
+    add_options(p, DemoConfig)
 
 
 def _add_bench_command(sub) -> None:
@@ -216,10 +189,8 @@ def _compare(args) -> None:
         test = load_fashion_mnist("test")
     elif args.per_class is not None:
         raise ValueError("--per-class only applies to --data fashion-mnist")
-    cs = CompareSettings(alpha_grid=args.alpha_grid, beta_grid=args.beta_grid, val_fraction=args.val_fraction,
-                         schedules=args.schedules, curve_points=args.curve_points, curve_images=args.curve_images,
-                         reuse_runs=args.reuse_runs, folds=args.folds)
-    compare(args.model or DEFAULT_MODEL, train, test, methods=args.methods, seeds=args.seeds, search=args.search,
+    cs = CompareSettings(**given_fields(args, CompareSettings))
+    compare(args.model or DEFAULT_MODEL, train, test, methods=cs.methods, seeds=cs.seeds, search=cs.search,
             out=args.out, weights=args.weights, compare_settings=cs, **given_settings(args))
     print((Path(args.out) / "report.md").read_text().split("## The paper")[0])
     print(f"report: {(Path(args.out) / 'report.md').resolve()}")
@@ -340,15 +311,13 @@ def _attention(args) -> None:
 
 
 def _demo(args) -> None:
-    from .demo import DemoConfig, run_demo
-    unknown = [m for m in args.methods if m not in METHODS]
+    from .demo import run_demo
+    cfg = DemoConfig(**given_fields(args, DemoConfig))
+    unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise SettingsError(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
-    with _output_folder(args.out):
-        run_demo(DemoConfig(args.methods, args.per_class, args.test_images, args.image_size, args.iterations,
-                            args.batch_size, args.lr, args.alpha_feature, args.alpha_sp, args.beta,
-                            args.head_epochs, args.seed, args.out, not args.no_progress,
-                            args.attention_impl, args.recipe))
+    with _output_folder(cfg.out):
+        run_demo(cfg)
 
 
 def _save_partial(partial, out) -> None:

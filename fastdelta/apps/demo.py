@@ -17,7 +17,8 @@ from ..data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fa
 from ..fitting import fit
 from ..methods import L2, L2SP, Delta, method_class
 from ..output_files import atomic_write, atomic_write_text
-from ..settings import DEFAULT_RECIPE, describe_conventions, make_settings
+from ..settings import (ATTENTION_IMPLS, DEFAULT_RECIPE, RECIPES, csv_list, describe_conventions, make_settings,
+                        setting)
 from ..train.loop import NonFiniteLossError
 
 DEMO_MODEL = "efficientnet_lite0"
@@ -26,22 +27,27 @@ DEMO_METHODS = (L2.name, L2SP.name, Delta.name)  # the plain fine-tune, the para
 
 @dataclass
 class DemoConfig:
-    methods: List[str] = field(default_factory=lambda: list(DEMO_METHODS))
-    per_class: int = 10               # training images per class (few-shot)
-    test_images: Optional[int] = None  # None: the full 10,000-image test set
-    image_size: int = 64              # crop; images are resized to image_size * 256/224 first
-    iterations: int = 100
-    batch_size: int = 32
-    lr: float = 0.01
-    alpha_feature: float = 1e-4       # alpha for delta / delta_no_att (0.01 diverges on this source and data)
-    alpha_sp: float = 0.01            # alpha for l2_sp / l2_sp_att
-    beta: float = 0.01
-    attention_head_epochs: int = 10
-    seed: int = 0
-    out: str = "fastdelta-demo"
-    progress: bool = True
-    attention_impl: str = "prefix"    # "first_order" for the Taylor estimate
-    recipe: str = DEFAULT_RECIPE      # the conventions where the paper and its public code differ
+    """The demo's sizes and settings; the command line's `demo` options are made from these fields."""
+    methods: List[str] = setting(help="methods to run, comma separated", parse=csv_list,
+                                 factory=lambda: list(DEMO_METHODS))
+    per_class: int = setting(10, "training images per class (few-shot)")
+    test_images: Optional[int] = setting(None, "test images (default: the full 10,000-image test set)")
+    image_size: int = setting(64, "crop; images are resized to image_size * 256/224 first")
+    iterations: int = setting(100, "training iterations per method")
+    batch_size: int = setting(32, "training batch size")
+    lr: float = setting(0.01, "learning rate")
+    alpha_feature: float = setting(1e-4, "alpha of delta / delta_no_att (0.01 diverges on this source and data)")
+    alpha_sp: float = setting(0.01, "alpha of l2_sp / l2_sp_att")
+    beta: float = setting(0.01, "beta of the regularised methods")
+    attention_head_epochs: int = setting(10, "epochs of L2-FE head training before Algorithm 1",
+                                         flags=("--head-epochs",))
+    seed: int = setting(0, "seed of the fits and of the data order")
+    out: str = setting("fastdelta-demo", "output folder")
+    progress: bool = setting(True, "progress bars")
+    attention_impl: str = setting("prefix", "prefix (exact) or first_order (the Taylor estimate)",
+                                  choices=ATTENTION_IMPLS)
+    recipe: str = setting(DEFAULT_RECIPE, "the conventions where the paper and its public code differ",
+                          choices=tuple(RECIPES))
 
 
 def _alpha(cfg: DemoConfig, method: str) -> float:

@@ -44,7 +44,7 @@ from ...methods.parameter_norm import tapped_conv
 from ...networks.models import build_networks, guess_arch
 from ...progress import progress_bar
 from ...run_folder import RunFolder
-from ...settings import LEGACY_VALUES, SettingsError, make_settings
+from ...settings import LEGACY_VALUES, SettingsError, csv_floats, csv_list, json_object, make_settings, setting
 from ...train.evaluate import evaluate
 from ...train.loop import NonFiniteLossError
 from .analysis import (activation_maps, attention_split_distances, curve_roughness, filter_distances,
@@ -60,20 +60,33 @@ SCHEMA = "fastdelta.compare/1"
 
 @dataclasses.dataclass
 class CompareSettings:
-    methods: Sequence[str] = tuple(METHODS)
-    seeds: int = 3                        # seeds 0 .. seeds-1
-    search: str = "alpha"
-    alpha_grid: Optional[Sequence[float]] = None  # None: each method's own grid (Method.hyperparameters)
-    beta_grid: Optional[Sequence[float]] = None
-    val_fraction: float = 0.2             # share of each class's training images held out for the search
-    folds: int = 1                        # >= 2: K-fold cross-validation (the paper: 5) instead of one holdout
-    schedules: Sequence[str] = ("step", "exp")  # Fig. 3: the first seed's l2_sp and delta under each
-    curve_points: int = 10                # test evaluations along training for the learning curves
-    curve_images: Optional[int] = 2000    # test images per curve point (None: all); final tests use all
-    map_images: int = 4                   # test images in Fig. 6
-    alphas: Optional[Dict[str, float]] = None  # per-method alpha when search="none" (default: fit's alpha, else the method's)
-    betas: Optional[Dict[str, float]] = None
-    reuse_runs: bool = False              # take back the runs an interrupted compare finished in out (same settings and data)
+    """How a comparison runs (the fit settings every run shares are FitSettings'); the command line's
+    `compare` options are made from these fields."""
+    methods: Sequence[str] = setting(tuple(METHODS), "methods to compare, comma separated", parse=csv_list)
+    seeds: int = setting(3, "seeds 0 .. N-1")
+    search: str = setting("alpha", "alpha (the others fixed), grid (every tuned hyperparameter) or none (the "
+                          "settings' values)", choices=SEARCHES)
+    alpha_grid: Optional[Sequence[float]] = setting(None, "alpha values to search, comma separated (default: each "
+                                                    "method's grid, the paper's 0.0001, 0.001, 0.01, 0.1, 0.2)",
+                                                    parse=csv_floats)
+    beta_grid: Optional[Sequence[float]] = setting(None, "beta values of search grid (default: each method's grid)",
+                                                   parse=csv_floats)
+    val_fraction: float = setting(0.2, "share of each class's training images held out for the search")
+    folds: int = setting(1, "K >= 2: choose the hyperparameters by K-fold cross-validation, as the paper (5), "
+                         "instead of one holdout of val_fraction")
+    schedules: Sequence[str] = setting(("step", "exp"), "Fig. 3: the first seed's l2_sp and delta also run with "
+                                       "each of these lr schedules", parse=csv_list)
+    curve_points: int = setting(10, "test evaluations along training for the learning curves (Fig. 3)")
+    curve_images: Optional[int] = setting(2000, "test images per curve point (final tests use all)")
+    map_images: int = setting(4, "test images in Fig. 6")
+    alphas: Optional[Dict[str, float]] = setting(None, "per-method alpha with search none, a JSON object "
+                                                 "(default: the settings' alpha, else the method's)",
+                                                 parse=json_object)
+    betas: Optional[Dict[str, float]] = setting(None, "per-method beta with search none, a JSON object",
+                                                parse=json_object)
+    reuse_runs: bool = setting(False, "take back the runs (search and final) an interrupted compare finished in "
+                               "out, with the same settings, data and source weights, instead of refitting them",
+                               flags=("--reuse-search",))
 
     def validate(self) -> None:
         methods = list(self.methods)
