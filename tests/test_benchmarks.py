@@ -172,7 +172,8 @@ def test_bench_step_rows_are_checked_for_non_finite_steps(monkeypatch):
     import torch
     from fastdelta.apps import bench
     monkeypatch.setattr(bench, "bench_hyperparameters",
-                        lambda method: {"alpha": float("inf"), "beta": 0.01, "lr": 0.01, "momentum": 0.9,
+                        # finite (a method refuses an infinite alpha), but alpha x the term overflows fp32
+                        lambda method: {"alpha": 1e38, "beta": 0.01, "lr": 0.01, "momentum": 0.9,
                                         "weight_decay": 1e-4})
     for engine in ("public", "fastdelta"):
         from fastdelta.train.steps import resolve_step_options
@@ -267,7 +268,8 @@ def test_public_step_is_the_six_methods_and_refuses_others():
                           feature_map="conv")
         freeze = METHODS[method].freezes_extractor
         nets.target.train(not freeze)
-        with FeatureTaps(nets.target, reg.taps) as tt, FeatureTaps(nets.source.eval(), reg.taps) as ts:
+        taps = reg.taps if reg.uses_source_features else nets.layers  # only the feature-map methods read taps
+        with FeatureTaps(nets.target, taps) as tt, FeatureTaps(nets.source.eval(), taps) as ts:
             logits, t_feats = tt(x)
             _, s_feats = ts(x)
         terms = reg.terms(t_feats, s_feats) if reg.uses_source_features else reg.terms()
