@@ -56,7 +56,7 @@ def test_session_smoke_runs_every_part_and_writes_rows(tmp_path):
     assert {(x["method"], x["engine"]) for x in rows} == {(m, e) for m in ("delta", "l2", "l2_sp")
                                                           for e in ("public", "fastdelta")}
     assert all("error" not in x and x["finite"] is True for x in rows), rows
-    assert {x["method"]: x["alpha"] for x in rows} == {"delta": 1e-4, "l2": 0.01, "l2_sp": 0.01}
+    assert {x["method"]: x["alpha"] for x in rows} == {"delta": 1e-4, "l2": None, "l2_sp": 0.01}  # L2: no alpha
     assert all(x["bn_calibration"]["batches"] > 0 for x in rows)
     assert json.loads((tmp_path / "anchor.json").read_text())  # the anchor's rows, or why there are none
 

@@ -245,7 +245,7 @@ def test_cli_sigterm_during_the_attention_exits_4(tmp_path, monkeypatch, capsys)
 
 def test_sigterm_after_the_attention_was_cached_says_it_is_kept(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    monkeypatch.setattr(fit_module, "source_energy", sigterm_self)
+    monkeypatch.setattr(fit_module, "_prepare_images", sigterm_self)  # DELTA measures its source energy there
     kw = {**RUN, "method": "delta", "feature_scale": "source_energy", "attention_cache": str(cache)}
     with sigterm_must_be_handled(), pytest.raises(fastdelta.Preempted) as e:
         fastdelta.fit(tiny_net(), arrays(), None, run_dir=str(tmp_path / "run"), **kw)
