@@ -13,10 +13,18 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "fastdelta", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", ["fit", "attention", "demo"])
-def test_help(command):
-    out = run(command, "--help")
-    assert out.returncode == 0 and "usage: fastdelta " + command in out.stdout
+def test_the_module_door_prints_help():
+    out = run("fit", "--help")
+    assert out.returncode == 0 and "usage: fastdelta fit" in out.stdout
+
+
+@pytest.mark.parametrize("command", ["fit", "attention", "demo", "compare", "bench"])
+def test_help(command, capsys):
+    """Every subcommand's --help, through the entry point's main (one process: the import is the cost)."""
+    from fastdelta.apps.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0 and "usage: fastdelta " + command in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
