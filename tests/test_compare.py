@@ -253,6 +253,7 @@ def test_reuse_runs_takes_back_finished_final_runs_with_the_same_report(twice, t
     (report, out), _ = twice
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "runs", resumed / "runs")
+    assert json.loads((out / "runs" / "l2_sp_seed0" / "analysis.json").read_text())["device"] == "cpu"
     (resumed / "runs" / "delta_seed0" / "analysis.json").unlink()
     stamps = {p: p.stat().st_mtime_ns for p in (resumed / "runs").glob("*/result.json")}
     again = compare(tiny_net(), arrays(n_per_class=5), arrays(seed=1), methods=["l2_sp", "delta"], seeds=1,

@@ -667,7 +667,8 @@ ANALYSIS_FILE = "analysis.json"
 def _write_analysis(folder: Path, method: str, res, probe: "_MapProbe", att) -> None:
     """Filter distances to the source, split by attention, and activation maps of the trained network."""
     model = res.model.cpu()
-    record = {"filter_distances": filter_distances(model, probe.source, probe.head_name),
+    record = {"device": "cpu",  # where these figures' inputs were computed: always on the CPU copy
+              "filter_distances": filter_distances(model, probe.source, probe.head_name),
               "attention_split": (attention_split_distances(model, probe.source, probe.conv_names, att.weights)
                                   if att is not None and probe.conv_names else None),
               "activation_maps": probe.maps_of(model) if METHODS[method].activation_map else None}
