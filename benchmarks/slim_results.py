@@ -4,6 +4,7 @@ bulky and either duplicated or read by no report is cut. Run it on every new res
     python3 benchmarks/slim_results.py benchmarks/results/NEW_FOLDER [...]   slims in place; a second run changes nothing
     python3 benchmarks/slim_results.py --dry-run FOLDER ...                  what it would do, bytes before and after
     python3 benchmarks/slim_results.py --plot RUN_DIR ...                    a run's history.png again, from its history
+    python3 benchmarks/slim_results.py --palette FOLDER ...                  also figures as palette PNGs (lossy, checked)
 
 What it does, per file (each step checks before it deletes):
 - report.json -> report.json.gz: compact, the figures' data at float32's shortest digits
@@ -21,7 +22,11 @@ What it does, per file (each step checks before it deletes):
   attention.file points at the kept one (a relative path). A kept copy is written compact, without
   "weights" and "public_layout" where ChannelAttention.load recomputes exactly those from "raw".
 - result.json of a run: compact, with the history and attention pointers above.
-- other PNG figures: re-encoded losslessly where that is smaller (pixels checked identical).
+- other PNG figures: re-encoded losslessly where that is smaller (pixels checked identical). With --palette,
+  re-encoded instead as a 256-colour palette image where that is smaller and looks the same (every pixel
+  within PALETTE_MAX_ERROR levels of the original in each channel, checked); the figure's PNG text says
+  so. A plot has a few thousand colours, mostly anti-aliasing, so a palette costs it nothing visible and
+  saves about two thirds of its bytes; a figure the palette cannot hold within that error stays lossless.
 """
 import argparse
 import gzip
@@ -47,8 +52,8 @@ DERIVED_NOTE = ("weights and public_layout dropped by benchmarks/slim_results.py
 
 
 class Slimmer:
-    def __init__(self, dry_run: bool = False, history_rows: int = 20, log=print):
-        self.dry_run, self.history_rows, self.log = dry_run, history_rows, log
+    def __init__(self, dry_run: bool = False, history_rows: int = 20, log=print, palette: bool = False):
+        self.dry_run, self.history_rows, self.log, self.palette = dry_run, history_rows, log, palette
         self.before = self.after = 0
         self.history_note = {}  # run folder -> result.json's "history" (the sampled file)
 
@@ -182,14 +187,39 @@ class Slimmer:
             info = PngImagePlugin.PngInfo()
             for k, v in (im.text or {}).items():
                 info.add_text(k, v)
-            buf = io.BytesIO()
-            im.save(buf, "PNG", optimize=True, pnginfo=info)
-            with Image.open(io.BytesIO(buf.getvalue())) as again:
-                same = again.mode == im.mode and again.size == im.size and again.tobytes() == im.tobytes()
-        if same and len(buf.getvalue()) < len(data):
-            self.write(path, buf.getvalue())
+            encoded = palette_png(im, info) if self.palette and im.mode in ("RGB", "RGBA") else None
+            if encoded is None:
+                buf = io.BytesIO()
+                im.save(buf, "PNG", optimize=True, pnginfo=info)
+                with Image.open(io.BytesIO(buf.getvalue())) as again:
+                    same = again.mode == im.mode and again.size == im.size and again.tobytes() == im.tobytes()
+                encoded = buf.getvalue() if same else None
+        if encoded is not None and len(encoded) < len(data):
+            self.write(path, encoded)
         else:
             self.keep(path)
+
+
+PALETTE_MAX_ERROR = 16  # levels of 255, per channel, for any pixel; the mean is checked under one level
+
+
+def palette_png(im, info):
+    """`im` (RGB or RGBA) as a 256-colour palette PNG, or None where some pixel would move more than
+    PALETTE_MAX_ERROR levels in a channel or the mean error would reach one level. Maximum coverage
+    keeps the rare colours (legend swatches, thin lines) that median cut merges away."""
+    from PIL import Image
+    if im.mode == "RGBA" and im.getchannel("A").getextrema() != (255, 255):
+        return None  # transparency: not what a palette of opaque colours holds
+    rgb = im.convert("RGB")
+    quantized = rgb.quantize(256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
+    error = np.abs(np.asarray(quantized.convert("RGB"), dtype=np.int16) - np.asarray(rgb, dtype=np.int16))
+    if error.max() > PALETTE_MAX_ERROR or error.mean() >= 1:
+        return None
+    info.add_text("fastdelta-slim", f"256-colour palette: largest channel error {int(error.max())} of 255, "
+                                    f"mean {error.mean():.3f}")
+    buf = io.BytesIO()
+    quantized.save(buf, "PNG", optimize=True, pnginfo=info)
+    return buf.getvalue()
 
 
 def is_run(folder: Path) -> bool:
@@ -239,13 +269,15 @@ def main(argv=None) -> int:
     p.add_argument("--history-rows", type=int, default=20,
                    help="rows of each run's history kept on the regular grid (0: all of them, gzipped)")
     p.add_argument("--plot", action="store_true", help="draw RUN_DIR/history.png from the run's history")
+    p.add_argument("--palette", action="store_true",
+                   help="figures as 256-colour palette PNGs where that looks the same (checked per pixel)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.plot:
         for folder in a.folders:
             print(plot(Path(folder)))
         return 0
-    s = Slimmer(a.dry_run, a.history_rows, log=(lambda *_: None) if a.quiet else print)
+    s = Slimmer(a.dry_run, a.history_rows, log=(lambda *_: None) if a.quiet else print, palette=a.palette)
     for folder in map(Path, a.folders):
         if not folder.is_dir():
             raise SystemExit(f"{folder}: not a folder")

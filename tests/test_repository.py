@@ -39,7 +39,7 @@ def where(sizes: dict, n: int = 8) -> str:
     big = sorted(sizes.items(), key=lambda kv: -kv[1])[:n]
     return ("largest folders: " + ", ".join(f"{f} {s / 1e6:.1f} MB" for f, s in folders.most_common(n))
             + "; largest files: " + ", ".join(f"{f} {s / 1e6:.2f} MB" for f, s in big)
-            + " (slim new results: python3 benchmarks/slim_results.py FOLDER)")
+            + " (slim new results: python3 benchmarks/slim_results.py --palette FOLDER)")
 
 
 def test_tree_under_15_mb():

@@ -172,3 +172,34 @@ def test_fit_result_save_without_plots_and_with_a_shared_attention(tmp_path):
     # the default still draws history.png
     run = res.save(tmp_path / "runs" / "delta_seed2", weights=False)
     assert (run / "history.png").is_file() and (run / "channel_attention.json").is_file()
+
+
+def test_palette_keeps_a_plot_within_the_error_bound_and_a_photo_lossless(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for k in range(5):
+        ax.plot(np.sin(np.linspace(0, 6, 200) + k), label=f"curve {k}")
+    ax.legend()
+    fig.savefig(tmp_path / "fig3_curves.png", dpi=80)
+    plt.close(fig)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    plot_before, photo_before = Image.open(tmp_path / "fig3_curves.png"), Image.open(tmp_path / "photo.png")
+    plot_pixels = np.asarray(plot_before.convert("RGB"), dtype=int)
+    plot_size, photo_pixels = (tmp_path / "fig3_curves.png").stat().st_size, photo_before.tobytes()
+
+    assert load("slim_results").main(["--quiet", "--palette", str(tmp_path)]) == 0
+    after = snapshot(tmp_path)
+    plot = Image.open(tmp_path / "fig3_curves.png")
+    error = np.abs(np.asarray(plot.convert("RGB"), dtype=int) - plot_pixels)
+    assert plot.mode == "P" and (tmp_path / "fig3_curves.png").stat().st_size < plot_size / 2
+    assert error.max() <= load("slim_results").PALETTE_MAX_ERROR and error.mean() < 1 and error.max() > 0
+    assert "256-colour palette" in plot.text["fastdelta-slim"]
+    # a photo's colours do not fit a palette within the bound: kept lossless
+    assert Image.open(tmp_path / "photo.png").tobytes() == photo_pixels
+    # again: nothing changes
+    load("slim_results").main(["--quiet", "--palette", str(tmp_path)])
+    assert snapshot(tmp_path) == after
