@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import fastdelta
-from fastdelta.apps.compare.comparison import PAPER_GRID
+from fastdelta.methods.hyperparameters import PAPER_GRID
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.apps.demo import environment
 from fastdelta.output_files import atomic_write_text

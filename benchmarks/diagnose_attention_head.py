@@ -4,7 +4,7 @@ diagnose_attention_head.json. Result: benchmarks/results/reproduction_fashion_mn
 import json, time
 import fastdelta
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.apps.compare.comparison import materialise, fast_top1
+from fastdelta.apps.compare.evaluation import fast_top1, materialise
 from fastdelta.data import resolve_data
 train = few_shot_subset(*load_fashion_mnist("train"), 10, 0)
 test = load_fashion_mnist("test")

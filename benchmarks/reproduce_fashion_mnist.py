@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Tuple
 
-from fastdelta.apps.compare.comparison import CompareSettings, compare
+from fastdelta.apps.compare import CompareSettings, compare
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.apps.compare.figures import label
 from fastdelta.apps.compare.report import RULE_SHORT, load_report, report_path, verdict

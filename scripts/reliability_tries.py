@@ -35,7 +35,7 @@ import fastdelta  # noqa: E402
 import fastdelta.attention.measure as measure_module  # noqa: E402
 import fastdelta.fitting as fit_module  # noqa: E402
 from fastdelta.apps import cli  # noqa: E402
-from fastdelta.apps.compare.comparison import CompareSettings, compare  # noqa: E402
+from fastdelta.apps.compare import CompareSettings, compare  # noqa: E402
 from tiny import TINY_LAYERS, arrays, image_folder, sigterm_must_be_handled, tiny_net  # noqa: E402
 
 warnings.simplefilter("ignore")

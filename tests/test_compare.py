@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fastdelta import SettingsError
-from fastdelta.apps.compare.comparison import (CompareSettings, compare, stratified_folds, stratified_split,
-                                               validation_split)
+from fastdelta.apps.compare import CompareSettings, compare
+from fastdelta.apps.compare.splits import stratified_folds, stratified_split, validation_split
 from fastdelta.data.errors import DataError
 from tiny import TINY_LAYERS, arrays, tiny_net
 
@@ -161,13 +161,13 @@ def test_fast_top1_matches_the_reference_evaluation():
     """fast_top1 (held tensors sliced into train.evaluate.evaluate) gives the same top-1 as evaluate over a DataLoader, and
     channels_last logits match a float64 forward (eval mode) to float32 rounding."""
     import torch
-    from fastdelta.apps.compare.comparison import _TensorSet, fast_top1
+    from fastdelta.apps.compare.evaluation import TensorSet, fast_top1
     from fastdelta.train.evaluate import evaluate
     from fastdelta.train.loop import make_loader
     net = tiny_net(num_classes=3).eval()
     x = torch.randn(37, 3, 12, 12)
     y = torch.randint(0, 3, (37,))
-    data = _TensorSet(x, y, ["a", "b", "c"])
+    data = TensorSet(x, y, ["a", "b", "c"])
     ref = evaluate(net, make_loader(data, 8, False, 0, 0), torch.device("cpu"), progress=False)["top1"]
     with torch.no_grad():
         logits64 = copy.deepcopy(net).double()(x.double())
@@ -181,7 +181,7 @@ def test_evaluate_runs_channels_last_on_cpu_and_restores_the_layout():
     """train.evaluate.evaluate switches a CPU model to channels_last for its forwards (faster) and back after;
     a model that was channels_last already stays so; the top-1 equals a float64 forward's."""
     import torch
-    from fastdelta.apps.compare.comparison import _TensorSet
+    from fastdelta.apps.compare.evaluation import TensorSet
     from fastdelta.train.evaluate import evaluate
     from fastdelta.train.loop import make_loader
     net = tiny_net(num_classes=3).eval()
@@ -189,7 +189,7 @@ def test_evaluate_runs_channels_last_on_cpu_and_restores_the_layout():
     y = torch.randint(0, 3, (37,))
     with torch.no_grad():
         ref = 100.0 * (copy.deepcopy(net).double()(x.double()).argmax(1) == y).sum().item() / 37
-    loader = make_loader(_TensorSet(x, y, ["a", "b", "c"]), 8, False, 0, 0)
+    loader = make_loader(TensorSet(x, y, ["a", "b", "c"]), 8, False, 0, 0)
     seen = []
     hook = net.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
     convs = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]

@@ -17,7 +17,7 @@ from PIL import Image
 
 import fastdelta
 import fastdelta.fitting as fit_module
-from fastdelta.apps.compare.comparison import CompareSettings, compare
+from fastdelta.apps.compare import CompareSettings, compare
 from fastdelta.data import DataError, resolve_data
 from tiny import TINY_LAYERS, arrays, image_folder, tiny_net
 

@@ -8,7 +8,8 @@ import pytest
 import fastdelta
 from fastdelta.apps.cli import NOT_FOR_ATTENTION, build_parser, given_fields, given_settings
 from fastdelta.apps.demo import DemoConfig
-from fastdelta.apps.compare.comparison import COMPARE_SETS, CompareSettings, _grid
+from fastdelta.apps.compare.compare_settings import COMPARE_SETS, CompareSettings
+from fastdelta.apps.compare.search import search_grid
 from fastdelta.methods import METHODS, Method, Terms, register
 from fastdelta.methods.base import squared_norm, unregister
 from fastdelta.methods.hyperparameters import BETA, PAPER_GRID, Hyperparameter
@@ -148,16 +149,16 @@ def test_a_new_hyperparameter_is_a_setting_an_option_and_a_search_grid(shrink):
     assert res.settings["gamma"] == 0.5 and res.history[-1]["reg"] > 0
     cs = CompareSettings(search="grid")
     fixed = {"gamma": 0.001, "beta": 0.01}
-    assert _grid(cs, shrink, fixed) == [{"gamma": g, "beta": b} for b in PAPER_GRID for g in (1e-3, 1e-2)]
-    assert _grid(CompareSettings(search="alpha"), shrink, fixed) == [{"gamma": 1e-3, "beta": 0.01},
+    assert search_grid(cs, shrink, fixed) == [{"gamma": g, "beta": b} for b in PAPER_GRID for g in (1e-3, 1e-2)]
+    assert search_grid(CompareSettings(search="alpha"), shrink, fixed) == [{"gamma": 1e-3, "beta": 0.01},
                                                                      {"gamma": 1e-2, "beta": 0.01}]
 
 
 def test_compare_searches_each_methods_declared_grid_unless_given_one():
     fixed = {"alpha": 1e-4, "beta": 0.01}
-    assert _grid(CompareSettings(), METHODS["delta"], fixed) == [{"alpha": a, "beta": 0.01} for a in PAPER_GRID]
-    assert _grid(CompareSettings(alpha_grid=(0.5,)), METHODS["delta"], fixed) == [{"alpha": 0.5, "beta": 0.01}]
-    assert _grid(CompareSettings(), METHODS["l2"], {"weight_decay": 1e-4}) == [{}]
+    assert search_grid(CompareSettings(), METHODS["delta"], fixed) == [{"alpha": a, "beta": 0.01} for a in PAPER_GRID]
+    assert search_grid(CompareSettings(alpha_grid=(0.5,)), METHODS["delta"], fixed) == [{"alpha": 0.5, "beta": 0.01}]
+    assert search_grid(CompareSettings(), METHODS["l2"], {"weight_decay": 1e-4}) == [{}]
 
 
 @pytest.mark.parametrize("command, cls", [("compare", CompareSettings), ("demo", DemoConfig)])

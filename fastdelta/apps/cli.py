@@ -140,7 +140,7 @@ def _add_attention_command(sub) -> None:
 
 
 def _add_compare_command(sub) -> None:
-    from .compare.comparison import COMPARE_SETS, CompareSettings
+    from .compare.compare_settings import COMPARE_SETS, CompareSettings
     p = sub.add_parser("compare", help="run several methods x seeds under identical settings; write a report",
                        description="The paper's comparison on your data: alpha/beta chosen on a validation split "
                                    "of the training set, every method per seed with the same data order, then "
@@ -181,7 +181,7 @@ def _is_main() -> bool:
 
 
 def _compare(args) -> None:
-    from .compare.comparison import CompareSettings, compare
+    from .compare import CompareSettings, compare
     train, test = args.data, args.test
     if args.data == "fashion-mnist":  # the embedded real dataset, few-shot
         from ..data.fashion_mnist import few_shot_subset, load_fashion_mnist

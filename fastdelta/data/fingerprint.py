@@ -62,14 +62,6 @@ def dataset_fingerprint(dataset) -> dict:
                                          "the images of a Dataset are not read, so changes to them go unseen"}
 
 
-def fingerprint_of(source) -> dict:
-    """The fingerprint fit records for `source` given as an (x, y) tuple or a Dataset."""
-    if isinstance(source, tuple):
-        from .arrays import ArrayDataset
-        return ArrayDataset(*source).fingerprint()
-    return dataset_fingerprint(source)
-
-
 def state_sha256(module: torch.nn.Module) -> str:
     """A digest of a network's parameters and buffers (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256()

@@ -27,6 +27,13 @@ from .overlap import check_overlap, find_overlap
 from .transforms import build_center_transform, build_transforms
 
 
+def fingerprint_of(source) -> dict:
+    """The fingerprint fit records for `source` given as an (x, y) tuple or a Dataset."""
+    if isinstance(source, tuple):
+        return ArrayDataset(*source).fingerprint()
+    return dataset_fingerprint(source)
+
+
 @dataclass
 class DataBundle:
     """Ready-to-use datasets plus what a run log needs to describe them."""

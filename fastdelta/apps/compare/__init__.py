@@ -1,2 +1,3 @@
 """The paper's comparison on the user's data: runs (comparison), report, figures and their analysis."""
-from .comparison import CompareSettings, compare  # noqa: F401
+from .compare_settings import CompareSettings  # noqa: F401
+from .comparison import compare  # noqa: F401
