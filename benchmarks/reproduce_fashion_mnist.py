@@ -4,7 +4,8 @@ ImageNet EfficientNet-Lite0 (shipped weights) -> Fashion-MNIST with 10, 30 and 1
 per class (fixed subset, subset seed 0), the full 10,000-image test set, all six methods, three
 seeds, alpha chosen per size on a validation split of the training images (paper grid, beta 0.01).
 One `fastdelta.compare` per size into OUT/per_class_N/ (a size whose report.json exists is skipped,
-so an interrupted reproduction continues), then OUT/README.md with the combined Table 1 analog.
+so an interrupted reproduction continues), then OUT/README.md with the combined Table 1 analog
+(OUT/NOTES.md, where someone wrote one, goes in after its preamble, so a regenerated README keeps it).
 
     python3 benchmarks/reproduce_fashion_mnist.py --out benchmarks/results/reproduction_fashion_mnist_cpu
 
@@ -131,6 +132,14 @@ def parse_setting(text: str):
 
 
 TITLE = "ImageNet EfficientNet-Lite0 -> Fashion-MNIST"
+NOTES = "NOTES.md"
+
+
+def hand_notes(out: Path) -> list:
+    """OUT/NOTES.md, written by hand (what the tables cannot say: why a run was superseded, what changed
+    since an earlier one), as README lines placed after the preamble: a regenerated README keeps them."""
+    path = out / NOTES
+    return [path.read_text().strip("\n"), ""] if path.is_file() else []
 
 
 def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=()) -> None:
@@ -148,7 +157,7 @@ def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=(
              f"{run['iterations']} iterations of batch {run['batch_size']} per run (the paper: 224 px, 9,000 iterations of 64)",
              f"- conventions: {describe_conventions(run)}",
              f"- alpha per method and size chosen by {search_rule(any_r)} over 0.0001, 0.001, 0.01, 0.1, 0.2 "
-             f"with beta 0.01; the test set ({test_images(any_r)} images) only measures", "",
+             f"with beta 0.01; the test set ({test_images(any_r)} images) only measures", "", *hand_notes(out),
              "## Table 1 analog: test top-1 (%), mean ± std over seeds", "",
              "| method | " + " | ".join(f"{n}/class" for n in reports) + " |",
              "|---|" + "---|" * len(reports)]

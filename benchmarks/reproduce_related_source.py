@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_fashion_mnist import Plan, paired_cell, paired_rows, paired_stats, run_sizes, write_summary  # noqa: E402
+from reproduce_fashion_mnist import (Plan, hand_notes, paired_cell, paired_rows, paired_stats,  # noqa: E402
+                                     run_sizes, write_summary)
 
 import fastdelta  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
@@ -145,7 +146,7 @@ def write_overview(a) -> None:
     for name in dict.fromkeys(c[0] for c in columns):
         r = next(c[2] for c in columns if c[0] == name)
         lines.append(f"- `{name}` ([README]({name}/README.md)): {describe_conventions(r['settings'])}")
-    lines += ["", "## Test top-1 (%), mean ± std over three seeds", "",
+    lines += ["", *hand_notes(out), "## Test top-1 (%), mean ± std over three seeds", "",
               "| method | " + " | ".join(f"{name}, {n}/class" for name, n, _ in columns) + " |",
               "|---|" + "---|" * len(columns)]
     for m in fastdelta.METHODS:

@@ -13,6 +13,8 @@ Which README is which (each script writes a recognisable first line):
 - "# Related source -> disjoint target": `benchmarks/reproduce_related_source.py overview --out DIR --command CMD`
 The other READMEs (tap_forms, alpha_range) are hand-written around their scripts' own summaries
 (tap_forms.md, alpha_range.md: `--summary-only` of benchmarks/tap_forms.py and alpha_range.py).
+What a person adds to a script-written README goes in NOTES.md beside it: the scripts put it after the
+preamble, so it survives this rewrite.
 """
 import argparse
 import difflib

@@ -60,6 +60,14 @@ def test_reproduction_summary_from_reports(tmp_path):
     assert "DELTA 70.0 > L2-SP 61.0 > L2 60.0 > L2-SP(ATT) 59.0 > L2-FE 12.0; diverged: DELTA w/o ATT" in text
     assert "**accuracy: holds.**" in text and "**accuracy: does not hold.**" in text
     assert "| L2 | - | - |" in text  # reports without runs: no paired difference to show
+    # notes written by hand in NOTES.md go in after the preamble and survive the next regeneration
+    (tmp_path / "NOTES.md").write_text("## Notes (written by hand)\n\nSuperseded by another run.\n")
+    for _ in range(2):
+        load("reproduce_fashion_mnist").main(["--out", str(tmp_path), "--sizes", "10,30", "--summary-only",
+                                              "--command", "the commands"])
+        text = (tmp_path / "README.md").read_text()
+        assert text.count("Superseded by another run.") == 1
+        assert text.index("the test set") < text.index("## Notes (written by hand)") < text.index("## Table 1 analog")
 
 
 def test_related_source_overview_pairs_seeds(tmp_path):
@@ -87,6 +95,10 @@ def test_related_source_overview_pairs_seeds(tmp_path):
     assert "| L2 | -1.00 ± 0.00 (-1.00, -1.00, -1.00) | +0.33 ± 1.53 (+0.00, +2.00, -1.00) |" in text
     # DELTA paper - DELTA public at 10/class: 69-70, 70-73, 71-71
     assert "| paper, 10/class | -1.33 ± 1.53 (-1.00, -3.00, +0.00) |" in text
+    (tmp_path / "NOTES.md").write_text("## Notes (written by hand)\n\n- why this run\n")
+    load("reproduce_related_source").main(["overview", "--out", str(tmp_path), "--command", "the command"])
+    text = (tmp_path / "README.md").read_text()
+    assert text.index("- `public` ([README]") < text.index("- why this run") < text.index("## Test top-1")
 
 
 def test_bench_cpu_layout_smoke(tmp_path):
