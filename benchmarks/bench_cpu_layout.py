@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from fastdelta.apps.bench import environment
+from fastdelta.apps.bench.report import environment
 from fastdelta.networks.models import build_networks
 from fastdelta.methods import make_method
 from fastdelta.train.steps import FastStep, StepOptions

@@ -1,6 +1,6 @@
 """Training-step benchmark: every method, fastdelta's step engine next to the public recipe.
 
-Same code as `fastdelta bench step ...` (fastdelta/apps/bench.py). Writes bench_step.json (rewritten after
+Same code as `fastdelta bench step ...` (fastdelta/apps/bench/). Writes bench_step.json (rewritten after
 every row) and bench_step.md (method x engine: img/s, ms/step, ratio to the public recipe, ratio to the
 same engine's L2 step, time to first step, peak GPU memory) to --out. Both engines run each method's
 default alpha/beta/lr (recorded per row) on a random network whose BN statistics are calibrated first.

@@ -159,7 +159,7 @@ def test_bench_step_delta_rows_stay_finite_on_deep_random_resnets():
     identical for both engines, every row of ResNet-50 and ResNet-101 is finite (3 steps, 64 px, batch 2)."""
     import math
     import torch
-    from fastdelta.apps import bench
+    from fastdelta.apps.bench import measure, networks
     from fastdelta.train.steps import resolve_step_options
     cpu = torch.device("cpu")
     fast = resolve_step_options(cpu, "fp32", "off", False, False, "fast")
@@ -168,22 +168,22 @@ def test_bench_step_delta_rows_stay_finite_on_deep_random_resnets():
     try:
         for model in ("resnet50", "resnet101"):
             for engine, options in (("public", None), ("fastdelta", fast)):
-                row = bench.measure(model, "delta", engine, 2, 64, 10, cpu, warmup=1, iters=1, options=options)
+                row = measure.measure(model, "delta", engine, 2, 64, 10, cpu, warmup=1, iters=1, options=options)
                 assert "error" not in row and row["finite"] is True and row["steps"] == 3, row
                 assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("ms_per_step", "img_per_s")), row
                 assert (row["alpha"], row["beta"], row["lr"]) == (1e-4, 0.01, 0.01)
-                assert row["bn_calibration"]["batches"] == bench.CALIBRATION_BATCHES
+                assert row["bn_calibration"]["batches"] == networks.CALIBRATION_BATCHES
                 assert row["bn_calibration"]["batch"] >= 8  # enough values per channel at the 2x2 last stage
     finally:
         torch.set_num_threads(threads)
-        bench._CALIBRATED.clear()
+        networks.CALIBRATED.clear()
 
 
 def test_bench_step_rows_are_checked_for_non_finite_steps(monkeypatch):
     """A row whose steps go non-finite is an error, not a timing (the public step had no check)."""
     import torch
-    from fastdelta.apps import bench
-    monkeypatch.setattr(bench, "bench_hyperparameters",
+    from fastdelta.apps.bench import measure, networks
+    monkeypatch.setattr(measure, "bench_hyperparameters",
                         # finite (a method refuses an infinite alpha), but alpha x the term overflows fp32
                         lambda method: {"alpha": 1e38, "beta": 0.01, "lr": 0.01, "momentum": 0.9,
                                         "weight_decay": 1e-4})
@@ -192,8 +192,8 @@ def test_bench_step_rows_are_checked_for_non_finite_steps(monkeypatch):
         options = resolve_step_options(torch.device("cpu"), "fp32", "off", False, False, "fast") \
             if engine == "fastdelta" else None
         with pytest.raises(FloatingPointError, match="non-finite"):
-            bench.measure("smoke", "delta", engine, 2, 16, 10, torch.device("cpu"), 0, 1, options)
-    bench._CALIBRATED.clear()
+            measure.measure("smoke", "delta", engine, 2, 16, 10, torch.device("cpu"), 0, 1, options)
+    networks.CALIBRATED.clear()
 
 
 def test_step_timer_synchronises_the_stop_event_before_reading_cuda_events():
@@ -263,7 +263,7 @@ def test_public_step_is_the_six_methods_and_refuses_others():
     import copy
     import torch
     import torch.nn.functional as F
-    from fastdelta.apps.bench import PublicStep
+    from fastdelta.apps.bench.public_step import PublicStep
     from fastdelta.methods import METHODS, make_method
     from fastdelta.features.hooks import FeatureTaps
     from fastdelta.networks.models import build_networks

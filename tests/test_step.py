@@ -254,7 +254,8 @@ def test_bench_warm_first_step_reruns_compiled_rows_in_a_fresh_process(tmp_path,
     (The real thing compiles twice with inductor: run by hand.)"""
     import argparse
     import subprocess
-    from fastdelta.apps import bench
+    from fastdelta.apps.bench import command as bench
+    from fastdelta.apps.bench.report import markdown
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     args = p.parse_args(["--smoke", "--compile", "default", "--warm-first-step"])
@@ -278,5 +279,5 @@ def test_bench_warm_first_step_reruns_compiled_rows_in_a_fresh_process(tmp_path,
     assert cmd[cmd.index("--methods") + 1] == "delta" and cmd[cmd.index("--compile") + 1] == "default"
     assert compiled["first_step_warm_s"] == 3.0 and compiled["compile_cache_warm"] == {"fxgraph_hit": 2}
     assert "first_step_warm_s" not in rows[1] and "first_step_warm_s" not in rows[2]
-    assert "| warm first s |" in bench.markdown({"rows": rows, "environment": {"device": "cpu", "torch": "x", "date": "d"},
+    assert "| warm first s |" in markdown({"rows": rows, "environment": {"device": "cpu", "torch": "x", "date": "d"},
                                                 "config": {"batch": 4, "size": 32, "iters": 1, "warmup": 0}})

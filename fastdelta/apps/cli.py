@@ -165,7 +165,7 @@ def _add_demo_command(sub) -> None:
 
 def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: `fastdelta bench step` times the training step of every method",
-                       description="Benchmarks (fastdelta/bench.py).")
+                       description="Benchmarks (fastdelta/apps/bench/).")
     bench_sub = p.add_subparsers(dest="bench", required=True)
     from .bench import add_arguments as _bench_arguments
     _bench_arguments(bench_sub.add_parser(
