@@ -123,11 +123,33 @@ def test_cross_validation_folds_partition_each_class():
         stratified_folds(np.array([0, 0, 0, 1, 1, 1, 1, 1]), 5, 0)
 
 
-def test_cross_validated_search_scores_the_mean_over_folds(tmp_path):
+def test_cross_validated_search_scores_the_mean_over_folds(tmp_path, monkeypatch):
+    import contextlib
     import dataclasses
+    from fastdelta.apps.compare import comparison
+    bars = []
+
+    class Bar:  # the progress bar compare draws: its total and what advanced it
+        def __init__(self, total):
+            self.total, self.done, self.postfixes = total, 0, []
+
+        def update(self, n):
+            self.done += n
+
+        def set_postfix_str(self, text):
+            self.postfixes.append(text)
+
+    @contextlib.contextmanager
+    def recording_bar(total, *args, **kwargs):
+        bars.append(Bar(total))
+        yield bars[-1]
+    monkeypatch.setattr(comparison, "progress_bar", recording_bar)
     cs = dataclasses.replace(SETTINGS, folds=3, schedules=("step",), curve_points=0)
     report = compare(tiny_net(), arrays(n_per_class=6), arrays(seed=1), methods=["l2_sp", "delta"], seeds=1,
                      out=tmp_path, compare_settings=cs, **QUICK)
+    # the bar counts every fit: 2 methods x 2 alphas x 3 folds, then 2 final runs
+    assert bars[0].total == bars[0].done == 2 * 2 * 3 + 2
+    assert "search delta alpha=0.1 beta=0.01 fold 3/3" in bars[0].postfixes
     search = report["search"]
     assert search["split"] == {"folds": 3, "fit": [12, 12, 12], "val": [6, 6, 6]}
     for r in search["results"]:

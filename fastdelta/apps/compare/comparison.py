@@ -75,7 +75,7 @@ def _compare_in(out: Path, model, weights, train, test, cs: CompareSettings, bas
     searched = [m for m in cs.methods if METHODS[m].tuned] if cs.search != "none" else []
     n_grid = sum(len(search_grid(cs, METHODS[m], fixed_values(base_settings, m))) for m in searched)
     curve_runs = [(m, sch) for m in cs.methods if METHODS[m].learning_curve for sch in cs.schedules if sch != "step"]
-    total = n_grid + cs.seeds * len(cs.methods) + len(curve_runs)
+    total = n_grid * cs.folds + cs.seeds * len(cs.methods) + len(curve_runs)  # every fit, each fold's too
     probe = MapProbe(model, weights, base, train, test, cs.map_images)
     runner.source_sha256 = state_sha256(probe.source)
     report = {"schema": SCHEMA, "compare": {**dataclasses.asdict(cs), "methods": list(cs.methods)}}

@@ -49,9 +49,12 @@ def run_search(cs: CompareSettings, runner: Runner, train, methods, base_setting
     for method in methods:
         best = None
         for point in search_grid(cs, METHODS[method], fixed_values(base_settings, method)):
-            bar.set_postfix_str(f"search {method} " + " ".join(f"{k}={v:g}" for k, v in point.items()))
-            folds = [search_fit(runner, cs, method, point, seed, k, part, att)
-                     for k, (part, att) in enumerate(zip(splits, attention))]
+            where = f"search {method} " + " ".join(f"{k}={v:g}" for k, v in point.items())
+            folds = []
+            for k, (part, att) in enumerate(zip(splits, attention)):  # the bar counts every fit, fold by fold
+                bar.set_postfix_str(where + (f" fold {k + 1}/{cs.folds}" if cs.folds > 1 else ""))
+                folds.append(search_fit(runner, cs, method, point, seed, k, part, att))
+                bar.update(1)
             ok = all(f["status"] == "ok" for f in folds)
             top1 = float(np.mean([f["val_top1"] for f in folds])) if ok else None
             status = "ok" if ok else next(f["status"] for f in folds if f["status"] != "ok")
@@ -62,7 +65,6 @@ def run_search(cs: CompareSettings, runner: Runner, train, methods, base_setting
             results.append(record)
             if top1 is not None and (best is None or top1 > best[0]):
                 best = (top1, point)
-            bar.update(1)
         if best is None:
             raise RuntimeError(f"search: every {method} run diverged; see {runner.out / 'runs' / 'search'}")
         chosen[method] = {**best[1], "val_top1": best[0]}
