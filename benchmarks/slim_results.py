@@ -22,6 +22,8 @@ What it does, per file (each step checks before it deletes):
   attention.file points at the kept one (a relative path). A kept copy is written compact, without
   "weights" and "public_layout" where ChannelAttention.load recomputes exactly those from "raw".
 - result.json of a run: compact, with the history and attention pointers above.
+- analysis.json of a run (a comparison's first seed: its figures' inputs): compact, and with "device": "cpu"
+  where it lacks one (written before compare recorded it; compare computes it on the model's CPU copy).
 - other PNG figures: re-encoded losslessly where that is smaller (pixels checked identical). With --palette,
   re-encoded instead as a 256-colour palette image where that is smaller and looks the same (every pixel
   within PALETTE_MAX_ERROR levels of the original in each channel, checked); the figure's PNG text says
@@ -105,6 +107,8 @@ class Slimmer:
                 self.drop(p, f"regenerate: python3 benchmarks/slim_results.py --plot {p.parent}")
             elif p.parent in runs and p.name == "result.json":
                 self.slim_result(p, attention_home.get(p.parent))
+            elif p.parent in runs and p.name == "analysis.json":
+                self.slim_analysis(p)
             elif p.suffix == ".png":
                 self.slim_png(p)
             else:
@@ -140,6 +144,12 @@ class Slimmer:
         if attention_file is not None and isinstance(result.get("attention"), dict):
             result["attention"]["file"] = os.path.relpath(attention_file, path.parent)
         self.write(path, json.dumps(result, separators=(",", ":")).encode())
+
+    def slim_analysis(self, path: Path) -> None:
+        analysis = json.loads(path.read_bytes())
+        if "device" not in analysis:  # compare computes these on the CPU copy of the trained model
+            analysis = {"device": "cpu", **analysis}
+        self.write(path, json.dumps(analysis, separators=(",", ":")).encode())
 
     # -------------------------------------------------------------- channel_attention.json
     def dedupe_attention(self, folder: Path, paths, runs) -> dict:

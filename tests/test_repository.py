@@ -56,11 +56,14 @@ def test_no_file_over_2_mb():
 
 def test_committed_results_are_slim():
     """What benchmarks/slim_results.py removes is not committed again: per-run history.png and full
-    history.jsonl under a comparison's runs/, and uncompressed report.json in committed results."""
+    history.jsonl under a comparison's runs/, uncompressed report.json in committed results, and
+    analysis.json without its device."""
     sizes = tree_files()
     results = [n for n in sizes if n.startswith("benchmarks/results/")]
     bulky = [n for n in results if "/runs/" in n and Path(n).name in ("history.png", "history.jsonl")]
     bulky += [n for n in results if Path(n).name == "report.json"]
+    # a first seed's figure inputs say where they were computed (slim_results fills in compare's CPU)
+    bulky += [n for n in results if Path(n).name == "analysis.json" and '"device"' not in (ROOT / n).read_text()]
     assert not bulky, (f"{len(bulky)} files that benchmarks/slim_results.py slims, e.g. {bulky[:3]}: run "
                        "python3 benchmarks/slim_results.py on their folder")
 

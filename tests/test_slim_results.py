@@ -59,6 +59,7 @@ def make_results(root: Path) -> Path:
     final, search = full_attention(), full_attention(0.5)
     (folder / "channel_attention.json").write_text(json.dumps(final, indent=1))
     run_folder(folder / "runs" / "delta_seed0", final)
+    (folder / "runs" / "delta_seed0" / "analysis.json").write_text(json.dumps({"filter_distances": {"s": [0.5, 1.25]}}))
     run_folder(folder / "runs" / "l2_seed0")
     run_folder(folder / "runs" / "search" / "delta_a0.1_b0.01", search)
     run_folder(folder / "runs" / "search" / "delta_a0.01_b0.01", search)
@@ -120,6 +121,10 @@ def test_slim_results_cuts_points_and_is_idempotent(tmp_path):
     for row, i in ((kept[1], 15), (kept[-1], 299)):  # float32 values at their shortest digits: the same float32
         assert {k: v for k, v in row.items() if k != "ce"} == {k: v for k, v in full[i].items() if k != "ce"}
         assert torch.tensor(row["ce"], dtype=torch.float32) == torch.tensor(full[i]["ce"], dtype=torch.float32)
+
+    # a first seed's analysis.json: compact, and says it was computed on the CPU (what compare does)
+    assert json.loads((runs / "delta_seed0" / "analysis.json").read_text()) == {
+        "device": "cpu", "filter_distances": {"s": [0.5, 1.25]}}
 
     # a figure re-encoded losslessly
     assert Image.open(folder / "table1.png").tobytes() == png_pixels
