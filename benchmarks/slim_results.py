@@ -27,8 +27,8 @@ What it does, per file (each step checks before it deletes):
 - other PNG figures: re-encoded losslessly where that is smaller (pixels checked identical). With --palette,
   re-encoded instead as a 256-colour palette image where that is smaller and looks the same (every pixel
   within PALETTE_MAX_ERROR levels of the original in each channel, checked); the figure's PNG text says
-  so. A plot has a few thousand colours, mostly anti-aliasing, so a palette costs it nothing visible and
-  saves about two thirds of its bytes; a figure the palette cannot hold within that error stays lossless.
+  so. A plot has a few thousand colours, mostly anti-aliasing, so a palette changes nothing visible and
+  saves about 60% of its bytes; a figure the palette cannot hold within that error stays lossless.
 """
 import argparse
 import gzip
