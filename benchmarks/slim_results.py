@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fastdelta.apps.compare.report import claims, markdown, report_bytes  # noqa: E402
+from fastdelta.apps.compare.runs import ANALYSIS_DEVICE, ANALYSIS_FILE  # noqa: E402
 from fastdelta.output_files import atomic_write  # noqa: E402
 
 SAMPLED = "history.sampled.jsonl.gz"
@@ -107,7 +108,7 @@ class Slimmer:
                 self.drop(p, f"regenerate: python3 benchmarks/slim_results.py --plot {p.parent}")
             elif p.parent in runs and p.name == "result.json":
                 self.slim_result(p, attention_home.get(p.parent))
-            elif p.parent in runs and p.name == "analysis.json":
+            elif p.parent in runs and p.name == ANALYSIS_FILE:
                 self.slim_analysis(p)
             elif p.suffix == ".png":
                 self.slim_png(p)
@@ -147,8 +148,8 @@ class Slimmer:
 
     def slim_analysis(self, path: Path) -> None:
         analysis = json.loads(path.read_bytes())
-        if "device" not in analysis:  # compare computes these on the CPU copy of the trained model
-            analysis = {"device": "cpu", **analysis}
+        if "device" not in analysis:  # written before compare recorded where it computes them
+            analysis = {"device": ANALYSIS_DEVICE, **analysis}
         self.write(path, json.dumps(analysis, separators=(",", ":")).encode())
 
     # -------------------------------------------------------------- channel_attention.json

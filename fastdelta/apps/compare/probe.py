@@ -17,7 +17,7 @@ from ...output_files import atomic_write_text
 from ...settings import make_settings
 from .analysis import (activation_maps, attention_split_distances, filter_distances, min_max,
                        pick_low_activation_filters, pick_map_layer, tap_maps)
-from .runs import ANALYSIS_FILE, plain
+from .runs import ANALYSIS_DEVICE, ANALYSIS_FILE, plain
 from .splits import train_root
 from .evaluation import materialise
 
@@ -68,8 +68,8 @@ class MapProbe:
 
 def write_analysis(folder: Path, method: str, res, probe: "MapProbe", att) -> None:
     """Filter distances to the source, split by attention, and activation maps of the trained network."""
-    model = res.model.cpu()
-    record = {"device": "cpu",  # where these figures' inputs were computed: always on the CPU copy
+    model = res.model.to(ANALYSIS_DEVICE)
+    record = {"device": ANALYSIS_DEVICE,  # where these figures' inputs were computed
               "filter_distances": filter_distances(model, probe.source, probe.head_name),
               "attention_split": (attention_split_distances(model, probe.source, probe.conv_names, att.weights)
                                   if att is not None and probe.conv_names else None),

@@ -104,6 +104,7 @@ def plain(value):
 # the first seed's figures' inputs that need its trained weights, kept beside its result.json so that
 # a finished run is reused without its weights (compare saves none)
 ANALYSIS_FILE = "analysis.json"
+ANALYSIS_DEVICE = "cpu"  # write_analysis measures the CPU copy of the trained model
 
 
 class ReusedRun:
