@@ -291,3 +291,18 @@ def test_public_step_is_the_six_methods_and_refuses_others():
         assert float(got) == pytest.approx(float(want), rel=1e-5), method
     with pytest.raises(ValueError, match="no step for method 'l1_sp'"):
         PublicStep(copy.deepcopy(nets0), "l1_sp", att)
+
+
+def test_paired_reports_pairs_methods_by_seed(tmp_path):
+    """benchmarks/paired_reports.py: A − B per seed for each method of both runs, and which came out identical."""
+    def report(folder, delta):
+        runs = [{"method": "l2", "seed": s, "schedule": "step", "test_top1": 70.0 + s} for s in range(3)]
+        runs += [{"method": "delta", "seed": s, "schedule": "step", "test_top1": v} for s, v in enumerate(delta)]
+        runs.append({"method": "delta", "seed": 0, "schedule": "exp", "test_top1": 0.0})  # not paired
+        folder.mkdir()
+        (folder / "report.json").write_text(json.dumps({"runs": runs, "table": {"l2": {}, "delta": {}}}))
+    report(tmp_path / "a", [72.0, 73.0, 71.0])
+    report(tmp_path / "b", [71.0, 71.0, 71.0])
+    rows = load("paired_reports").main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert "| L2 | +0.00 ± 0.00 (+0.00, +0.00, +0.00) | yes |" in rows
+    assert "| DELTA | +1.00 ± 1.00 (+1.00, +2.00, +0.00) | no |" in rows
