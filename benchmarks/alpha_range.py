@@ -22,7 +22,8 @@ from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
 from fastdelta.apps.demo import environment
 from fastdelta.output_files import atomic_write_text
 from fastdelta.settings import DEFAULT_RECIPE, RECIPES
-from rowlog import RowLog
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rowlog beside this script, when loaded as a module
+from rowlog import RowLog, measured_environment  # noqa: E402
 
 
 
@@ -83,8 +84,9 @@ def summarise(out: Path, a, alphas, command: str) -> None:
     runs = RowLog.rows(out / "runs.jsonl")
     names = list(dict.fromkeys(r["variant"] for r in runs))
     cell = {(r["variant"], r["alpha"]): r for r in runs}
+    env = measured_environment(out / "alpha_range.json", a.summary_only, environment)
     atomic_write_text(out / "alpha_range.json", json.dumps(
-        {"schema": "fastdelta.alpha_range/1", "command": command, "environment": environment(),
+        {"schema": "fastdelta.alpha_range/1", "command": command, "environment": env,
          "setting": {"method": a.method, "per_class": a.per_class, "image_size": a.image_size,
                      "iterations": a.iterations, "seed": a.seed, "recipe": a.recipe, "test_images": a.test_images},
          "runs": runs}, indent=1))

@@ -35,3 +35,18 @@ class RowLog:
                 f.write(line + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+
+
+def measured_environment(report, summary_only: bool, current) -> dict:
+    """The environment of the process that measured a report's rows: `current()` for a measuring run; a
+    --summary-only rewrite measured nothing, so it keeps the environment `report` (a JSON file) already
+    names, and takes its own only where there is none."""
+    path = Path(report)
+    if summary_only and path.is_file():
+        try:
+            kept = json.loads(path.read_text()).get("environment")
+        except (OSError, ValueError):
+            kept = None
+        if kept:
+            return kept
+    return current()

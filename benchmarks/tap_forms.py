@@ -35,7 +35,8 @@ from fastdelta.networks.models import build_networks
 from fastdelta.methods import make_method
 from fastdelta.settings import DEFAULT_RECIPE, FEATURE_MAPS, RECIPES
 from fastdelta.features.hooks import FeatureTaps
-from rowlog import RowLog
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rowlog beside this script, when loaded as a module
+from rowlog import RowLog, measured_environment  # noqa: E402
 
 FORM_METHODS = ("delta", "delta_no_att")
 
@@ -166,7 +167,8 @@ def summarise(out: Path, a, command: str) -> None:
         ok = [v for v in vals if v is not None]
         rows.append({"method": method, "feature_map": form, "values": vals,
                      "mean": float(np.mean(ok)) if ok else None, "std": float(np.std(ok)) if ok else None})
-    report = {"schema": "fastdelta.tap_forms/1", "command": command, "environment": environment(),
+    env = measured_environment(out / "tap_forms.json", a.summary_only, environment)
+    report = {"schema": "fastdelta.tap_forms/1", "command": command, "environment": env,
               "setting": {"model": "efficientnet_lite0 (imagenet)", "data": f"fashion-mnist, {a.per_class}/class",
                           "image_size": a.image_size, "iterations": a.iterations, "alpha": a.alpha,
                           "recipe": a.recipe, "test_images": a.test_images or 10000},

@@ -306,3 +306,22 @@ def test_paired_reports_pairs_methods_by_seed(tmp_path):
     rows = load("paired_reports").main([str(tmp_path / "a"), str(tmp_path / "b")])
     assert "| L2 | +0.00 ± 0.00 (+0.00, +0.00, +0.00) | yes |" in rows
     assert "| DELTA | +1.00 ± 1.00 (+1.00, +2.00, +0.00) | no |" in rows
+
+
+def test_alpha_range_summary_keeps_the_environment_that_measured_the_rows(tmp_path):
+    """A --summary-only rewrite measures nothing: the report keeps the measuring process's machine and thread
+    count, not the rewriting one's (which would say 2 threads for single-threaded runs)."""
+    rows = [{"variant": "public", "settings": {}, "alpha": a, "test_top1": t, "status": "ok"}
+            for a, t in ((1e-4, 75.0), (1e-3, 70.0))]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    measured = {"device": "cpu (2 cores)", "cpu_threads": 1, "cpu_model": "the measuring machine"}
+    (tmp_path / "alpha_range.json").write_text(json.dumps({"environment": measured}))
+    mod = load("alpha_range")
+    args = ["--out", str(tmp_path), "--variant", "x={}", "--alphas", "0.0001,0.001", "--summary-only"]
+    mod.main(args + ["--command", "the command"])
+    report = json.loads((tmp_path / "alpha_range.json").read_text())
+    assert report["environment"] == measured and report["command"] == "the command"
+    assert "| public | `{}` | 75.00 | 70.00 |" in (tmp_path / "alpha_range.md").read_text()
+    (tmp_path / "alpha_range.json").unlink()  # nothing recorded: the summary names its own process
+    mod.main(args)
+    assert json.loads((tmp_path / "alpha_range.json").read_text())["environment"]["cpu_threads"] >= 1
