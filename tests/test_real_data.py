@@ -65,8 +65,10 @@ def test_each_method_owns_its_default_alpha():
     alpha = {m: make_settings(m).resolved().alpha for m in fastdelta.METHODS}
     # l2_fe and l2 have no alpha (weight_decay is theirs)
     assert alpha == {"l2_fe": None, "l2": None, "l2_sp": 0.01, "l2_sp_att": 0.01, "delta_no_att": 1e-4, "delta": 1e-4}
-    # the paper's per-image forms are ~B c / (2 h w) times smaller: there the paper's fixed 0.01
+    # the paper's per-image forms are ~B c / (2 h w) times smaller: DELTA's eq. 8 takes the paper's 0.01,
+    # DELTA w/o ATT's eq. 5 (no attention weights summing to 1, about ten times larger) 1e-3
     assert make_settings("delta", recipe="paper").resolved().alpha == 0.01
-    assert make_settings("delta_no_att", recipe="paper").resolved().alpha == 0.01
+    assert make_settings("delta_no_att", recipe="paper").resolved().alpha == 1e-3
+    assert make_settings("delta_no_att", delta_no_att_scale="paper_eq5").resolved().alpha == 1e-3
     assert make_settings("delta", recipe="paper", delta_scale="public").resolved().alpha == 1e-4
     assert make_settings("delta", alpha=0.3).resolved().alpha == 0.3
