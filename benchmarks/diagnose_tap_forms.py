@@ -9,7 +9,8 @@ step -- for each `feature_map` form, and every `--every` iterations records, on 
 - for the rectified forms, the share of the term that no gradient can reduce: positions where the
   target's map is <= 0 (ReLU passes no gradient there) while the source's is > 0.
 
-Writes OUT/diagnosis.json (rows appended as measured) and OUT/diagnosis.png.
+Writes OUT/diagnosis.json (rows appended as measured), OUT/diagnosis.png and OUT/diagnosis.md (one
+row per run: the figures the tap-form READMEs quote; `--table-only` rewrites it from the JSON).
 
     python3 benchmarks/diagnose_tap_forms.py --out benchmarks/results/tap_forms_cpu_2026-11-27/diagnosis
 """
@@ -87,8 +88,12 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table-only", action="store_true", help="only rewrite OUT/diagnosis.md from OUT/diagnosis.json")
     a = p.parse_args(argv)
     out = Path(a.out)
+    if a.table_only:
+        write_table(out)
+        return
     out.mkdir(parents=True, exist_ok=True)
     train = few_shot_subset(*load_fashion_mnist("train"), a.per_class, 0)
     x_te, y_te = load_fashion_mnist("test")
@@ -125,6 +130,34 @@ def main(argv=None):
                 {"command": " ".join(sys.argv), "environment": environment(), "alpha": a.alpha,
                  "iterations": a.iterations, "test_images": a.test_images, "rows": rows}, indent=1))
     plot(out, rows)
+    write_table(out)
+
+
+TABLE_HEAD = ("| method | form | top-1 | term, start -> end | cos(grad CE, grad term) at step 0 | grad term / grad CE: "
+              "start / middle / end | training CE at the end | unreducible share of the last layer's term: start / "
+              "end | the last layer's share of the term: start / end | largest single channel's share of the term: "
+              "start / end |\n" + "|---" * 10 + "|")
+
+
+def table_row(row: dict) -> str:
+    """One run's line: the trace's first, middle and last probes; the last regularised layer (conv_head on
+    EfficientNet-Lite0) for the shares, the largest single channel over every layer."""
+    tr = row["trace"]
+    first, mid, last = tr[0], tr[len(tr) // 2], tr[-1]
+    head = list(first["layers"])[-1]
+    ratio = lambda t: t["grad_term"] / max(t["grad_ce"], 1e-12)
+    top = lambda t: max(v["top_channel_share"] for v in t["layers"].values())
+    return (f"| {row['method']} | {row['feature_map']} | {row['test_top1_first_images']:.2f} | "
+            f"{first['term']:.1f} -> {last['term']:.1f} | {first['cosine']:+.2f} | "
+            f"{ratio(first):.2f} / {ratio(mid):.2f} / {ratio(last):.2f} | {last['ce']:.2f} | "
+            f"{first['layers'][head]['unreducible_share']:.2f} / {last['layers'][head]['unreducible_share']:.2f} | "
+            f"{first['layers'][head]['share']:.2f} / {last['layers'][head]['share']:.2f} | "
+            f"{top(first):.3f} / {top(last):.3f} |")
+
+
+def write_table(out: Path) -> None:
+    rows = json.loads((out / "diagnosis.json").read_text())["rows"]
+    atomic_write_text(out / "diagnosis.md", "\n".join([TABLE_HEAD] + [table_row(r) for r in rows]) + "\n")
 
 
 def plot(out: Path, rows) -> None:

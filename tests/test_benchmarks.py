@@ -325,3 +325,18 @@ def test_alpha_range_summary_keeps_the_environment_that_measured_the_rows(tmp_pa
     (tmp_path / "alpha_range.json").unlink()  # nothing recorded: the summary names its own process
     mod.main(args)
     assert json.loads((tmp_path / "alpha_range.json").read_text())["environment"]["cpu_threads"] >= 1
+
+
+def test_diagnosis_table_gives_the_figures_the_tap_form_readme_quotes(tmp_path):
+    """`diagnose_tap_forms.py --table-only` rewrites diagnosis.md from a committed diagnosis.json; its
+    ReLU-of-pre-BN row is the one the 2026-11-27 tap-form README quotes (the collapse's evidence)."""
+    import shutil
+    committed = os.path.join(ROOT, "benchmarks", "results", "tap_forms_cpu_2026-11-27", "diagnosis", "diagnosis.json")
+    shutil.copy(committed, tmp_path / "diagnosis.json")
+    load("diagnose_tap_forms").main(["--out", str(tmp_path), "--table-only"])
+    lines = (tmp_path / "diagnosis.md").read_text().splitlines()
+    assert len(lines) == 2 + 6
+    assert "| delta | relu_conv | 70.35 | 21.8 -> 4.9 | -0.24 | 1.50 / 0.58 / 3.61 | 0.77 | 0.57 / 0.44 | " \
+           "0.99 / 0.95 | 0.018 / 0.011 |" in lines
+    readme = open(os.path.join(ROOT, "benchmarks", "results", "tap_forms_cpu_2026-11-27", "README.md")).read()
+    assert "| DELTA | relu_conv | 70.35 | 21.8 -> 4.9 | -0.24 | 1.50 / 0.58 / **3.61** | **0.77** | 0.57 / 0.44 |" in readme
