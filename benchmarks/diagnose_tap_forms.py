@@ -145,11 +145,10 @@ def table_row(row: dict) -> str:
     tr = row["trace"]
     first, mid, last = tr[0], tr[len(tr) // 2], tr[-1]
     head = list(first["layers"])[-1]
-    ratio = lambda t: t["grad_term"] / max(t["grad_ce"], 1e-12)
     top = lambda t: max(v["top_channel_share"] for v in t["layers"].values())
     return (f"| {row['method']} | {row['feature_map']} | {row['test_top1_first_images']:.2f} | "
             f"{first['term']:.1f} -> {last['term']:.1f} | {first['cosine']:+.2f} | "
-            f"{ratio(first):.2f} / {ratio(mid):.2f} / {ratio(last):.2f} | {last['ce']:.2f} | "
+            f"{grad_ratio(first):.2f} / {grad_ratio(mid):.2f} / {grad_ratio(last):.2f} | {last['ce']:.2f} | "
             f"{first['layers'][head]['unreducible_share']:.2f} / {last['layers'][head]['unreducible_share']:.2f} | "
             f"{first['layers'][head]['share']:.2f} / {last['layers'][head]['share']:.2f} | "
             f"{top(first):.3f} / {top(last):.3f} |")
@@ -158,6 +157,11 @@ def table_row(row: dict) -> str:
 def write_table(out: Path) -> None:
     rows = json.loads((out / "diagnosis.json").read_text())["rows"]
     atomic_write_text(out / "diagnosis.md", "\n".join([TABLE_HEAD] + [table_row(r) for r in rows]) + "\n")
+
+
+def grad_ratio(probe: dict) -> float:
+    """|grad of alpha*term| / |grad of CE| on the backbone at one probe."""
+    return probe["grad_term"] / max(probe["grad_ce"], 1e-12)
 
 
 def plot(out: Path, rows) -> None:
@@ -169,7 +173,7 @@ def plot(out: Path, rows) -> None:
         it = [t["iteration"] for t in r["trace"]]
         name = f"{r['method']} {r['feature_map']} ({r['test_top1_first_images']:.1f}%)"
         ls = "-" if r["method"] == "delta" else "--"
-        axes[0].plot(it, [t["grad_term"] / max(t["grad_ce"], 1e-12) for t in r["trace"]], ls, label=name)
+        axes[0].plot(it, [grad_ratio(t) for t in r["trace"]], ls, label=name)
         axes[1].plot(it, [t["cosine"] for t in r["trace"]], ls, label=name)
         axes[2].plot(it, [t["ce"] for t in r["trace"]], ls, label=name)
     axes[0].set_yscale("log")
