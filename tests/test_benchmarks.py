@@ -340,3 +340,21 @@ def test_diagnosis_table_gives_the_figures_the_tap_form_readme_quotes(tmp_path):
            "0.99 / 0.95 | 0.018 / 0.011 |" in lines
     readme = open(os.path.join(ROOT, "benchmarks", "results", "tap_forms_cpu_2026-11-27", "README.md")).read()
     assert "| DELTA | relu_conv | 70.35 | 21.8 -> 4.9 | -0.24 | 1.50 / 0.58 / **3.61** | **0.77** | 0.57 / 0.44 |" in readme
+
+
+def test_paired_rows_pairs_any_two_row_sets_by_seed_with_the_reports_rule():
+    """paired_rows.py gives the committed paired figures from their rows: a row log with seeds, one
+    log per `seedN` folder, and a comparison's report."""
+    mod = load("paired_rows")
+    res = os.path.join(ROOT, "benchmarks", "results")
+    forms = os.path.join(res, "tap_forms_cpu_2026-12-05", "runs.jsonl")
+    assert mod.main(["--a", forms, "--a-where", "method=delta", "feature_map=activation",
+                     "--b", forms, "--b-where", "method=l2"]) == "+1.17 ± 0.50 (+0.67, +1.67, +1.16): holds (seeds [0, 1, 2])"
+    taps = [os.path.join(res, "alpha_range_cpu_2026-12-05", "taps_check", f"seed{s}", "runs.jsonl") for s in range(3)]
+    assert mod.main(["--a", *taps, "--a-where", "variant=taps_without_conv_head", "--b", *taps,
+                     "--b-where", "variant=public"]) == "+1.55 ± 1.53 (+2.37, -0.21, +2.49): holds (seeds [0, 1, 2])"
+    fold5 = os.path.join(res, "reproduction_fashion_mnist_public_64px_5fold_2026-12-06", "per_class_30")
+    assert mod.main(["--a", fold5, "--a-where", "method=l2_sp_att", "--b", fold5, "--b-where", "method=l2"]) \
+        == "+0.77 ± 0.85 (+1.57, +0.85, -0.12): not decided (seeds [0, 1, 2])"
+    with pytest.raises(SystemExit):  # every delta row of seed 0 matches: ambiguous, refused
+        mod.main(["--a", forms, "--a-where", "method=delta", "--b", forms, "--b-where", "method=l2"])
