@@ -105,5 +105,18 @@ class ChannelAttention:
 
     @classmethod
     def load(cls, path, layers=None, temperature=None) -> "ChannelAttention":
-        with open(path) as f:
-            return cls.from_dict(json.load(f), layers, temperature)
+        """From a JSON file (ours or the public layout); anything else is a ValueError naming the file."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"attention file {path} is not a JSON text file (byte {e.start} is not UTF-8): "
+                             "give the channel_attention.json a run or `fastdelta attention` wrote") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"attention file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        try:
+            return cls.from_dict(data, layers, temperature)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"attention file {path} does not hold channel attention "
+                             f"({type(e).__name__}: {e}): expected {{'layers': [...], 'raw': {{layer: [...]}}}} "
+                             "or one list of loss increases per layer") from None

@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..safe_load import UnsafeFileError, load_tensors, unpickler_reason
 from .pretrained import LITE0_ARCH, lite0_state_dict_for
 
 # Regularised layers of the public code (github.com/lixingjian/DELTA) and, for EfficientNet-Lite0 (the
@@ -174,30 +175,21 @@ def check_finite(state: dict, owner: str) -> None:
 
 
 def _read_weights(path: Path):
-    """torch.load of a weights file, with errors that say what is wrong with the file."""
+    """The tensors of a weights file (read without running code from it), with errors that say what
+    is wrong with the file."""
     if not path.is_file():
         raise ModelError(f"weights file {str(path)!r} does not exist")
     if path.stat().st_size == 0:  # torch.load's EOFError for this has an empty message
         raise ModelError(f"weights file {str(path)!r} is empty (0 bytes)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors(path, f"weights file {str(path)!r}")
+    except UnsafeFileError as e:
+        raise ModelError(f"{e}; save only the state dict (torch.save(model.state_dict(), path)) and pass that") from e
     except OSError as e:
         raise ModelError(f"weights file {str(path)!r} could not be read: {e}") from e
     except Exception as e:
         raise ModelError(f"weights file {str(path)!r} is not a PyTorch state dict "
-                         f"(torch.load failed: {_load_error_summary(e)})") from e
-
-
-def _load_error_summary(e: Exception) -> str:
-    """The line of a torch.load error that names the problem. Its weights_only errors open with
-    generic advice to retry with weights_only=False, which is wrong for a file that is not a
-    checkpoint at all; the unpickler's own reason follows a 'WeightsUnpickler error:' marker."""
-    text = str(e)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+                         f"(torch.load failed: {unpickler_reason(e)})") from e
 
 
 def new_head(old: nn.Linear, num_classes: int) -> nn.Linear:

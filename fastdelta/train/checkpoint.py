@@ -2,7 +2,13 @@
 
 File layout: MAGIC (8 bytes) | sha256 of the payload (32 bytes) | payload (torch.save bytes).
 A torn write (truncated file) or a flipped byte fails the checksum, and `load_latest` falls
-back to the previous checkpoint with a warning. Files are written atomically (temp + fsync +
+back to the previous checkpoint with a warning.
+
+Reading never runs code from the file: the payload holds only tensors, numbers, strings, lists,
+tuples and dicts (the numpy RNG state is stored as a list of ints), and it is read with torch's
+allow-list unpickler (`weights_only=True`). The checksum is no defence here (anyone who can write the
+file can write a matching digest); the allow-list is. A file that names any other global is refused
+as unsafe, never fallen back from silently. Files are written atomically (temp + fsync +
 rename + fsync of the folder); a failed write leaves no temp file and is an OutputError that names
 the checkpoint the run can be resumed from.
 """
@@ -23,8 +29,11 @@ import torch
 import torch.nn as nn
 
 from ..output_files import OutputError, atomic_write, reason
+from ..safe_load import UnsafeFileError, load_tensors
 
-MAGIC = b"FDCKPT01"
+MAGIC = b"FDCKPT02"
+# written before the numpy RNG state was stored as ints; read with the numpy array globals allowed
+LEGACY_MAGIC = b"FDCKPT01"
 KEEP = 2
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -33,8 +42,15 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable, corrupt, or belongs to a different run."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose payload asks the unpickler for a global outside the allow-list: a crafted
+    file (or one no fastdelta wrote). Refused outright rather than skipped for an older one."""
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))  # no ndarray: nothing to unpickle
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -42,7 +58,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -138,12 +155,31 @@ def _fsync_dir(directory: Path) -> None:
 
 def read_checkpoint(path) -> dict:
     raw = Path(path).read_bytes()
-    if len(raw) < len(MAGIC) + 32 or not raw.startswith(MAGIC):
+    magic = raw[:len(MAGIC)]
+    if len(raw) < len(MAGIC) + 32 or magic not in (MAGIC, LEGACY_MAGIC):
         raise CheckpointError(f"checkpoint {path} is truncated or not a fastdelta checkpoint")
     digest, data = raw[len(MAGIC):len(MAGIC) + 32], raw[len(MAGIC) + 32:]
     if hashlib.sha256(data).digest() != digest:
         raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch)")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    allowed = _LEGACY_NUMPY_GLOBALS if magic == LEGACY_MAGIC else []
+    try:
+        return load_tensors(data, f"checkpoint {path}", allowed)
+    except UnsafeFileError as e:
+        raise UnsafeCheckpointError(
+            f"{e}; fastdelta never writes such a file. Do not resume from this folder: start the run anew "
+            "(fastdelta fit ... --overwrite), or resume from a copy of the run you trust") from e
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
+
+
+def _legacy_numpy_globals() -> list:
+    """What an FDCKPT01 file's numpy RNG state (a uint32 array) needs: the array's reconstructor, its
+    type and its dtype, nothing that can call anything else."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+_LEGACY_NUMPY_GLOBALS = _legacy_numpy_globals()
 
 
 def load_latest(directory) -> Optional[dict]:
@@ -152,6 +188,8 @@ def load_latest(directory) -> Optional[dict]:
     for path in reversed(files):
         try:
             return read_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as e:
             warnings.warn(f"fastdelta: {e}; trying the previous checkpoint", UserWarning, stacklevel=2)
     if files:
