@@ -12,6 +12,7 @@ from ...data.inputs import fingerprint_of
 from ...fitting import fit
 from ...methods import METHODS
 from ...settings import LEGACY_VALUES, make_settings
+from ...result import HISTORY_FILES, load_history
 from ...train.loop import NonFiniteLossError
 from .evaluation import fast_top1
 
@@ -108,7 +109,8 @@ ANALYSIS_DEVICE = "cpu"  # write_analysis measures the CPU copy of the trained m
 
 
 class ReusedRun:
-    """A final run an interrupted comparison finished: its result.json and history.jsonl, read back."""
+    """A final run an interrupted comparison finished: its result.json and history, read back (the
+    whole history.jsonl, or the sampled rows a committed result keeps)."""
 
     def __init__(self, saved: dict, history: list):
         self.status, self.test, self.history = saved["status"], saved.get("test") or {}, history
@@ -130,10 +132,10 @@ def reused_final(runner: "Runner", name: str, method: str, digests: tuple, final
     the same final test set), with its analysis for a seed-0 run; else None (it is fitted again)."""
     saved = runner.finished(name, method, digests, **overrides)
     folder = runner.out / "runs" / name
-    if saved is None or not (folder / "history.jsonl").is_file() or (analysed and not (folder / ANALYSIS_FILE).is_file()):
+    if saved is None or not any((folder / f).is_file() for f in HISTORY_FILES) or \
+            (analysed and not (folder / ANALYSIS_FILE).is_file()):
         return None
     if final_test is not None and saved["status"] == "ok" and \
             (saved.get("test") or {}).get("fingerprint") != runner.fingerprint(final_test):
         return None
-    history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines() if line.strip()]
-    return ReusedRun(saved, history)
+    return ReusedRun(saved, load_history(folder))
