@@ -66,6 +66,31 @@ MUTANTS = [
     Mutant("attention_sample_first_images", "fastdelta/attention/measure.py",
            "return torch.randperm(total, generator=g)[:n].tolist()", "return list(range(n))",
            ["tests/test_attention_wiring.py::test_attention_sample_is_seeded_the_same_everywhere_and_all_means_all"]),
+    # the attention cache: keyed on the head's training data, not only on the images the ablation samples
+    Mutant("cache_key_without_head_data", "fastdelta/attention/measure.py",
+           "key = attention_key(nets.target, head_data_digest(data.train), batches,",
+           'key = attention_key(nets.target, "", batches,',
+           ["tests/test_attention_wiring.py::"
+            "test_two_training_sets_that_share_only_the_measured_images_share_no_cache_entry[arrays]"]),
+    Mutant("cache_trusts_label_fingerprint", "fastdelta/attention/cache.py",
+           "inner = dataset.dataset if isinstance(dataset, UserDatasetAdapter) else dataset", "inner = dataset",
+           ["tests/test_attention_wiring.py::"
+            "test_two_training_sets_that_share_only_the_measured_images_share_no_cache_entry[dataset]"]),
+    # the search: each fold's attention from its fit part only (the validation images would leak)
+    Mutant("search_attention_on_whole_train", "fastdelta/apps/compare/search.py",
+           "runner.attention(fit_part, seed) if uses_attention", "runner.attention(train, seed) if uses_attention",
+           ["tests/test_compare.py::test_each_folds_attention_sees_only_that_folds_training_part[3]"]),
+    # the DELTA term's gradient reaches the target network
+    Mutant("delta_target_maps_detached", "fastdelta/methods/delta_term.py",
+           "total = feature_map_term(target_feats, source_feats,",
+           "total = feature_map_term([f.detach() for f in target_feats], source_feats,",
+           ["tests/test_regularizers.py::"
+            "test_delta_term_gradient_reaches_the_target_and_matches_float64_autograd[delta]"]),
+    # Algorithm 1: removing a channel that matters raises the loss (the closed form, the default on ResNets)
+    Mutant("loss_increase_sign_flipped", "fastdelta/attention/loss_increase.py",
+           "increase = per_sample_loss(head(masked.flatten(0, 1)), y.repeat(k)).view(k, b) - base",
+           "increase = base - per_sample_loss(head(masked.flatten(0, 1)), y.repeat(k)).view(k, b)",
+           ["tests/test_attention.py::test_removing_the_channel_that_decides_increases_the_loss[prefix]"]),
     # recipes
     Mutant("public_recipe_activation_maps", "fastdelta/settings.py", '"public": dict(feature_map="conv",',
            '"public": dict(feature_map="activation",',

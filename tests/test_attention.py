@@ -1,5 +1,6 @@
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -114,3 +115,49 @@ def test_paper_normalisation_is_a_softmax_of_the_summed_increases():
     assert not torch.allclose(normalize_attention(raw, 5.0).double(), want, atol=1e-3)
     with pytest.raises(ValueError, match="normalisation"):
         normalize_attention(raw, 5.0, "zscore")
+
+
+def one_channel_decides(channel=3):
+    """A tiny net whose logits read only conv2's channel `channel` (BN identity there, so zeroing the
+    conv output zeroes the pooled feature), with every label the class that channel votes for."""
+    model = tiny_net().eval()
+    with torch.no_grad():
+        model.bn2.running_mean[channel], model.bn2.running_var[channel] = 0.0, 1.0
+        model.bn2.weight[channel], model.bn2.bias[channel] = 1.0, 0.0
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+        model.fc.weight[0, channel] = 10.0
+    batches = [(x, torch.zeros_like(y)) for x, y in make_batches()]
+    return model, batches
+
+
+@pytest.mark.parametrize("impl", ["prefix", "masked_forward", "first_order"])
+def test_removing_the_channel_that_decides_increases_the_loss(impl):
+    """Algorithm 1's sign on every path (the closed form, the literal forward, the Taylor estimate):
+    without the one channel the classifier reads the loss goes up; channels it ignores change nothing."""
+    channel = 3
+    model, batches = one_channel_decides(channel)
+    raws, ran, _ = channel_loss_increase(model, ["conv2"], batches, impl, False)
+    assert ran["conv2"] == {"prefix": "closed_form"}.get(impl, impl)
+    raw = raws[0]
+    pooled = [pooled_features(model, x)[:, channel] for x, _ in batches]
+    assert all((p > 0).all() for p in pooled)  # the channel is active on every image
+    assert raw[channel] > 0.1
+    others = torch.cat([raw[:channel], raw[channel + 1:]])
+    assert others.abs().max() < 1e-6 * raw[channel]
+    if impl != "first_order":  # exact: per image, the loss without the channel (log 5) less the loss with it
+        want = 0.0
+        for p, (_, y) in zip(pooled, batches):
+            logits = torch.zeros(len(y), 5)
+            logits[:, 0] = 10 * p
+            want += float((math.log(5) - F.cross_entropy(logits, y, reduction="none")).sum())
+        assert float(raw[channel]) == pytest.approx(want, rel=1e-4)
+
+
+def pooled_features(model, x):
+    out = {}
+    handle = model.pool.register_forward_hook(lambda m, i, o: out.__setitem__("f", o.flatten(1)))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return out["f"]

@@ -112,3 +112,36 @@ def test_fit_normalises_a_precomputed_attention_with_its_own_settings():
     assert res.attention.temperature == 0.5 and res.settings["attention_temperature"] == 0.5
     for used, want in zip(res.attention.weights, att.normalised(0.5, "zscore_softmax").weights):
         assert torch.equal(used, want)
+
+
+class _PlainTensors(torch.utils.data.Dataset):
+    """A torch Dataset with no fingerprint() of its own: the cache must read its images."""
+
+    def __init__(self, x, y):
+        self.x, self.targets = torch.as_tensor(x).permute(0, 3, 1, 2).float() / 255, [int(v) for v in y]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.x[i], self.targets[i]
+
+
+@pytest.mark.parametrize("form", ["arrays", "dataset"])
+def test_two_training_sets_that_share_only_the_measured_images_share_no_cache_entry(form, tmp_path):
+    """The head trains on the whole set, the ablation sees a sample: a second set of the same size and
+    labels with the same sampled images but other images elsewhere gets its own attention."""
+    kw = dict(SMALL, attention_max_images=4, seed=2, attention_cache=str(tmp_path))
+    x, y = arrays(4, 3)
+    sampled = attention_indices(len(x), 4, "random", kw["seed"])
+    other = np.random.default_rng(5).integers(0, 256, x.shape, dtype=np.uint8)
+    other[sampled] = x[sampled]  # the same measured images, other images elsewhere
+    wrap = (lambda a: (a, y)) if form == "arrays" else (lambda a: _PlainTensors(a, y))
+    first = fastdelta.compute_attention(tiny_net(num_classes=3), wrap(x), **kw)
+    second = fastdelta.compute_attention(tiny_net(num_classes=3), wrap(other), **kw)
+    assert "cache_hit" not in second.timings and len(list(tmp_path.iterdir())) == 2
+    fresh = fastdelta.compute_attention(tiny_net(num_classes=3), wrap(other), **{**kw, "attention_cache": None})
+    assert all(torch.equal(a, b) for a, b in zip(second.raw, fresh.raw))
+    assert any(not torch.equal(a, b) for a, b in zip(first.raw, second.raw))  # else the case tests nothing
+    again = fastdelta.compute_attention(tiny_net(num_classes=3), wrap(other), **kw)
+    assert again.timings.get("cache_hit") is True  # a hit is still a hit

@@ -164,6 +164,57 @@ def test_cross_validated_search_scores_the_mean_over_folds(tmp_path, monkeypatch
     assert "3-fold cross-validation" in (tmp_path / "report.md").read_text()
 
 
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+
+@pytest.mark.parametrize("folds", [1, 3])
+def test_each_folds_attention_sees_only_that_folds_training_part(folds, tmp_path, monkeypatch):
+    """The attention a search fit uses (its head's training set and the pool its ablation samples) is
+    measured on that fold's fit part alone: the fold's validation images never reach it."""
+    import dataclasses
+    import fastdelta.attention.measure as measure_module
+    from fastdelta.apps.compare import runs
+    from fastdelta.apps.compare.search import run_search
+    from fastdelta.settings import make_settings
+    x, y = arrays(n_per_class=6)
+    index = {img.tobytes(): i for i, img in enumerate(x)}
+    assert len(index) == len(x)  # every image identifies its index
+
+    def indices(images):
+        return sorted(index[img.tobytes()] for img in images)
+
+    measured, fits = {}, []  # id(attention) -> {what: indices}; each search fit's parts and attention
+    real_measure, real_fit = measure_module.measure_attention, runs.Runner.fit
+
+    def spy_measure(nets, data, *args, **kwargs):
+        att = real_measure(nets, data, *args, **kwargs)
+        measured[id(att)] = {"head": indices(data.train.images), "ablation pool": indices(data.train_eval.images)}
+        return att
+
+    def spy_fit(self, name, train, test, method, **overrides):
+        fits.append((name, indices(train[0]), indices(test[0]), id(overrides.get("attention"))))
+        return real_fit(self, name, train, test, method, **overrides)
+    monkeypatch.setattr(measure_module, "measure_attention", spy_measure)
+    monkeypatch.setattr(runs.Runner, "fit", spy_fit)
+    base = {**QUICK, "progress": False, "attention_cache": None}
+    runner = runs.Runner(tiny_net(), None, base, tmp_path, print)
+    cs = dataclasses.replace(SETTINGS, methods=["delta"], alpha_grid=(0.1,), folds=folds)
+    run_search(cs, runner, (x, y), ["delta"], make_settings(**base), 0, _NoBar())
+    assert len(fits) == folds and len(measured) == folds
+    validated = sorted(i for _, _, val, _ in fits for i in val)
+    if folds > 1:
+        assert validated == list(range(len(x)))  # the folds partition the training set
+    for name, fit_part, val_part, att in fits:
+        assert not set(fit_part) & set(val_part) and len(fit_part) + len(val_part) == len(x), name
+        for what, seen in measured[att].items():
+            assert seen == fit_part, f"{name}: the attention's {what} is not the fold's fit part"
+
+
 def test_bad_settings_fail_before_any_run(tmp_path):
     data = arrays()
     with pytest.raises(SettingsError, match="methods"):

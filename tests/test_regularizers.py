@@ -32,6 +32,11 @@ TAPPED = {"conv": {l: l for l in TINY_LAYERS}, "relu_conv": {l: l for l in TINY_
 def reference_terms(method, source, target, x, weights, feature_map="conv", no_att_scale="sum"):
     """Float64, from the formulas (the paper's eq. 6-8 as scaled by its public code), on float64 copies."""
     s64, t64 = copy.deepcopy(source).double(), copy.deepcopy(target).double()
+    return reference_terms_of(method, s64, t64, x, weights, feature_map, no_att_scale)
+
+
+def reference_terms_of(method, s64, t64, x, weights, feature_map="conv", no_att_scale="sum"):
+    """reference_terms on given float64 networks (autograd reaches t64's parameters)."""
     shared = {n: p for n, p in t64.named_parameters() if not n.startswith("fc.")}
     src = dict(s64.named_parameters())
     head = sum(p.pow(2).sum() for n, p in t64.named_parameters() if n.startswith("fc."))
@@ -221,3 +226,27 @@ def test_paper_source_energy_is_per_image_too():
     reg.layer_scale = [1.0 / e for e in energy]
     zeros = [torch.zeros_like(f) for f in s_feats]
     assert float(reg.terms(zeros, s_feats).reg) == pytest.approx(len(TINY_LAYERS), rel=1e-5)  # a batch mean: 1 a layer
+
+
+@pytest.mark.parametrize("method", ["delta", "delta_no_att"])
+def test_delta_term_gradient_reaches_the_target_and_matches_float64_autograd(method):
+    """The feature-map term pulls the target's backbone: its gradient wrt every regularised layer's
+    weights is nonzero and equals autograd of the float64 formula (a detached target map gives zero)."""
+    torch.manual_seed(6)
+    source, target = nets()
+    x = torch.randn(4, 3, 12, 12)
+    weights = [torch.softmax(torch.randn(8), 0), torch.softmax(torch.randn(16), 0)]
+    reg = make_method(method, target, source, "fc", TINY_LAYERS, weights if method == "delta" else None,
+                      alpha=ALPHA, beta=0.0, weight_decay=0.0)
+    names = [f"{l}.weight" for l in TINY_LAYERS] + ["conv1.weight"]  # the taps and a layer before them
+    params = dict(target.named_parameters())
+    term = regularizer_terms(reg, source, target, x).reg
+    assert term.requires_grad, "the term is cut off from the target network"
+    grads = torch.autograd.grad(term, [params[n] for n in names])
+    s64, t64 = copy.deepcopy(source).double(), copy.deepcopy(target).double()
+    ref_reg, _ = reference_terms_of(method, s64, t64, x, weights)
+    params64 = dict(t64.named_parameters())
+    refs = torch.autograd.grad(ref_reg, [params64[n] for n in names])
+    for name, g, ref in zip(names, grads, refs):
+        assert ref.abs().max() > 1e-6, name  # a zero reference would make the comparison vacuous
+        assert torch.allclose(g.double(), ref, rtol=1e-4, atol=1e-6 * ref.abs().max()), name

@@ -1,6 +1,7 @@
 """On-disk cache of channel attention, keyed by what determines it: the network's weights (source
-+ the seeded new head), the exact images and labels the ablation sees, and the settings of head
-training and ablation. A second fit on the same inputs reads the file instead of recomputing."""
++ the seeded new head), the data the head trains on, the exact images and labels the ablation sees,
+and the settings of head training and ablation. A second fit on the same inputs reads the file instead
+of recomputing."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+from PIL import Image
 
+from ..data.inputs import UserDatasetAdapter, _unpack_item
 from .weights import ChannelAttention
 
 # settings that change the attention (alpha, beta, iterations of the main fit do not)
@@ -29,16 +32,46 @@ def cache_dir(setting: Optional[str]) -> Optional[Path]:
 
 
 def _update(h, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    h.update(str((t.dtype, t.numel())).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes())
+    t = t.detach().cpu().contiguous()
+    h.update(str((t.dtype, tuple(t.shape))).encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def attention_key(model: nn.Module, batches: Sequence, settings: dict) -> str:
+def head_data_digest(dataset) -> str:
+    """A digest of the data the attention head trains on. A dataset's own fingerprint covers its
+    contents (arrays: their bytes; image folders: each file's size and mtime) and is computed once per
+    dataset; a plain torch Dataset's fallback fingerprint sees only its labels, so its items are read
+    here instead: one pass, cheap beside the head's epochs over the same images."""
+    inner = dataset.dataset if isinstance(dataset, UserDatasetAdapter) else dataset
+    if callable(getattr(inner, "fingerprint", None)):
+        return inner.fingerprint()["sha256"]
+    h = hashlib.sha256(f"{type(inner).__qualname__}\0{len(inner)}\0".encode())
+    for i in range(len(inner)):
+        img, label = _unpack_item(inner[i], "train", i)
+        _update_image(h, img)
+        # the label as given: a bad one is the adapter's to report, when the head reads it
+        h.update(f"\0{label.tolist() if hasattr(label, 'tolist') else label!r}\n".encode())
+    return h.hexdigest()
+
+
+def _update_image(h, img) -> None:
+    if isinstance(img, Image.Image):
+        h.update(f"{img.mode}{img.size}".encode())
+        h.update(img.tobytes())
+    elif isinstance(img, torch.Tensor):
+        _update(h, img)
+    else:  # the adapter refuses other items before the head trains; the key need only differ
+        h.update(repr(img).encode())
+
+
+def attention_key(model: nn.Module, head_data: str, batches: Sequence, settings: dict) -> str:
+    """`head_data`: head_data_digest of the head's training set (the sampled images alone do not
+    determine the head, so two sets that share them must not share an entry)."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
         _update(h, t)
+    h.update(f"head data {head_data}\0".encode())
     for x, y in batches:
         _update(h, x)
         _update(h, y)

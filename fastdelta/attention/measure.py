@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from typing import Union
 
 import numpy as np
@@ -21,7 +22,7 @@ from ..run_setup import prepare_run, run_context, shard
 from ..settings import FitSettings, SettingsError, make_settings
 from ..train.distributed import DistContext
 from ..train.loop import TrainSpec, make_loader, train_loop
-from .cache import attention_key, cache_dir, load_cached, store
+from .cache import attention_key, cache_dir, head_data_digest, load_cached, store
 from .loss_increase import channel_loss_increase
 from .weights import ChannelAttention
 
@@ -54,8 +55,9 @@ def measure_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
                       log=print) -> ChannelAttention:
     """Algorithm 1 on a copy of the target: train the L2-FE head (identically on every rank), then
     sum each channel's loss increase over the images (split across ranks, sums all-reduced).
-    A result cached for the same weights, images and settings is read instead (single process); the
-    loss increases are what is measured and cached, W is normalised by this run's settings."""
+    A result cached for the same weights, head training data, images and settings is read instead
+    (single process); the loss increases are what is measured and cached, W is normalised by this run's
+    settings."""
     t0 = time.perf_counter()
     indices = attention_indices(len(data.train_eval), s.attention_max_images, s.attention_sample, s.seed)
     n = len(indices)
@@ -66,9 +68,12 @@ def measure_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
     cache = None if ctx.active else cache_dir(s.attention_cache)
     key = None
     if cache is not None:
-        key = attention_key(nets.target, batches, {**s.to_dict(), "layers": nets.layers,
-                                                   "num_classes": len(data.classes)})
-        cached = load_cached(cache, key)
+        key = attention_key(nets.target, head_data_digest(data.train), batches,
+                            {**s.to_dict(), "layers": nets.layers, "num_classes": len(data.classes)})
+        try:
+            cached = load_cached(cache, key)
+        except OSError:  # a cache folder that cannot be read (no permission): as a miss; storing then warns
+            cached = None
         if cached is not None:
             cached.timings = {**cached.timings, "cache_hit": True, "total": round(time.perf_counter() - t0, 3)}
             return cached.normalised(s.attention_temperature, s.attention_normalisation)
@@ -95,8 +100,22 @@ def measure_attention(nets: Networks, data, s: FitSettings, device, ctx: DistCon
                            torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
                            s.attention_normalisation, _sample_record(data, indices, s.attention_sample))
     if key is not None:
-        store(cache, key, att)
+        _store_or_warn(cache, key, att)
     return att
+
+
+def _store_or_warn(cache, key: str, att: ChannelAttention) -> None:
+    """The attention stored in the cache; a cache folder that cannot take it (read-only, full, not a
+    folder) costs only the cache: the run goes on with the attention it computed, and a warning says so."""
+    from ..output_files import reason
+    try:
+        store(cache, key, att)
+    except OSError as e:
+        att.cache_failed = True  # the cache does not hold this run's attention (what a stop reports)
+        warnings.warn(f"fastdelta: could not store the channel attention in the cache folder {cache} "
+                      f"({reason(e)}); going on without the cache (the next run computes it again): free that "
+                      "folder, point FASTDELTA_CACHE or --attention-cache at a writable one, or pass "
+                      "--attention-cache off (attention_cache=None)", UserWarning, stacklevel=3)
 
 
 def load_attention(given, nets: Networks, s: FitSettings) -> ChannelAttention:
