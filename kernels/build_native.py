@@ -1,13 +1,13 @@
-"""Compile the native CPU kernel now instead of at its first use.
+"""Build the native CPU kernel now instead of at its first use.
 
     python3 kernels/build_native.py [--quiet] [--force] [--out-dir DIR]
 
-The work is fastdelta.kernels.native.build_library, the same function the first use runs: it compiles
-fastdelta/kernels/csrc/fm_distance.cpp against the torch importable here into the cache
-($FASTDELTA_CACHE/native/<key>/, default ~/.cache/fastdelta/native/<key>/; --out-dir DIR: DIR/<key>/).
+The work is fastdelta.kernels.native.build_library, the same function the first use runs: CMake builds
+the top-level CMakeLists.txt (kernels/csrc/fm_distance.cpp) against the torch importable here into the
+cache ($FASTDELTA_CACHE/native/<key>/, default ~/.cache/fastdelta/native/<key>/; --out-dir DIR: DIR/<key>/).
 Loads native.py by path (imports torch, not fastdelta), so setup.py can run it before fastdelta is
 installed. Exit status 0 on success, 1 on a failed build (callers warn; the PyTorch reference path is
-used on CPU). Retries a compile that failed before.
+used on CPU). Retries a build that failed before.
 """
 import importlib.util
 import os

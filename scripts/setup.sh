@@ -17,4 +17,4 @@ fi
 python3 -m pip install -q -e ".[test]"
 # NVIDIA DALI (~200 MB wheel, about a minute): tests/test_dali.py runs its CPU pipelines; a failed install only skips them
 python3 -c "import nvidia.dali" 2>/dev/null || python3 -m pip install -q nvidia-dali-cuda130 || echo "DALI not installed: tests/test_dali.py will skip"
-python3 kernels/build_native.py --quiet || true  # native CPU kernel; a failed build warns, PyTorch path used
+python3 kernels/build_native.py --quiet || true  # native CPU kernel (CMakeLists.txt); a failed build warns, PyTorch path used

@@ -356,7 +356,8 @@ def test_failed_native_build_does_not_break_setup(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "native CPU kernel" in r.stderr and "not built" in r.stderr
     assert (tmp_path / "lib" / "fastdelta" / "kernels" / "dispatch.py").exists()
-    assert (tmp_path / "lib" / "fastdelta" / "kernels" / "csrc" / "fm_distance.cpp").exists()  # for the first use
+    # the CMake project travels with the package, for the first use's build
+    assert (tmp_path / "lib" / "fastdelta" / "kernels" / "_native_src" / "kernels" / "csrc" / "fm_distance.cpp").exists()
 
 
 # ---------------------------------------------------------------- Triton (CUDA, or the interpreter on CPU)

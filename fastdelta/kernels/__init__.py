@@ -6,8 +6,9 @@
 - ``op``: the torch custom ops fastdelta::fm_distance / fm_distance_backward with their fake and autograd
   registrations (torch.compile-able), and the plain PyTorch reference they are tested against.
 - ``triton_distance``: the Triton kernels (imported only when used).
-- ``native``: the C++/OpenMP CPU library from csrc/fm_distance.cpp, compiled on first use into a cache
-  keyed by torch version, Python ABI and source digest, then loaded.
+- ``native``: the C++/OpenMP CPU library from the top-level kernels/csrc/fm_distance.cpp, built by the
+  top-level CMakeLists.txt on first use into a cache keyed by torch version, Python ABI and source digest,
+  then loaded (kernels/README.md).
 """
 from .dispatch import IMPLS, fm_distance, resolve  # noqa: F401
 from .op import reference_distance  # noqa: F401  (importing op registers the custom ops)

@@ -1,18 +1,23 @@
-"""The native CPU kernel (csrc/fm_distance.cpp): compiled just in time, cached, loaded.
+"""The native CPU kernel (kernels/csrc/fm_distance.cpp): built with CMake just in time, cached, loaded.
 
-The library registers torch.ops.fastdelta_native.fm_distance_fwd / fm_distance_bwd. Its first use on a
-machine compiles it (one C++ file, under a minute) into a folder named by ``current_key()``: the torch
-version, the Python ABI and a digest of the source and compiler flags. So every install mode (editable
-or not) and every torch upgrade gets a matching library, and later processes only load it. Looked for in:
+The library registers torch.ops.fastdelta_native.fm_distance_fwd / fm_distance_bwd. The top-level
+CMakeLists.txt is its one build definition: setup.py, kernels/build_native.py and the first use all run
+``cmake -S <project> -B <build dir> -DCMAKE_PREFIX_PATH=<torch's> -G Ninja`` and ``cmake --build``. The
+project is the checkout (editable installs, tests), else the copy setup.py packages in ``_native_src/``.
+The first use on a machine builds (one C++ file, under a minute) into a folder named by ``current_key()``:
+the torch version, the Python ABI and a digest of CMakeLists.txt, the source and the CMake options. So
+every install mode (editable or not) and every torch upgrade gets a matching library, and later processes
+only load it. Looked for in:
 
 - ``$FASTDELTA_NATIVE_LIB``: that exact file, never built;
 - ``fastdelta/kernels/_native/<key>/``: prebuilt by setup.py (non-editable install with torch importable);
-- ``$FASTDELTA_CACHE/native/<key>/`` (default ``~/.cache/fastdelta/native/<key>/``): compiled on first use.
+- ``$FASTDELTA_CACHE/native/<key>/`` (default ``~/.cache/fastdelta/native/<key>/``): built on first use.
 
-``FASTDELTA_NATIVE=0`` turns the kernel off. No compiler, a failed build or a library that does not load
-warns once and leaves ``available()`` False (the reason in ``status()``); dispatch then uses the plain
-PyTorch reference path. Env: ``CXX`` (compiler command, default ``c++``), ``FASTDELTA_MARCH`` (-march on
-x86-64). ``kernels/build_native.py`` compiles ahead of the first use.
+``FASTDELTA_NATIVE=0`` turns the kernel off. No cmake, no compiler, a failed build or a library that does
+not load warns once and leaves ``available()`` False (the reason in ``status()``); dispatch then uses the
+plain PyTorch reference path. Env: ``CXX`` (compiler command, default: CMake's pick), ``FASTDELTA_MARCH``
+(-march on x86-64). cmake and ninja: on PATH or next to this Python (pip's). ``kernels/build_native.py``
+builds ahead of the first use.
 """
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -35,10 +39,25 @@ import torch
 
 LIB_NAME = "libfastdelta_native.so"
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "csrc", "fm_distance.cpp")
+PACKAGED_PROJECT = os.path.join(HERE, "_native_src")  # setup.py copies the CMake project here
 PREBUILT_ROOT = os.path.join(HERE, "_native")
 FAILED = "failed.json"
 _STATE = {"loaded": None, "reason": "not tried", "path": None}
+
+
+def project_root() -> str:
+    """The CMake project (CMakeLists.txt + kernels/csrc/): the checkout this package runs from, else the
+    copy a non-editable install carries."""
+    checkout = os.path.dirname(os.path.dirname(HERE))
+    if os.path.isfile(os.path.join(checkout, "CMakeLists.txt")) and \
+            os.path.isfile(os.path.join(checkout, "kernels", "csrc", "fm_distance.cpp")):
+        return checkout
+    return PACKAGED_PROJECT
+
+
+PROJECT = project_root()
+CMAKE_LISTS = os.path.join(PROJECT, "CMakeLists.txt")
+SOURCE = os.path.join(PROJECT, "kernels", "csrc", "fm_distance.cpp")
 
 
 class BuildError(RuntimeError):
@@ -57,17 +76,14 @@ def cache_root() -> str:
     return os.path.join(base, "native")
 
 
-def compile_flags() -> list[str]:
-    """Every flag but the paths; part of the key, since other flags make another library.
-
-    C++20: torch >= 2.10's headers need concepts. -fno-trapping-math lets GCC vectorise the ReLU selects
-    (without it ``x < 0 ? 0 : x`` stays a branch: ~18x slower on random signs, measured). x86-64-v2 is
-    portable and the loops are memory-bound (-march=native measured no faster)."""
-    flags = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-fno-trapping-math", "-Wall",
-             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        flags.append(f"-march={os.environ.get('FASTDELTA_MARCH') or 'x86-64-v2'}")
-    return flags
+def cmake_options() -> list[str]:
+    """The -D options that change the library beyond CMakeLists.txt; part of the key. The flags themselves
+    (-O3 -std=c++20 -fopenmp -fno-trapping-math -march=x86-64-v2 ...) are in CMakeLists.txt, which is
+    digested. An empty CMAKE_BUILD_TYPE adds no flags of its own (and overrides the environment's)."""
+    opts = ["-DCMAKE_BUILD_TYPE="]
+    if os.environ.get("FASTDELTA_MARCH"):
+        opts.append(f"-DFASTDELTA_MARCH={os.environ['FASTDELTA_MARCH']}")
+    return opts
 
 
 def source_digest(source: bytes, flags: list[str]) -> str:
@@ -84,9 +100,11 @@ def cache_key(torch_version: str, py_tag: str, digest: str) -> str:
 
 
 def current_key() -> str:
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    return cache_key(torch.__version__, python_tag(), source_digest(source, compile_flags()))
+    source = b""
+    for path in (CMAKE_LISTS, SOURCE):
+        with open(path, "rb") as f:
+            source += f.read() + b"\0"
+    return cache_key(torch.__version__, python_tag(), source_digest(source, cmake_options()))
 
 
 # ---------------------------------------------------------------- compiling
@@ -95,23 +113,36 @@ def _say(msg: str) -> None:
     print(f"fastdelta: {msg}", file=sys.stderr, flush=True)
 
 
+def tool(name: str) -> str | None:
+    """cmake or ninja: on PATH, else next to this Python (pip's, in a venv that is not activated)."""
+    return shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+
+
 def compiler() -> list[str]:
-    return shlex.split(os.environ.get("CXX") or "c++")
+    """$CXX, which CMake reads on the first configure of a build folder; [] leaves the pick to CMake."""
+    return shlex.split(os.environ.get("CXX", ""))
 
 
 def _compiler_id() -> str:
-    """The compiler command and its binary's mtime: a changed or upgraded compiler retries a failed build."""
+    """The compiler command, cmake, and their binaries' mtimes: a changed or upgraded toolchain retries a
+    failed build."""
+    def stamp(cmd: str) -> str:
+        exe = shutil.which(cmd)
+        return f"{cmd} @{os.stat(exe).st_mtime if exe else None}"
     cxx = compiler()
-    exe = shutil.which(cxx[0]) if cxx else None
-    return f"{shlex.join(cxx)} @{os.stat(exe).st_mtime if exe else None}"
+    return f"{shlex.join(cxx)} {stamp(cxx[0] if cxx else 'c++')} {stamp(tool('cmake') or 'cmake')}"
 
 
-def compile_command(out: str) -> list[str]:
-    # torch's own layout; torch.utils.cpp_extension would give the same paths but warns about CUDA on import
-    base = os.path.dirname(torch.__file__)
-    inc = [os.path.join(base, "include"), os.path.join(base, "include", "torch", "csrc", "api", "include")]
-    return [*compiler(), *compile_flags(), *[a for p in inc for a in ("-isystem", p)], SOURCE, "-o", out,
-            f"-L{os.path.join(base, 'lib')}", "-ltorch_cpu", "-lc10"]
+def configure_command(build_dir: str) -> list[str]:
+    cmd = [tool("cmake") or "cmake", "-S", PROJECT, "-B", build_dir,
+           f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", *cmake_options()]
+    ninja = tool("ninja")
+    return cmd + (["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else [])  # else CMake's default
+
+
+def _build_env() -> dict:
+    """CMake would add $CXXFLAGS / $LDFLAGS to the flags: the library is CMakeLists.txt's and the key's."""
+    return {k: v for k, v in os.environ.items() if k not in ("CXXFLAGS", "LDFLAGS")}
 
 
 @contextlib.contextmanager
@@ -139,28 +170,52 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _run_logged(cmd: list[str], log) -> int:
+    log.write(f"$ {shlex.join(cmd)}\n")
+    log.flush()
+    return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_build_env()).returncode
+
+
+def failure_summary(log: str, n: int = 6) -> str:
+    """What went wrong: the first distinct lines that name an error (the compiler's or CMake's), else the
+    last lines. CMake ends a failed configure with boilerplate, so the last lines alone say little."""
+    lines = [ln.rstrip() for ln in log.splitlines() if ln.strip()]
+    errors = [ln.strip() for ln in lines if re.search(r"error", ln, re.I) and "errors occurred" not in ln]
+    return "\n".join(list(dict.fromkeys(errors))[:n] or lines[-n:])
+
+
+def _cmake_build(key_dir: str, build_dir: str) -> tuple[bool, str]:
+    """Configure and build in build_dir (fresh); True on success, and the combined log."""
+    shutil.rmtree(build_dir, ignore_errors=True)  # a killed build's leftovers
+    log_path = os.path.join(key_dir, "build.log")
+    with open(log_path, "w") as log:
+        ok = _run_logged(configure_command(build_dir), log) == 0 and \
+            _run_logged([tool("cmake") or "cmake", "--build", build_dir], log) == 0
+    with open(log_path) as f:
+        return ok, f.read()
+
+
 def _compile(key_dir: str, quiet: bool) -> str:
+    if tool("cmake") is None:
+        raise BuildError("cmake not found (pip install cmake ninja, or the system's)")
     cxx = compiler()
-    if not cxx or shutil.which(cxx[0]) is None:
-        raise BuildError(f"no C++ compiler: {' '.join(cxx) or '$CXX (empty)'} not found")
-    path = os.path.join(key_dir, LIB_NAME)
-    tmp = f"{path}.tmp{os.getpid()}"  # the final name appears only complete (os.replace is atomic)
+    if cxx and shutil.which(cxx[0]) is None:
+        raise BuildError(f"no C++ compiler: $CXX={shlex.join(cxx)} not found")
     if not quiet:
-        _say(f"compiling the native CPU kernel (once per torch version) into {key_dir} ...")
+        _say(f"compiling the native CPU kernel with CMake (once per torch version) into {key_dir} ...")
+    build_dir = os.path.join(key_dir, "build")
     t0 = time.monotonic()
-    r = subprocess.run(compile_command(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ok, log = _cmake_build(key_dir, build_dir)
     seconds = round(time.monotonic() - t0, 1)
-    with open(os.path.join(key_dir, "build.log"), "w") as f:
-        f.write(r.stdout)
-    if r.returncode != 0:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        tail = "\n".join(r.stdout.strip().splitlines()[-6:])
-        _write_json(os.path.join(key_dir, FAILED), {"compiler": _compiler_id(), "tail": tail})
-        raise BuildError(f"{cxx[0]} exited with status {r.returncode}; its last lines:\n{tail}")
-    os.replace(tmp, path)
+    if not ok:
+        summary = failure_summary(log)
+        _write_json(os.path.join(key_dir, FAILED), {"compiler": _compiler_id(), "tail": summary})
+        raise BuildError(f"the CMake build failed (log: {key_dir}/build.log); what went wrong:\n{summary}")
+    path = os.path.join(key_dir, LIB_NAME)
+    os.replace(os.path.join(build_dir, LIB_NAME), path)  # the final name appears only complete (atomic)
+    shutil.rmtree(build_dir, ignore_errors=True)
     _write_json(os.path.join(key_dir, "build.json"), {"torch": torch.__version__, "python": python_tag(),
-                "compiler": cxx, "flags": compile_flags(), "seconds": seconds})
+                "configure": configure_command(build_dir), "compiler": compiler(), "seconds": seconds})
     with contextlib.suppress(OSError):
         os.remove(os.path.join(key_dir, FAILED))
     if not quiet:
@@ -169,8 +224,8 @@ def _compile(key_dir: str, quiet: bool) -> str:
 
 
 def build_library(root: str | None = None, quiet: bool = False, force: bool = False) -> str:
-    """The library for this torch in root/<key>/ (root: the cache), compiled unless there; its path.
-    force: compile again even if present. Raises BuildError (or OSError) on failure."""
+    """The library for this torch in root/<key>/ (root: the cache), built with CMake unless there; its
+    path. force: build again even if present. Raises BuildError (or OSError) on failure."""
     key_dir = os.path.join(root or cache_root(), current_key())
     os.makedirs(key_dir, exist_ok=True)
     path = os.path.join(key_dir, LIB_NAME)

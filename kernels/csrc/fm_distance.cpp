@@ -26,7 +26,7 @@ namespace {
 template <typename T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // std::max(x, 0) = (x < 0) ? 0 : x keeps a NaN x (as torch.relu does). These selects vectorise only with
-// -fno-trapping-math (native.py compile_flags); without it GCC kept a branch: ~18x slower on random signs.
+// -fno-trapping-math (CMakeLists.txt); without it GCC kept a branch: ~18x slower on random signs.
 template <typename A> inline A relu_nan(A x) { return std::max(x, A(0)); }
 
 // float -> T for the gradient store. c10::BFloat16(float) rounds with a branch per element (NaN test),
