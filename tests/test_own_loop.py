@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastdelta
 from fastdelta.features.hooks import FeatureTaps
@@ -13,10 +14,9 @@ from fastdelta.kernels import reference_distance
 from fastdelta.methods import make_method
 from fastdelta.methods.delta_term import channel_scales
 from fastdelta.train.steps import ReferenceStep, StepOutput
-from tiny import TINY_LAYERS, arrays, tiny_net
+from tiny import TINY_LAYERS, tiny_net
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-ALPHA, BETA = 0.05, 0.01
 
 
 def readme_loop() -> str:
@@ -30,31 +30,67 @@ def batches(n=4, seed=0):
     return [(torch.randn(4, 3, 12, 12, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(n)]
 
 
-def test_the_readme_loop_gives_the_reference_steps_losses():
-    source = tiny_net().eval().requires_grad_(False)
-    loader = batches()
-    train_data = arrays(n_per_class=12)
-    scope = dict(source=source, num_classes=3, layers=TINY_LAYERS, train_data=train_data, loader=loader,
-                 alpha=ALPHA, beta=BETA)
-    torch.manual_seed(7)
-    exec(readme_loop(), scope)
-    att = scope["att"]
-    assert not any(m._forward_hooks for m in scope["target"].modules())  # delta.remove() took them off
+def test_the_readme_loop_gives_the_reference_steps_losses(tmp_path, monkeypatch):
+    """The README's loop, run as written on the README test's tiny image folder, gives fit's reference-step
+    loss and gradients at every step: from the weights the loop had at that step, on its batch (each x the
+    regulariser saw, each y the loop's cross-entropy took). Step by step, not along a whole trajectory: the
+    README's randomly initialised network on batches of 4 tiny images is chaotic (a 1e-6 change in one
+    input moves the loss two steps later by a percent), so float rounding alone would part two runs."""
+    from test_readme import make_readme_data
+    make_readme_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    start, live, xs, ys, states, grads = {}, [], [], [], [], []
 
-    torch.manual_seed(7)
-    target = copy.deepcopy(source).requires_grad_(True)
-    target.fc = torch.nn.Linear(target.fc.in_features, 3)
-    reg = make_method("delta", target, source, "fc", TINY_LAYERS, att.weights, alpha=ALPHA, beta=BETA,
-                      weight_decay=0.0, feature_map="conv")
-    target.train()
-    step = ReferenceStep(target, source, reg, list(target.parameters()), torch.device("cpu"), 0.01, 0.9)
-    want = []
-    for x, y in loader:
+    class Recording(fastdelta.FeatureMapRegularizer):
+        def __init__(self, target, source, layers, **kwargs):
+            start.update(target=copy.deepcopy(target), source=copy.deepcopy(source), layers=list(layers))
+            super().__init__(target, source, layers, **kwargs)
+            live.append(target)   # the loop's own target (an attribute would register it as a submodule)
+
+        def forward(self, x):   # called after the target's forward, before the update: the step's weights
+            xs.append(x.detach().clone())
+            states.append({k: v.detach().clone() for k, v in live[0].state_dict().items()})
+            return super().forward(x)
+
+    class RecordingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            if live:   # the loop's optimizer, not the one of Algorithm 1's head training
+                grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+            return super().step(closure)
+
+    cross_entropy = F.cross_entropy
+
+    def recording_cross_entropy(logits, y, *args, **kwargs):
+        if start and len(ys) == len(xs):   # the loop's own call (before delta(x)), not Algorithm 1's head training
+            ys.append(y.detach().clone())
+        return cross_entropy(logits, y, *args, **kwargs)
+
+    monkeypatch.setattr(fastdelta, "FeatureMapRegularizer", Recording)
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    monkeypatch.setattr(F, "cross_entropy", recording_cross_entropy)
+    scope = {"__name__": "__main__"}
+    exec(compile(readme_loop(), "README.md own-loop example", "exec"), scope)
+    monkeypatch.undo()
+    assert not any(m._forward_hooks for m in scope["target"].modules())  # delta.remove() took them off
+    assert len(xs) == len(ys) == len(states) == len(grads) == len(scope["losses"]) > 1
+
+    want, want_grads = [], []
+    for x, y, state in zip(xs, ys, states):
+        target, source = copy.deepcopy(start["target"]), start["source"]
+        target.load_state_dict(state)
+        reg = make_method("delta", target, source, "fc", start["layers"], scope["att"].weights,
+                          alpha=scope["alpha"], beta=scope["beta"], weight_decay=0.0, feature_map="conv")
+        target.train()
+        step = ReferenceStep(target, source, reg, list(target.parameters()), torch.device("cpu"), 0.01, 0.9)
         out = StepOutput.read(step.forward_backward(x, y, 0.01))
-        step.update()
+        step.close()
         want.append(out.values["ce"] + out.values["reg"] + out.values["head"])
-    step.close()
+        want_grads.append([p.grad for p in target.parameters()])
     assert scope["losses"] == pytest.approx(want, rel=1e-5)
+    for got, expected in zip(grads, want_grads):
+        assert len(got) == len(expected)
+        # float rounding, measured against each tensor's largest entry (about 1e-6 of it here)
+        assert all(float((g - e).abs().max()) <= 1e-4 * float(e.abs().max()) + 1e-8 for g, e in zip(got, expected))
     assert len(set(round(v, 6) for v in want)) == len(want)  # the loss moves: the comparison is not vacuous
 
 
