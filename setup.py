@@ -18,6 +18,14 @@ from setuptools.command.build_py import build_py
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def read_version() -> str:
+    """fastdelta/_version.py's __version__ (the one place it is written), read without importing fastdelta."""
+    scope: dict = {}
+    with open(os.path.join(HERE, "fastdelta", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
 def copy_cmake_project(dest: str) -> None:
     """CMakeLists.txt and the kernel sources, in their layout: what the first use builds after an install."""
     if not os.path.isfile(os.path.join(HERE, "CMakeLists.txt")):  # an sdist made without them
@@ -75,8 +83,9 @@ class BuildPyWithNative(build_py):
 
 setup(
     name="fastdelta",
-    version="0.1.0",
+    version=read_version(),
     description="DELTA transfer learning (feature maps with supervised attention) and its baselines, fast",
+    license="MIT",
     packages=find_packages(include=["fastdelta", "fastdelta.*"]),
     cmdclass={"build_py": BuildPyWithNative},
     python_requires=">=3.10",
@@ -94,7 +103,7 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "pytest-benchmark", "scikit-image", "onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "pytest-benchmark", "scikit-image", "onnx", "onnxscript", "onnxruntime", "tensorboard"],
         "bench": ["pytest-benchmark"],
     },
     entry_points={"console_scripts": ["fastdelta=fastdelta.apps.cli:main"]},

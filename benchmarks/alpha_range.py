@@ -19,7 +19,7 @@ from pathlib import Path
 import fastdelta
 from fastdelta.methods.hyperparameters import PAPER_GRID
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.apps.demo import environment
+from fastdelta.environment import environment
 from fastdelta.output_files import atomic_write_text
 from fastdelta.settings import DEFAULT_RECIPE, RECIPES
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # rowlog beside this script, when loaded as a module

@@ -19,7 +19,7 @@ for alpha in (1e-4,):
     res = fastdelta.fit("efficientnet_lite0", train, None, method="delta", alpha=alpha, attention=att, **common)
     out[f"delta_alpha{alpha}"] = fast_top1(res.model, ts)
 out["seconds"] = round(time.time() - t0, 1)
-from fastdelta.apps.demo import environment
+from fastdelta.environment import environment
 out["environment"] = environment()
 print(json.dumps(out))
 json.dump(out, open("diagnose_attention_head.json", "w"), indent=1)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import fastdelta
 from fastdelta.data import resolve_data
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.apps.demo import environment
+from fastdelta.environment import environment
 from fastdelta.output_files import atomic_write_text
 from fastdelta.methods import make_method
 from fastdelta.features.hooks import FeatureTaps

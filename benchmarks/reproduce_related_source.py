@@ -34,7 +34,7 @@ import fastdelta  # noqa: E402
 from fastdelta.data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist  # noqa: E402
 from fastdelta.apps.compare.figures import label  # noqa: E402
 from fastdelta.apps.compare.report import RULE_SHORT, load_report, report_path  # noqa: E402
-from fastdelta.apps.demo import environment  # noqa: E402
+from fastdelta.environment import environment  # noqa: E402
 from fastdelta.output_files import atomic_write_text  # noqa: E402
 from fastdelta.settings import DEFAULT_RECIPE, RECIPES, describe_conventions  # noqa: E402
 

@@ -29,7 +29,7 @@ import torch
 import fastdelta
 from fastdelta.train.checkpoint import read_checkpoint
 from fastdelta.data.fashion_mnist import few_shot_subset, load_fashion_mnist
-from fastdelta.apps.demo import environment
+from fastdelta.environment import environment
 from fastdelta.output_files import atomic_write_text
 from fastdelta.networks.models import build_networks
 from fastdelta.methods import make_method

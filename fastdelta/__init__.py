@@ -1,8 +1,9 @@
 """fastdelta: DELTA transfer learning (feature maps with supervised attention) and its baselines."""
-from .apps.compare import CompareSettings, compare
+from ._version import __version__
 from .attention.measure import compute_attention
 from .attention.weights import ChannelAttention, normalize_attention
 from .fitting import fit
+from .inference import load
 from .methods import METHODS, Method, register
 from .networks.models import DEFAULT_LAYERS, ModelError
 from .output_files import OutputError
@@ -12,8 +13,23 @@ from .settings import FitSettings, SettingsError
 from .train.loop import NonFiniteLossError
 from .train.preempt import Preempted
 
-__version__ = "0.1.0"
-__all__ = ["fit", "compute_attention", "compare", "CompareSettings", "FitResult", "FitSettings", "ChannelAttention",
-           "METHODS", "Method", "register", "DEFAULT_LAYERS", "FeatureMapRegularizer", "SourcePull",
+# the applications (fastdelta.apps) load on first use, so that `import fastdelta` is the library only
+_FROM_APPS = ("compare", "CompareSettings")
+
+
+def __getattr__(name: str):
+    if name in _FROM_APPS:
+        from .apps.compare import CompareSettings, compare
+        globals().update(compare=compare, CompareSettings=CompareSettings)  # later look-ups do not come here
+        return globals()[name]
+    raise AttributeError(f"module 'fastdelta' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_FROM_APPS))
+
+
+__all__ = ["fit", "load", "compute_attention", "compare", "CompareSettings", "FitResult", "FitSettings",
+           "ChannelAttention", "METHODS", "Method", "register", "DEFAULT_LAYERS", "FeatureMapRegularizer", "SourcePull",
            "channel_attention", "NonFiniteLossError", "ModelError", "SettingsError", "normalize_attention",
            "OutputError", "Preempted", "__version__"]

@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from .data.backend import choose_backend
+from .data.inputs import check_output_outside_data
 from .data.fingerprint import state_sha256
 from .output_files import check_output_dir, require_free_space
 from .methods import method_class
@@ -25,12 +26,16 @@ from .result import FitResult
 from .run_folder import RunFolder
 from .run_setup import prepare_run, run_context, shard
 from .settings import FitSettings, SettingsError, make_settings
+from .train.callbacks import (BestWeights, Callback, EarlyStopping, ValidationEvaluator, check_loggers,
+                               make_loggers, saved_selection, selection_record, stopped_early)
 from .train.checkpoint import (KEEP, CheckpointError, checkpoint_bytes, load_latest, resume_hint, state_bytes,
                                write_failed)
 from .train.distributed import DistContext, collective_timeout
 from .train.evaluate import evaluate
 from .train.identity import check_identity, run_identity
-from .train.loop import NonFiniteLossError, StartState, TrainSpec, make_loader, train_loop
+from .train.engine_choice import all_auto, choose_cpu_step
+from .train.loop import (NonFiniteLossError, StartState, TrainSpec, build_step, make_loader, param_groups,
+                         set_training_mode, train_loop)
 from .train.preempt import StopOutsideTraining
 from .train.steps import resolve_step_options
 
@@ -38,7 +43,8 @@ from .train.steps import resolve_step_options
 # global batches are the same on any number of ranks, so a DDP run may resume on one process)
 RESUMABLE_DIFFERENCES = {"progress", "device", "num_workers", "eval_batch_size", "resume", "run_dir",
                          "checkpoint_every", "attention", "extra", "distributed", "data_prefetch", "overwrite",
-                         "allow_overlap", "allow_low_disk", "dist_timeout"}
+                         "allow_overlap", "allow_low_disk", "dist_timeout", "loggers",
+                         "val"}  # val: how its path is written; the data record holds its root and fingerprint
 # what a run's call record leaves out: where and how this process runs it, not what it computes
 NOT_RECORDED = ("run_dir", "resume", "overwrite", "distributed", "attention")
 
@@ -51,8 +57,10 @@ def _writes_files(s: FitSettings) -> bool:
 
 def _output_bytes(nets: Networks, s: FitSettings) -> int:
     """Disk space the run needs at most: model.pt, and with checkpoints the KEEP kept ones plus the
-    one being written."""
-    return state_bytes(nets.target) + ((KEEP + 1) * checkpoint_bytes(nets.target) if s.checkpoint_every > 0 else 0)
+    one being written (AdamW's second moment and keep="best"'s copy of the weights: a model's size more each)."""
+    extra = state_bytes(nets.target) * ((s.optimizer == "adamw") + (s.keep == "best"))
+    return state_bytes(nets.target) + ((KEEP + 1) * (checkpoint_bytes(nets.target) + extra)
+                                       if s.checkpoint_every > 0 else 0)
 
 
 def _model_info(nets: Networks) -> dict:
@@ -93,7 +101,9 @@ def _resume_state(s: FitSettings, nets: Networks, identity: dict, data):
     att = None
     if ckpt.get("attention") is not None:
         att = ChannelAttention.from_dict(ckpt["attention"])
-    return StartState(ckpt["iteration"], ckpt["history"], ckpt["optimizer"], ckpt["rng"]), att
+    return StartState(ckpt["iteration"], ckpt["history"], ckpt["optimizer"], ckpt["rng"],
+                      ckpt.get("step_choice"), cpu_threads=ckpt.get("cpu_threads"),
+                      callbacks=ckpt.get("callbacks")), att
 
 
 def _curve_evaluator(model: nn.Module, test, s: FitSettings, device, ctx: DistContext):
@@ -139,7 +149,7 @@ def _dali_eval_loader(test, s: FitSettings, device, ctx: DistContext):
 
 
 def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSettings.method, weights=None,
-        **settings) -> FitResult:
+        callbacks=None, **settings) -> FitResult:
     """Fine-tune `model` on `train` with one of the paper's methods and evaluate on `test`.
 
     model: torchvision/timm name or nn.Module; weights: state-dict path, "imagenet" (EfficientNet-Lite0,
@@ -153,12 +163,15 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSetting
     Under torchrun with distributed=True every rank returns the result; only rank 0 writes files.
     """
     requested = make_settings(method, **settings)
+    callbacks = _user_callbacks(callbacks)
+    check_loggers(requested.loggers)  # a logger's missing package: an error before any work
     if requested.resume and requested.overwrite:
         raise SettingsError("resume=True continues the run in run_dir, overwrite=True replaces it: choose one")
     call = call_record(model, train, test, weights, requested)
+    check_output_outside_data(requested.run_dir, train, test)  # before the run folder is marked
     with _run_folder(requested), _stop_outside_training(requested) as stop:
         try:
-            return _fit(model, train, test, weights, requested, stop, call)
+            return _fit(model, train, test, weights, requested, stop, call, callbacks)
         except RuntimeError as e:
             checkpoints = None if requested.run_dir is None else Path(requested.run_dir) / "checkpoints"
             timeout = collective_timeout(e, requested.dist_timeout, resume_hint(checkpoints)) \
@@ -177,9 +190,11 @@ def call_record(model, train, test, weights, s: FitSettings) -> dict:
         return os.path.abspath(v) if isinstance(v, (str, os.PathLike)) else None
     given = {"model": model if isinstance(model, str) else None, "train": path(train), "test": path(test),
              "weights": weights if weights is None or str(weights) in ("imagenet", "random") else path(weights)}
-    objects = [k for k, v in (("model", model), ("train", train), ("test", test), ("weights", weights))
-               if v is not None and given[k] is None]
+    objects = [k for k, v in (("model", model), ("train", train), ("test", test), ("weights", weights),
+                              ("val", s.val))
+               if v is not None and (given[k] if k in given else path(v)) is None]
     settings = {k: v for k, v in s.to_dict().items() if k not in NOT_RECORDED}
+    settings["val"] = path(s.val)  # absolute, as train and test; an object is named in `objects`
     return {**given, "objects": objects, "settings": json.loads(json.dumps(settings, default=str))}
 
 
@@ -208,7 +223,19 @@ def _stop_outside_training(s: FitSettings):
         yield stop
 
 
-def _fit(model, train, test, weights, requested: FitSettings, stop: StopOutsideTraining, call: dict) -> FitResult:
+def _user_callbacks(callbacks) -> list:
+    """fit's `callbacks`: fastdelta.train.callbacks.Callback objects (run after fastdelta's own, before the
+    loggers)."""
+    callbacks = list(callbacks or [])
+    bad = [c for c in callbacks if not isinstance(c, Callback)]
+    if bad:
+        raise SettingsError(f"callbacks: {bad[0]!r} is not a fastdelta.train.callbacks.Callback (subclass it and "
+                            "override the hooks you need)")
+    return callbacks
+
+
+def _fit(model, train, test, weights, requested: FitSettings, stop: StopOutsideTraining, call: dict,
+         callbacks: list = ()) -> FitResult:
     s, data, nets = prepare_run(model, train, test, weights, requested, stop)
     if s.run_dir is not None and _writes_files(s):  # a disk known to be too small fails before the training
         require_free_space(s.run_dir, _output_bytes(nets, s), "this run's checkpoints and model.pt",
@@ -221,7 +248,7 @@ def _fit(model, train, test, weights, requested: FitSettings, stop: StopOutsideT
     t_all = time.perf_counter()
     identity = _identity(s, info, data, ctx.world_size)
     start, attention = (_resume_state(s, nets, identity, data) if s.resume else (StartState(), None))
-    if s.resume and start.iteration >= s.iterations:
+    if s.resume and (start.iteration >= s.iterations or stopped_early(start.callbacks)):
         finished = _finished_run(s, nets, attention, start, ctx)
         if finished is not None:
             return finished
@@ -229,19 +256,23 @@ def _fit(model, train, test, weights, requested: FitSettings, stop: StopOutsideT
         stop.phase = "computing the channel attention, before training"
         attention = (load_attention(s.attention, nets, s) if s.attention is not None
                      else measure_attention(nets, data, s, device, ctx))
-        if s.attention is None and not ctx.active:  # measure_attention stored it there
+        if s.attention is None and not ctx.active and not getattr(attention, "cache_failed", False):  # stored there
             stop.cached_attention = cache_dir(s.attention_cache)
         timings["attention"] = attention.timings.get("total", 0.0)
     stop.phase = "preparing the training, before training"
     reg, feature_source, prepared = _regulariser(s, nets, data, attention, device, ctx)
-    step_options = _step_options(s, device)
+    step_options, choice = _step_options(s, device, ctx, nets, feature_source, reg, data, start, info)
     backend = choose_backend(s.data_backend, device, data.train, data.test)
     spec = _train_spec(s, data, device, ctx, nets, step_options, backend,
                        {"identity": identity, "data_files": data.listings, "call": call,
-                        "attention": None if attention is None else attention.to_dict()})
+                        "attention": None if attention is None else attention.to_dict(),
+                        "cpu_threads": torch.get_num_threads(),
+                        "step_choice": None if choice is None else choice["choice"]}, callbacks)
     settings_record = {**s.to_dict(), "device_used": str(device), "world_size": ctx.world_size,
                        "step_used": step_options.describe() if step_options is not None else {"step_engine": "reference"},
+                       "step_choice": choice,
                        "resumed_from_iteration": start.iteration if s.resume else None,
+                       **_thread_change(s, start, device),
                        **prepared}
     data_record = {**data.description, "skipped_files": [list(x) for x in data.skipped],
                    "backend": backend.to_dict()}
@@ -264,6 +295,7 @@ def _train_and_test(result: FitResult, s: FitSettings, feature_source, reg, data
         e.partial_result = result
         raise
     timings["train"] = round(time.perf_counter() - t0, 3)
+    result.selection = selection_record(spec.callbacks)
     ran = len(result.history) - start.iteration
     if ran:
         timings["first_step"] = result.history[start.iteration]["step_s"]
@@ -277,22 +309,43 @@ def _train_and_test(result: FitResult, s: FitSettings, feature_source, reg, data
     return result
 
 
+def _thread_change(s: FitSettings, start: StartState, device) -> dict:
+    """A resume's CPU thread counts, before (the checkpoint's) and now, for the settings record; another
+    count than the checkpoint's is warned on a CPU: the order of torch's sums changes, so the trajectory is
+    not the one an uninterrupted run would have taken."""
+    if not s.resume or start.cpu_threads is None:
+        return {}
+    now = torch.get_num_threads()
+    if now != start.cpu_threads and device.type == "cpu":
+        warnings.warn(f"fastdelta: resuming {s.run_dir} with {now} CPU threads, but it ran with {start.cpu_threads} "
+                      "up to its checkpoint: the order of the sums changes, so the rest of the trajectory will "
+                      f"differ from an uninterrupted run's (torch.set_num_threads({start.cpu_threads}) or "
+                      f"OMP_NUM_THREADS={start.cpu_threads} keeps it); result.json records both counts",
+                      UserWarning, stacklevel=4)
+    return {"resumed_cpu_threads": {"checkpoint": start.cpu_threads, "now": now}}
+
+
 def _finished_run(s: FitSettings, nets: Networks, attention, start: StartState, ctx: DistContext):
     """The saved result of a run that finished (last checkpoint at the last iteration, result.json
     written), its files left as they are: resuming would only test it again and overwrite its timings.
     None when it still has to test or save (stopped after its last checkpoint). Rank 0 decides for all."""
-    saved = _saved_result(Path(s.run_dir), s.iterations) if ctx.is_main else None
+    saved = _saved_result(Path(s.run_dir), start.iteration) if ctx.is_main else None
     if ctx.all_reduce_sum(torch.tensor([float(saved is not None)])).item() == 0:
         return None
     saved = saved or {}
+    best = (start.callbacks or {}).get("best_weights") or {}
+    if s.keep == "best" and best.get("state") is not None:
+        nets.target.load_state_dict(best["state"])  # the weights its model.pt holds
     if ctx.is_main:
         top1 = (saved.get("test") or {}).get("top1")
-        warnings.warn(f"fastdelta: the run in {s.run_dir} finished ({s.iterations} of {s.iterations} iterations); "
+        early = ", stopped early" if stopped_early(start.callbacks) else ""
+        warnings.warn(f"fastdelta: the run in {s.run_dir} finished ({start.iteration} of {s.iterations} "
+                      f"iterations{early}); "
                       "nothing to resume: its files are left as they are"
                       + (f" (test top-1 {top1:.2f}%)" if top1 is not None else ""), UserWarning, stacklevel=4)
     return FitResult(nets.target, s.method, saved.get("settings", {}), saved.get("model", {}), saved.get("data", {}),
                      start.history, saved.get("test", {}), attention, saved.get("timings_s", {}),
-                     saved.get("status", "ok"))
+                     saved.get("status", "ok"), saved_selection(start.callbacks))
 
 
 def _saved_result(run_dir: Path, iterations: int) -> Optional[dict]:
@@ -318,20 +371,53 @@ def _regulariser(s: FitSettings, nets: Networks, data, attention, device, ctx: D
     return reg, feature_source, record
 
 
-def _step_options(s: FitSettings, device):
+def _step_options(s: FitSettings, device, ctx: DistContext, nets: Networks, feature_source, reg, data,
+                  start: StartState, info: dict):
+    """(the step options, None for the reference step; on a CPU with every engine setting `auto`, the record
+    of the measured choice, else None)."""
+    if device.type == "cpu" and all_auto(s) and not ctx.active:
+        def make_step(target, source, method, options):
+            params = method.trainable_parameters(target)
+            set_training_mode(target, method, params, "frozen")
+            return build_step(target, source, method, param_groups(method, params, s.backbone_lr_mult),
+                              TrainSpec(1, s.lr, s.momentum, s.batch_size, s.seed, step=options, nesterov=s.nesterov,
+                                        optimizer=s.optimizer, weight_decay=s.adamw_weight_decay),
+                              device, ctx,
+                              guarded=False)
+        return choose_cpu_step(s, info.get("arch", ""), nets.layers, nets.target, feature_source, reg, data.train,
+                               start.step_choice, make_step)
     try:
-        return resolve_step_options(device, s.precision, s.compile, s.channels_last, s.cuda_graphs, s.step_engine)
+        return resolve_step_options(device, s.precision, s.compile, s.channels_last, s.cuda_graphs, s.step_engine), None
     except ValueError as e:
         raise SettingsError(str(e)) from e
 
 
+def _callbacks(s: FitSettings, data, ctx: DistContext, run_dir: Optional[Path], user: list) -> list:
+    """The training loop's callbacks: with a validation set its evaluation, the best weights and early
+    stopping; the user's; then the loggers (rank 0), which so log every field the others added."""
+    callbacks = []
+    if data.val is not None:
+        loader = make_loader(shard(data.val, ctx), s.eval_batch_size, False, s.seed, s.num_workers)
+        callbacks += [ValidationEvaluator(loader, s.eval_every, s.iterations), BestWeights(s.keep == "best")]
+        if s.early_stopping_patience:
+            callbacks.append(EarlyStopping(s.early_stopping_patience))
+    callbacks += list(user)
+    if run_dir is not None and ctx.is_main:
+        callbacks += make_loggers(s.loggers, run_dir)
+    return callbacks
+
+
 def _train_spec(s: FitSettings, data, device, ctx: DistContext, nets: Networks, step_options, backend,
-                payload_extra: dict) -> TrainSpec:
-    """The training loop's settings: checkpoints and history.jsonl in run_dir, curve points, the loader."""
+                payload_extra: dict, callbacks: list = ()) -> TrainSpec:
+    """The training loop's settings: checkpoints and history.jsonl in run_dir, curve points, the loader, the
+    callbacks (`callbacks`: the user's)."""
     run_dir = Path(s.run_dir) if s.run_dir is not None else None
-    curve = _curve_evaluator(nets.target, data.test, s, device, ctx)
+    # with a validation set, eval_every scores it (callbacks) and the test set only at the end
+    curve = _curve_evaluator(nets.target, data.test if data.val is None else None, s, device, ctx)
     return TrainSpec(s.iterations, s.lr, s.momentum, s.batch_size, s.seed, s.lr_schedule, s.lr_step, s.lr_gamma,
                      s.num_workers, s.progress, f"train {s.method}", nesterov=s.nesterov,
+                     optimizer=s.optimizer, weight_decay=s.adamw_weight_decay, warmup_iterations=s.warmup_iterations,
+                     callbacks=_callbacks(s, data, ctx, run_dir, callbacks),
                      backbone_lr_mult=s.backbone_lr_mult,
                      checkpoint_dir=None if run_dir is None else run_dir / "checkpoints",
                      checkpoint_every=s.checkpoint_every,

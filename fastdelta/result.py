@@ -45,6 +45,8 @@ class FitResult:
     attention: Optional[ChannelAttention] = None
     timings: dict = field(default_factory=dict)
     status: str = "ok"                     # "ok" or "diverged: ..."
+    # with a validation set: best_iteration, best_val_top1 (its top-1) and stopped_early (result.json keys)
+    selection: dict = field(default_factory=dict)
 
     @property
     def test_top1(self) -> Optional[float]:
@@ -58,7 +60,7 @@ class FitResult:
         last = self.history[-1] if self.history else {}
         return {"method": self.method, "status": self.status, "test": self.test, "model": self.model_info,
                 "data": self.data, "settings": self.settings, "timings_s": self.timings,
-                "iterations_run": len(self.history),
+                "iterations_run": len(self.history), **self.selection,
                 "final_loss_terms": {k: last.get(k) for k in ("ce", "reg", "head", "loss")},
                 "attention": None if self.attention is None else {
                     "layers": self.attention.layers, "images": self.attention.images, "impl": self.attention.impl,
@@ -76,9 +78,13 @@ class FitResult:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
-        if weights:
+        finite = not weights or all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
+                                    if t.is_floating_point())
+        if weights and finite:
             atomic_write(out / "model.pt", lambda tmp: torch.save(self.model.state_dict(), tmp))
         summary = self.summary()
+        if not finite:  # a diverged run's weights: no model.pt that reads as a trained model
+            summary["model_file"] = "not written: the weights hold NaN or infinite values"
         if self.attention is not None:
             if attention_at is not None and same_attention(self.attention, attention_at):
                 summary["attention"]["file"] = os.path.relpath(Path(attention_at), out)

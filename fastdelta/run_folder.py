@@ -13,6 +13,7 @@ import errno
 import itertools
 import json
 import os
+import re
 import socket
 import time
 import warnings
@@ -30,7 +31,7 @@ except ImportError:  # not POSIX: folders are marked, not locked
 # what makes a folder hold a run: a fit writes these
 RUN_FILES = ("result.json", "history.jsonl", "model.pt")
 # removed with them on overwrite (a run writes these too; they would describe the old run)
-ALSO_CLEARED = ("history.png", "channel_attention.json")
+ALSO_CLEARED = ("history.png", "channel_attention.json", "history.csv")
 
 
 def earlier_run_files(folder) -> List[str]:
@@ -40,11 +41,29 @@ def earlier_run_files(folder) -> List[str]:
     return found + [f"checkpoints/{p.name}" for p in checkpoint_files(folder / "checkpoints")]
 
 
+# the temp files atomic_write makes for those files (".NAME.<random>.tmp", output_files.atomic_write): a
+# process killed mid-write (kill -9) leaves one behind
+_TEMP = re.compile(r"^\.(?:%s)\.[A-Za-z0-9_]+\.tmp$"
+                   % "|".join(re.escape(n) for n in (*RUN_FILES, *ALSO_CLEARED)))
+_CHECKPOINT_TEMP = re.compile(r"^\.ckpt-\d{8}\.pt\.[A-Za-z0-9_]+\.tmp$")
+
+
+def stale_temp_files(folder) -> List[Path]:
+    """Temp files of fastdelta's own naming that a killed write left in `folder` and its checkpoints/."""
+    found = []
+    for where, pattern in ((Path(folder), _TEMP), (Path(folder) / "checkpoints", _CHECKPOINT_TEMP)):
+        if where.is_dir():
+            found += sorted(p for p in where.iterdir() if pattern.match(p.name) and p.is_file())
+    return found
+
+
 def clear_run_files(folder, keep: Iterable = ()) -> None:
-    """Remove an earlier run's files from `folder` (those in `keep`, e.g. a given attention file, stay)."""
+    """Remove an earlier run's files from `folder` (those in `keep`, e.g. a given attention file, stay),
+    with the temp files a write killed midway left (fastdelta's own naming only)."""
     folder = Path(folder)
     kept = {os.path.realpath(k) for k in keep}
-    doomed = [folder / n for n in (*RUN_FILES, *ALSO_CLEARED)] + checkpoint_files(folder / "checkpoints")
+    doomed = ([folder / n for n in (*RUN_FILES, *ALSO_CLEARED)] + checkpoint_files(folder / "checkpoints")
+              + stale_temp_files(folder))
     try:
         for path in doomed:
             if path.exists() and os.path.realpath(path) not in kept:

@@ -34,10 +34,13 @@ def prepare_run(model, train_data, test_data, weights, settings: FitSettings,
     s = settings.resolved(arch)
     seed_everything(s.seed)
     data = resolve_data(train_data, test_data, augmentation=s.augmentation, resize=s.resize, crop=s.crop,
-                        strict=s.strict_data, allow_overlap=s.allow_overlap)
+                        strict=s.strict_data, allow_overlap=s.allow_overlap, val=s.val, val_fraction=s.val_fraction,
+                        seed=s.seed)
     if stop is not None:
         stop.phase = "building the networks, before training"
-    nets = build_networks(model, len(data.classes), weights, s.layers, s.seed)
+    method = method_class(s.method)  # l2_fe, l2 and l2_sp read no layer: a network without Conv2d trains too
+    needs_layers = not trains_target or method.uses_attention or method.uses_source_features
+    nets = build_networks(model, len(data.classes), weights, s.layers, s.seed, needs_layers)
     if s.batch_size > len(data.train):
         raise SettingsError(f"batch_size={s.batch_size} is larger than the training set ({len(data.train)} images)")
     _check_batch_norm_batches(s, nets, len(data.train), trains_target)

@@ -25,7 +25,10 @@ from .methods.delta_term import DELTA_NO_ATT_SCALES, DELTA_SCALES  # noqa: F401
 from .methods.feature_map import FEATURE_SCALES, SOURCE_BN_MODES  # noqa: F401
 from .methods.hyperparameters import HyperparameterError
 
-LR_SCHEDULES = ("step", "exp")
+LR_SCHEDULES = ("step", "exp", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+KEEP_WEIGHTS = ("last", "best")
+LOGGERS = ("csv", "tensorboard")
 ATTENTION_IMPLS = ("prefix", "masked_forward", "first_order")
 ATTENTION_DTYPES = ("fp32", "bf16")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -161,10 +164,18 @@ class FitSettings:
     backbone_lr_mult: float = setting(1.0, "lr of every non-head parameter = lr x this (tllib: 0.1)")
     batch_size: int = setting(64, "training batch size (global under torchrun)")
     iterations: int = setting(9000, "training iterations")
-    lr_schedule: str = setting("step", "step: lr x gamma at lr_step; exp: lr x gamma ** (t / lr_step)",
+    lr_schedule: str = setting("step", "step: lr x gamma at lr_step; exp: lr x gamma ** (t / lr_step); cosine: "
+                               "half a cosine from lr to 0 at the last iteration (after any warm-up)",
                                choices=LR_SCHEDULES)
     lr_step: Optional[int] = setting(None, "iterations of the lr schedule's step (default: 2/3 of the iterations)")
     lr_gamma: float = setting(0.1, "the lr schedule's factor")
+    warmup_iterations: int = setting(0, "linear lr warm-up from 0 to lr over these iterations, then the schedule "
+                                     "(cosine: from there to 0)")
+    optimizer: str = setting("sgd", "sgd (the paper's, momentum) or adamw (torch's AdamW, betas 0.9/0.999; the "
+                             "method's terms, L2-SP's pulls included, are added to the gradients before its step)",
+                             choices=OPTIMIZERS)
+    adamw_weight_decay: float = setting(0.0, "AdamW's decoupled weight decay, torch's weight_decay (w -= lr x this x "
+                                        "w); the method's own weight_decay/alpha/beta terms apply either way")
     augmentation: str = setting("default", "default (resize square, crop) or improved (keep aspect, 10-crop test)",
                                 choices=AUGMENTATIONS)
     resize: Optional[int] = setting(None, "resize before the crop (default: 256, 320 for inception_v3)")
@@ -221,9 +232,21 @@ class FitSettings:
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
     num_workers: Optional[int] = setting(None, "data loader workers (default: from the cores)", flags=("--workers",))
     eval_batch_size: int = setting(256, "batch size of the evaluations")
-    eval_every: int = setting(0, "> 0: test top-1 every so many iterations, in the history (learning curves)")
+    eval_every: int = setting(0, "> 0: test top-1 every so many iterations, in the history (learning curves); with "
+                              "a validation set (val, val_fraction) its top-1 instead, val_top1")
     eval_images: Optional[int] = setting(None, "test images for those curve points (default: all; the final "
                                          "test uses all)")
+    val_fraction: float = setting(0.0, "hold out this fraction of the training data (stratified, seeded) as the "
+                                  "validation set, before the attention and the training; 0: none")
+    val: Optional[object] = setting(None, "a validation ImageFolder root DIR (from Python also arrays or a Dataset): "
+                                    "with one, eval_every scores it (val_top1) instead of the test set", parse=str)
+    keep: str = setting("last", "the weights model.pt holds: last, or best (by validation top-1; needs a "
+                        "validation set)", choices=KEEP_WEIGHTS)
+    early_stopping_patience: int = setting(0, "stop when validation top-1 has not improved for this many "
+                                           "evaluations (0: off; needs a validation set and eval_every)")
+    loggers: Optional[Sequence[str]] = setting(None, "also log the history beside history.jsonl, comma separated: "
+                                               "csv (RUN/history.csv), tensorboard (RUN/tensorboard/)",
+                                               parse=csv_list)
     strict_data: bool = setting(False, "a bad image file is fatal instead of skipped")
     data_backend: str = setting("auto", "auto (DALI on CUDA when installed, else torchvision), dali or torchvision",
                                 choices=DATA_BACKENDS)
@@ -278,6 +301,7 @@ class FitSettings:
         self._validate_data_pipeline()
         self._validate_step_engine()
         self._validate_layers()
+        self._validate_training_features()
 
     def _validate_method_and_optimizer(self) -> None:
         """The method, the weights of its terms and SGD's: momentum, lr, steps and batch sizes, schedule."""
@@ -304,6 +328,22 @@ class FitSettings:
                 raise SettingsError(f"{name}={v!r}: must be an integer >= 1")
         if self.lr_schedule not in LR_SCHEDULES:
             raise SettingsError(f"lr_schedule={self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
+        self._validate_lr_schedule()
+        v = self.seed
+        if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 32):
+            raise SettingsError(f"seed={v!r}: must be an integer from 0 to 2**32 - 1 (numpy's seed range)")
+
+    def _validate_lr_schedule(self) -> None:
+        """The schedule's factor and step: lr x gamma (step) or lr x gamma ** (t / lr_step) (exp) must stay a
+        finite lr that does not grow; a NaN gamma would train a NaN model without a non-finite loss."""
+        v = self.lr_gamma
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1):
+            raise SettingsError(f"lr_gamma={v!r}: must be a finite number in (0, 1] (the factor the lr schedule "
+                                "multiplies the lr by; 1: a constant lr)")
+        v = self.lr_step
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise SettingsError(f"lr_step={v!r}: must be an integer >= 1 (the iterations of the {self.lr_schedule} "
+                                "lr schedule's step) or None (2/3 of the iterations)")
 
     def _validate_implementations(self) -> None:
         """The augmentation and the implementations of Algorithm 1 and of the feature-map distance."""
@@ -323,8 +363,10 @@ class FitSettings:
                                 "must be an integer >= 0")
         if self.attention_chunk is not None and (not isinstance(self.attention_chunk, int) or self.attention_chunk < 1):
             raise SettingsError(f"attention_chunk={self.attention_chunk!r}: must be an integer >= 1 or None")
-        if not (self.attention_temperature > 0):
-            raise SettingsError(f"attention_temperature={self.attention_temperature!r}: must be > 0")
+        v = self.attention_temperature
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+            raise SettingsError(f"attention_temperature={v!r}: must be a finite number > 0 (an infinite one makes "
+                                "every channel's attention weight equal)")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise SettingsError(f"eval_every={self.eval_every!r}: must be an integer >= 0")
         if self.eval_images is not None and (not isinstance(self.eval_images, int) or self.eval_images < 1):
@@ -336,6 +378,18 @@ class FitSettings:
             raise SettingsError(f"dist_timeout={self.dist_timeout!r}: must be a number of seconds > 0")
         if self.resume and self.run_dir is None:
             raise SettingsError("resume=True needs run_dir (the folder of the run to continue)")
+        self._validate_extra()
+
+    def _validate_extra(self) -> None:
+        """extra: a JSON object result.json can hold (NaN and infinity are not JSON)."""
+        import json
+        if not isinstance(self.extra, dict):
+            raise SettingsError(f"extra={self.extra!r}: expected a dict (CLI: --extra, a JSON object)")
+        try:
+            json.dumps(self.extra, allow_nan=False, default=str)
+        except ValueError:
+            raise SettingsError(f"extra={self.extra!r}: holds a NaN or infinite number, which result.json cannot "
+                                "store as JSON; write it as a string (e.g. \"nan\")") from None
 
     def _validate_recipe_conventions(self) -> None:
         """The recipe and the conventions it fills in (None: the recipe's value)."""
@@ -368,7 +422,12 @@ class FitSettings:
             raise SettingsError(f"crop={self.crop} is larger than resize={self.resize}")
 
     def _validate_step_options(self) -> None:
-        """The fast step's precision, compile, channels_last and CUDA graphs."""
+        """The fast step's precision, compile, channels_last and CUDA graphs ("yes"/"no", the command line's
+        spelling, taken as True/False)."""
+        for name in ("compile", "channels_last", "cuda_graphs"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() in ("yes", "no"):
+                setattr(self, name, value.lower() == "yes")
         if self.precision not in PRECISIONS:
             raise SettingsError(f"precision={self.precision!r}: expected one of {PRECISIONS}")
         if not (isinstance(self.compile, bool) or self.compile == "auto" or self.compile in COMPILE_MODES):
@@ -397,6 +456,62 @@ class FitSettings:
             raise SettingsError("step_engine='reference' is the eager fp32 step: it takes no precision, "
                                 "channels_last, compile or cuda_graphs setting")
 
+    def _validate_training_features(self) -> None:
+        """The optimizer and warm-up, the validation set and what reads it (keep, early stopping), the loggers."""
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingsError(f"optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
+        v = self.adamw_weight_decay
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            raise SettingsError(f"adamw_weight_decay={v!r}: must be a finite number >= 0")
+        if v and self.optimizer != "adamw":
+            raise SettingsError(f"adamw_weight_decay={v!r} is AdamW's decoupled decay, but optimizer="
+                                f"{self.optimizer!r}: set optimizer='adamw' (SGD's weight decay is the method's "
+                                "weight_decay)")
+        if self.nesterov and self.optimizer != "sgd":
+            raise SettingsError(f"nesterov=True is SGD's; optimizer={self.optimizer!r} has no Nesterov momentum")
+        v = self.warmup_iterations
+        if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < max(1, self.iterations)):
+            raise SettingsError(f"warmup_iterations={v!r}: must be an integer >= 0 and below iterations="
+                                f"{self.iterations!r}")
+        v = self.val_fraction
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1):
+            raise SettingsError(f"val_fraction={v!r}: must be a number in [0, 1) (the part of the training data "
+                                "held out for validation; 0: none)")
+        if v and self.val is not None:
+            raise SettingsError("val_fraction and val both give a validation set: choose one")
+        has_val = bool(v) or self.val is not None
+        if self.keep not in KEEP_WEIGHTS:
+            raise SettingsError(f"keep={self.keep!r}: expected one of {KEEP_WEIGHTS}")
+        if self.keep == "best" and not has_val:
+            raise SettingsError("keep='best' chooses the weights by validation top-1, but there is no validation "
+                                "set: give val_fraction > 0 or val (the test set is never used to choose)")
+        v = self.early_stopping_patience
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise SettingsError(f"early_stopping_patience={v!r}: must be an integer >= 0 (0: off)")
+        if v and not has_val:
+            raise SettingsError(f"early_stopping_patience={v} watches validation top-1, but there is no validation "
+                                "set: give val_fraction > 0 or val (the test set is never used to choose)")
+        if v and not self.eval_every:
+            raise SettingsError(f"early_stopping_patience={v} counts validation evaluations, made every eval_every "
+                                "iterations: set eval_every > 0")
+        self._validate_loggers()
+
+    def _validate_loggers(self) -> None:
+        """loggers: names from LOGGERS ('csv,tensorboard' from Python too), written into run_dir."""
+        if isinstance(self.loggers, str):
+            self.loggers = csv_list(self.loggers)
+        if self.loggers is None or not len(self.loggers):
+            self.loggers = None
+            return
+        if not all(isinstance(v, str) for v in self.loggers):
+            raise SettingsError(f"loggers={self.loggers!r}: expected names from {LOGGERS}, e.g. 'csv,tensorboard'")
+        bad = [v for v in self.loggers if v not in LOGGERS]
+        if bad:
+            raise SettingsError(f"loggers={list(self.loggers)!r}: unknown {bad}; expected names from {LOGGERS}")
+        if self.run_dir is None:
+            raise SettingsError(f"loggers={list(self.loggers)!r} write into the run folder: set run_dir (CLI: --out)")
+        self.loggers = list(dict.fromkeys(self.loggers))
+
     def _validate_layers(self) -> None:
         """The regularised layers: module names."""
         if self.layers is not None and (isinstance(self.layers, str) or not all(isinstance(l, str) for l in self.layers)):
@@ -407,10 +522,21 @@ class FitSettings:
         d["layers"] = list(self.layers) if self.layers is not None else None
         att = self.attention
         d["attention"] = None if att is None else (str(att) if not hasattr(att, "to_dict") else "precomputed")
+        d["val"] = describe_val(self.val)
+        d["loggers"] = list(self.loggers) if self.loggers is not None else None
         return d
 
 
 on_registry_change(lambda: _with_method_hyperparameters(FitSettings))
+
+
+def describe_val(val):
+    """The `val` setting as records hold it: a folder's path, else what kind of object it was (its contents
+    are fingerprinted in the data record)."""
+    import os
+    if val is None or isinstance(val, (str, os.PathLike)):
+        return None if val is None else str(val)
+    return "arrays" if isinstance(val, tuple) else f"a {type(val).__name__} object"
 
 
 FEATURE_MAP_NAMES = {"conv": "raw conv output, before BN (public code)",

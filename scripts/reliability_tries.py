@@ -1,6 +1,7 @@
 """The skeptical user's tries, run again: each bad input or fault and what fastdelta now does with it.
 
     python3 scripts/reliability_tries.py        # one line per try (about a minute on 2 cores)
+    python3 scripts/reliability_tries.py bad_input edges   # only these groups (GROUPS below)
 
 The tries run in this process, on a randomly initialised resnet18 at 16-32 px or the tests' tiny CNN
 where only the plumbing matters, in a temporary folder that is removed afterwards; faults (a full
@@ -473,14 +474,185 @@ def edge_tries():
     outcome("`fastdelta fit --resume RUN` on a finished run", resume_a_finished_run)
 
 
+# -- bad inputs that gave a silent wrong result (or a loud but unhelpful one) ------------------------------------
+
+class Items(torch.utils.data.Dataset):
+    """12 preprocessed (3, 16, 16) tensors with these labels; `odd` {index: shape}; `classes` if given."""
+
+    def __init__(self, labels, odd=None, classes=None):
+        self.labels, self.odd = list(labels), odd or {}
+        if classes is not None:
+            self.classes = classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.rand(self.odd.get(i, (3, 16, 16)), generator=torch.Generator().manual_seed(i)), self.labels[i]
+
+
+class NoConv(torch.nn.Module):
+    """A network without Conv2d (an MLP on 12 px crops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 8), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def warned(fn) -> str:
+    """fn()'s outcome and the fastdelta UserWarnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = fn()
+    said = [str(w.message) for w in caught if str(w.message).startswith("fastdelta:")]
+    if isinstance(r, fastdelta.FitResult):
+        r = f"the fit ran ({len(r.history)} iterations, status {r.status})"
+    return f"{r}; " + (" | ".join(said) if said else "no warning")
+
+
+def one_class_folder():
+    one = image_folder(TMP / "one", per_class=4, classes=("a",), size=20)
+    return cli_try("fit", "--data", one, *CLI_FIT[3:], "--method", "l2", "--iterations", "2", "--out", TMP / "one_run")
+
+
+def out_is_a_class_folder():
+    said = cli_try(*CLI_FIT, "--method", "l2", "--iterations", "2", "--out", TMP / "data" / "train" / "a")
+    from fastdelta.data import resolve_data
+    classes = resolve_data(str(TMP / "data"), resize=16, crop=16).classes
+    return f"{said}; classes of the data afterwards: {classes}"
+
+
+def resume_on_other_threads():
+    run, before = TMP / "threads", torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    fastdelta.fit(tiny_net(), arrays(), None, run_dir=str(run), **TINY)
+    os.remove(run / "checkpoints" / "ckpt-00000004.pt")
+    torch.set_num_threads(other)
+    try:
+        said = warned(lambda: fastdelta.fit(tiny_net(), arrays(), None, run_dir=str(run), resume=True, **TINY))
+    finally:
+        torch.set_num_threads(before)
+    recorded = json.loads((run / "result.json").read_text())["settings"].get("resumed_cpu_threads")
+    return f"{said}; result.json settings.resumed_cpu_threads: {recorded}"
+
+
+def exif_rotated_jpeg():
+    from fastdelta.data import load_rgb
+    path = TMP / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(path, exif=exif)
+    return f"stored 16 x 8 with EXIF orientation 6, read (W x H): {' x '.join(map(str, load_rgb(path).size))}"
+
+
+def unwritable_attention_cache():
+    blocker = TMP / "cache_file"
+    blocker.write_text("a file where the cache folder should be")
+    with mock.patch.dict(os.environ, {"FASTDELTA_CACHE": str(blocker)}):
+        return warned(lambda: fastdelta.fit(tiny_net(), arrays(), None, **{**TINY, "method": "delta",
+                                                                           "attention_cache": "auto"}))
+
+
+def schedule_gives_nan():
+    from fastdelta.train import loop
+    real = loop.lr_at
+    with mock.patch.object(loop, "lr_at", lambda it, *rest: float("nan") if it >= 2 else real(it, *rest)):
+        try:
+            fastdelta.fit(tiny_net(), arrays(), None, run_dir=str(TMP / "nan_lr"), **TINY)
+        except fastdelta.NonFiniteLossError as e:
+            finite = all(bool(torch.isfinite(t).all()) for t in e.partial_result.model.state_dict().values()
+                         if t.is_floating_point())
+            return f"NonFiniteLossError: {one_line(str(e), 160)}; partial model finite: {finite}"
+
+
+def image_changed_in_place():
+    data = image_folder(TMP / "inplace", per_class=2, size=16)
+    fastdelta.fit(tiny_net(), str(data), None, **TINY)
+    path = data / "a" / "1.png"
+    st, damaged = path.stat(), bytearray(path.read_bytes())
+    damaged[len(damaged) // 2:len(damaged) // 2 + 40] = bytes(40)
+    path.write_bytes(bytes(damaged))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: the manifest's verdict stands
+    return fastdelta.fit(tiny_net(), str(data), None, **TINY)
+
+
+def stale_temp_files():
+    run = TMP / "stale"
+    fastdelta.fit(tiny_net(), arrays(), None, run_dir=str(run), **TINY)
+    for p in (run / ".model.pt.k3j_x9a1.tmp", run / "checkpoints" / ".ckpt-00000004.pt.q8w2e7r6.tmp",
+              run / "notes.tmp"):
+        p.write_bytes(b"partial")  # as a kill -9 during atomic_write leaves them (and a file of the user's)
+    fastdelta.fit(tiny_net(), arrays(), None, run_dir=str(run), overwrite=True, **TINY)
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*.tmp"))
+    return f"*.tmp files after --overwrite: {left}"
+
+
+def sigterm_during_compare():
+    from fastdelta.apps.compare import runs
+    real = runs.Runner.fit
+
+    def fit_then_sigterm(self, *args, **kwargs):
+        done = real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return done
+    with sigterm_must_be_handled(), mock.patch.object(runs.Runner, "fit", fit_then_sigterm):
+        return cli_try("compare", *CLI_FIT[1:], "--methods", "l2,l2_sp", "--seeds", "1", "--search", "none",
+                       "--iterations", "1", "--curve-points", "0", "--schedules", "step", "--out", TMP / "cmp_term")
+
+
+def bad_input_tries():
+    print("bad inputs that gave a silent wrong result", flush=True)
+    fit2 = [*CLI_FIT, "--method", "l2", "--iterations", "2"]
+    outcome("1. one class folder", one_class_folder)
+    outcome("1. arrays with one label", lambda: fastdelta.fit(tiny_net(), (x, np.zeros(12, np.int64)), None, **TINY))
+    outcome("2. --out DATA/train/a (a class folder)", out_is_a_class_folder)
+    for option in (["--lr-gamma", "nan"], ["--lr-gamma", "-1"], ["--lr-step", "-3"],
+                   ["--lr-schedule", "exp", "--lr-step", "0"]):
+        outcome(f"3. {' '.join(option)}", lambda option=option: cli_try(*fit2, *option, "--out", TMP / "lr"))
+    outcome("4. a Dataset with labels 0.7, 1.7", lambda: fastdelta.fit(tiny_net(), Items([0.7, 1.7] * 6), None, **TINY))
+    outcome("4. a Dataset with labels 'cat', 'dog'", lambda: fastdelta.fit(
+        tiny_net(), Items(["cat", "dog"] * 6), None, **TINY))
+    outcome("4. a Dataset of 3 classes whose item 5 has label 7", lambda: fastdelta.fit(
+        tiny_net(), Items([7 if i == 5 else i % 3 for i in range(12)], classes=["x", "y", "z"]), None,
+        **{**TINY, "batch_size": 12, "iterations": 1}))
+    outcome("4. a Dataset whose item 5 is (3, 20, 20)", lambda: fastdelta.fit(
+        tiny_net(), Items([i % 3 for i in range(12)], odd={5: (3, 20, 20)}), None,
+        **{**TINY, "batch_size": 12, "iterations": 1}))
+    cmp = ["compare", *CLI_FIT[1:], "--methods", "l2,l2_sp", "--seeds", "1", "--search", "none", "--iterations", "1",
+           "--curve-points", "0", "--schedules", "step", "--out", TMP / "cmp_alphas"]
+    outcome("5. compare --alphas '{\"l2_spp\": 0.1}'", lambda: cli_try(*cmp, "--alphas", '{"l2_spp": 0.1}'))
+    outcome("5. compare --alphas '{\"l2_sp\": NaN}'", lambda: cli_try(*cmp, "--alphas", '{"l2_sp": NaN}'))
+    outcome("6. --temperature inf", lambda: cli_try(*fit2, "--temperature", "inf", "--out", TMP / "temp"))
+    outcome("7. resume with another thread count", resume_on_other_threads)
+    outcome("8. a JPEG with EXIF orientation 6", exif_rotated_jpeg)
+    outcome("9. --seed -1", lambda: cli_try(*fit2, "--seed", "-1", "--out", TMP / "seed"))
+    outcome("9. --extra '{\"a\": NaN}'", lambda: cli_try(*fit2, "--extra", '{"a": NaN}', "--out", TMP / "extra"))
+    outcome("9. FASTDELTA_CACHE is a file (delta fit)", unwritable_attention_cache)
+    outcome("9. l2 on a network without Conv2d", lambda: fastdelta.fit(NoConv(), arrays(), None,
+                                                                       **{**TINY, "layers": None}))
+    outcome("9. the lr schedule gives NaN at iteration 2", schedule_gives_nan)
+    outcome("9. an image corrupted in place (same size and mtime)", image_changed_in_place)
+    outcome("9. --overwrite over a killed write's temp files", stale_temp_files)
+    outcome("9. SIGTERM after compare's first run", sigterm_during_compare)
+
+
+GROUPS = {"earlier": earlier_tries, "run_folders": run_folder_tries, "disks": disk_tries,
+          "messages": message_tries, "edges": edge_tries, "bad_input": bad_input_tries}
+
+
 if __name__ == "__main__":
+    chosen = sys.argv[1:] or list(GROUPS)
+    unknown = [g for g in chosen if g not in GROUPS]
+    if unknown:
+        sys.exit(f"unknown group(s) {unknown}; groups: {', '.join(GROUPS)}")
     t0 = time.time()
     try:
-        earlier_tries()
-        run_folder_tries()
-        disk_tries()
-        message_tries()
-        edge_tries()
+        for group in chosen:
+            GROUPS[group]()
     finally:
         shutil.rmtree(TMP, ignore_errors=True)
     print(f"({time.time() - t0:.0f} s)")

@@ -80,7 +80,11 @@ ALTERNATIVES = {
     "strict_data": True, "data_backend": "torchvision", "data_prefetch": 3, "progress": True,
     "distributed": None, "run_dir": None, "checkpoint_every": 3, "resume": None, "extra": {"note": 1},
     "attention": None, "attention_cache": None, "overwrite": True, "allow_overlap": True, "allow_low_disk": True,
-    "dist_timeout": 30.0,
+    "dist_timeout": 30.0, "warmup_iterations": 1, "optimizer": "adamw", "val_fraction": 0.25,
+    "val": arrays(2, 3, seed=7),
+    # need another setting as well: adamw_weight_decay optimizer="adamw", keep and early stopping a validation
+    # set, loggers a run folder
+    "adamw_weight_decay": None, "keep": None, "early_stopping_patience": None, "loggers": None,
 }
 
 

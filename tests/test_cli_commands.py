@@ -106,7 +106,7 @@ def _demo_inputs_missing():
                     reason=str(_demo_inputs_missing()))
 def test_demo_at_its_smallest(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--per-class", "2", "--test-images", "50", "--image-size", "32", "--iterations", "2",
+    assert cli.main(["demo", "--per-class", "2", "--test-images", "50", "--crop", "32", "--iterations", "2",
                      "--batch-size", "4", "--head-epochs", "1", "--methods", "l2,delta", "--out", str(out),
                      "--attention-impl", "first_order", "--no-progress"]) == 0
     summary = json.loads((out / "demo_result.json").read_text())

@@ -301,7 +301,7 @@ def test_cli_write_failure_exits_2_with_the_message(monkeypatch, capsys):
 
     def failing_fit(*args, **kwargs):
         raise fastdelta.OutputError("could not write checkpoint x: No space left on device; the run can be resumed")
-    monkeypatch.setattr(cli, "fit", failing_fit)
+    monkeypatch.setattr("fastdelta.fitting.fit", failing_fit)  # the CLI imports fit when a command runs
     assert cli.main(["fit", "--data", "d", "--out", "o", "--no-progress"]) == 2
     assert "fastdelta: error: could not write checkpoint x: No space left on device" in capsys.readouterr().err
 

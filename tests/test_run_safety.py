@@ -288,7 +288,7 @@ def test_cli_attention_on_a_full_disk_exits_2(tmp_path, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "compute_attention", lambda *a, **k: att)
+    monkeypatch.setattr("fastdelta.attention.measure.compute_attention", lambda *a, **k: att)
     monkeypatch.setattr(builtins, "open", open_)
     assert cli.main(["attention", "--data", str(data), "--out", str(tmp_path / "att"), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -309,7 +309,7 @@ def test_cli_divergence_with_a_full_disk_still_exits_3_with_a_note(tmp_path, mon
         e.partial_result = Unsaveable()
         raise e
 
-    monkeypatch.setattr(cli, "fit", diverging_fit)
+    monkeypatch.setattr("fastdelta.fitting.fit", diverging_fit)
     assert cli.main(["fit", "--data", "d", "--out", str(tmp_path / "o"), "--no-progress"]) == 3
     err = capsys.readouterr().err
     assert "fastdelta: error: non-finite loss term 'ce' at iteration 3" in err

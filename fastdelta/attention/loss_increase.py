@@ -106,7 +106,7 @@ def _repeat_batch(value, k: int, batch: int):
 def auto_chunk(tap: torch.Tensor, channels: int, budget_bytes: Optional[int] = None) -> int:
     """How many masked copies to stack per suffix pass: on a GPU, a quarter of free memory over ~8x
     the tap's bytes per copy (the suffix's activations), at most 256. On the CPU one copy per pass:
-    a batch already keeps the cores busy, and stacking measured 3-4x slower on the demo (2 cores)."""
+    a batch already keeps the cores busy, and stacking is slower there."""
     if budget_bytes is None:
         if not tap.is_cuda:
             return 1

@@ -84,10 +84,6 @@ class PrefixReuse:
         logits = interp.run(x)
         return logits, interp.env
 
-    @torch.no_grad()
-    def suffix_run(self, layer: str, env: dict, tap_value: torch.Tensor) -> torch.Tensor:
-        return self.suffix[layer](tap_value, *[env[n] for n in self.needed[layer]])
-
 
 # ---------------------------------------------------------------- channel-separable suffix (closed form)
 

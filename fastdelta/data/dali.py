@@ -16,9 +16,10 @@ in channels_last memory (DALI writes NHWC) when `channels_last`, on the pipeline
 on the CPU. Eval 10-crop batches are (B, 10, C, H, W) in torchvision's TenCrop order (four corners,
 centre, then the same five of the mirrored image), which fastdelta.train.evaluate.evaluate averages.
 
-Differences from the PIL path (documented, not hidden): DALI ignores EXIF orientation here
-(adjust_orientation=False, as PIL's load_rgb does), drops an alpha channel instead of compositing on
-white, and cannot decode GIF (fastdelta.data.backend falls back to torchvision for such sets).
+Differences from the PIL path (documented, not hidden): DALI drops an alpha channel instead of compositing
+on white, and cannot decode GIF (fastdelta.data.backend falls back to torchvision for such sets). Both
+apply a JPEG's EXIF orientation (DALI's adjust_orientation, PIL's ImageOps.exif_transpose in load_rgb);
+image_size gives the upright size the resize is computed from.
 """
 from __future__ import annotations
 
@@ -52,10 +53,19 @@ def dali_unsupported(paths: Sequence[str]) -> list[str]:
     return [p for p in paths if os.path.splitext(p)[1].lower() not in DALI_EXTENSIONS]
 
 
+# EXIF orientations that turn the image by 90 or 270 degrees (width and height swap once upright)
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the file header (PIL reads no pixels)."""
+    """(width, height) upright, by the EXIF orientation tag, from the file header (PIL reads no pixels)."""
     with Image.open(path) as img:
-        return img.size
+        width, height = img.size
+        try:
+            orientation = img.getexif().get(0x0112)
+        except Exception:  # noqa: BLE001 - a damaged EXIF block: the decoder leaves the image as stored
+            orientation = None
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
 
 def resized_size(width: int, height: int, augmentation: str, resize: int) -> tuple[int, int]:
@@ -158,7 +168,7 @@ def build_pipeline(source: _Source, batch_size: int, crop: int, *, device_id: Op
                                                                  batch_info=True, parallel=py_workers > 0)
         dec_args = dict(hw_decoder_load=hw_decoder_load) if gpu else {}
         img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                adjust_orientation=False, **dec_args)
+                                adjust_orientation=True, **dec_args)
         img = fn.resize(img, resize_x=rx, resize_y=ry, interp_type=types.INTERP_LINEAR, antialias=True)
         if ten_crop:  # torchvision TenCrop order: tl, tr, bl, br, centre; then the same five crops of the
             # mirrored image, i.e. mirrored crops of tr, tl, br, bl and the mirror-image centre (`mirror` = its x)

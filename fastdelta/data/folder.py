@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch.utils.data
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from ..output_files import RUN_MARKER
@@ -64,6 +64,7 @@ def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
                 if width * height > max_pixels:
                     return f"image too large ({width}x{height} = {width * height} pixels > max_pixels={max_pixels})"
                 img.load()  # header parsing alone misses truncated/corrupt pixel data
+                ImageOps.exif_transpose(img)  # an orientation tag that cannot be applied fails here, not in training
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         return f"image too large ({exc})"
     except Exception as exc:  # noqa: BLE001 - PIL plugins raise many unrelated types for bad data
@@ -290,10 +291,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file and return it as 8-bit RGB (file handle closed on return)."""
+    """Open an image file and return it as 8-bit RGB, turned upright by its EXIF orientation tag (a
+    camera's portrait photo is stored sideways with the tag saying so); file handle closed on return."""
     with Image.open(path) as img:
         img.load()
-        return to_rgb(img)  # always a new image, so it outlives the closed file
+        # always a new image, so it outlives the closed file
+        return to_rgb(ImageOps.exif_transpose(img) or img)
 
 
 class ImageListDataset(torch.utils.data.Dataset):
@@ -326,5 +329,11 @@ class ImageListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        img = load_rgb(path)
+        try:
+            img = load_rgb(path)
+        except Exception as exc:  # noqa: BLE001 - PIL plugins raise many unrelated types for bad data
+            # it passed the scan's check: changed since (the manifest trusts an unchanged size and mtime)
+            raise DataError(f"image file {path} can no longer be read ({type(exc).__name__}: {exc}); it was "
+                            "readable when the folder was scanned, so it changed since: restore or remove "
+                            "it and start again") from exc
         return (self.transform(img) if self.transform is not None else img), label

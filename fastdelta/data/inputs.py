@@ -8,6 +8,7 @@ starts, so mistakes surface as a clear DataError rather than mid-epoch.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,11 @@ import torch.utils.data
 from PIL import Image
 from tqdm import tqdm
 
+from ..output_files import RUN_MARKER, OutputError
 from .arrays import ArrayDataset
 from .errors import DataError
 from .fingerprint import LISTING_LIMIT, dataset_fingerprint
-from .folder import ImageListDataset, scan_image_folder, to_rgb
+from .folder import ImageListDataset, is_image_file, scan_image_folder, to_rgb
 from .overlap import check_overlap, find_overlap
 from .transforms import build_center_transform, build_transforms
 
@@ -47,6 +49,8 @@ class DataBundle:
     # per split, an image folder's [[path, label, size, mtime_ns]] (None: not a folder, or too many files):
     # kept with checkpoints so that a resume can name the files that changed
     listings: dict[str, Any] = field(default_factory=dict)
+    # the validation set (centre crop): `val`, or the part of the training data `val_fraction` held out
+    val: torch.utils.data.Dataset | None = None
 
 
 @dataclass
@@ -71,6 +75,8 @@ class UserDatasetAdapter(torch.utils.data.Dataset):
         self.dataset = dataset
         self.transform = transform
         self.split = split
+        self.num_classes: int | None = None  # set once the classes are known: labels are checked against it
+        self.first_shape: tuple | None = None  # item 0's image shape: a batch needs one shape
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -95,13 +101,35 @@ class UserDatasetAdapter(torch.utils.data.Dataset):
             # divergence of the training
             raise DataError(f"{self.split} dataset item {index}: the image tensor holds NaN or infinite values "
                             "(bad input data, not a divergence of the training)")
-        return img, int(label)
+        if self.first_shape is not None and tuple(img.shape) != self.first_shape and index != 0:
+            raise DataError(f"{self.split} dataset item {index}: image of shape {tuple(img.shape)}, but item 0's is "
+                            f"{self.first_shape}; every item must come out with one shape to be batched")
+        return img, _label(label, self.split, index, self.num_classes)
 
 
 def _finite(t: torch.Tensor) -> bool:
     """Whether every value is finite: the sum is (one pass, ~10x faster than isfinite().all() on an
     image); only a sum that overflows from finite values needs the exact check."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _label(label, split: str, index: int, num_classes: int | None = None) -> int:
+    """A Dataset item's label as a class index: an integer (int, numpy or 0-d tensor) in range; a float
+    or a string would otherwise be truncated by int() or fail inside it without naming the item."""
+    value = label
+    one = isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, np.ndarray) and value.size == 1
+    if one or isinstance(value, np.generic):
+        value = value.item()  # a one-element tensor or array, a numpy scalar: its Python number
+    if not isinstance(value, int) or isinstance(value, bool):
+        shown = f"{label!r} ({type(label).__name__})"
+        raise DataError(f"{split} dataset item {index}: label {shown} is not an integer class index; labels must "
+                        "be integers 0..K-1 (map class names or floats to them, e.g. with np.unique(y, "
+                        "return_inverse=True)[1])")
+    if value < 0 or (num_classes is not None and value >= num_classes):
+        raise DataError(f"{split} dataset item {index}: label {value} is out of range for the {num_classes} "
+                        f"classes (labels 0..{num_classes - 1})" if num_classes is not None else
+                        f"{split} dataset item {index}: label {value} is negative; labels must be 0..K-1")
+    return value
 
 
 def _unpack_item(item, split: str, index: int):
@@ -116,9 +144,15 @@ def _dataset_labels(dataset: torch.utils.data.Dataset, split: str) -> np.ndarray
     """Labels of a generic Dataset: its `targets` if present, else one pass over the items."""
     targets = getattr(dataset, "targets", None)
     if targets is not None:
-        return np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets, dtype=np.int64)
+        values = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets)
+        if values.dtype.kind not in "iu":  # floats would be truncated by the int64 cast, strings fail in it
+            flat = values.reshape(-1).tolist()
+            bad = next((i for i, v in enumerate(flat) if not (isinstance(v, int) and not isinstance(v, bool))), 0)
+            raise DataError(f"{split} dataset's targets: item {bad} has label {flat[bad]!r} (dtype {values.dtype}), "
+                            "not an integer class index; labels must be integers 0..K-1")
+        return values.astype(np.int64)
     labels = [
-        int(_unpack_item(dataset[i], split, i)[1])
+        _label(_unpack_item(dataset[i], split, i)[1], split, i)
         for i in tqdm(range(len(dataset)), desc=f"reading {split} labels", disable=True if len(dataset) < 500 else None)
     ]
     return np.asarray(labels, dtype=np.int64)
@@ -149,7 +183,8 @@ def _dataset_split(dataset, split, transform) -> _Split:
     if len(dataset) == 0:
         raise DataError(f"{split}: the {type(dataset).__name__} dataset is empty")
     adapter = UserDatasetAdapter(dataset, transform, split)
-    adapter[0]  # fail now, not inside a DataLoader worker, if items have the wrong form
+    # fail now, not inside a DataLoader worker, if items have the wrong form
+    adapter.first_shape = tuple(adapter[0][0].shape)
     names = getattr(dataset, "classes", None)
     targets = getattr(dataset, "targets", None)
     return _Split(
@@ -181,6 +216,38 @@ def _split_dataset_root(train) -> tuple[Any, Path | None]:
     return train, None
 
 
+def check_output_outside_data(out, train, test=None) -> None:
+    """An OutputError, before anything is written, when output folder `out` is an image folder's root
+    (train or test: its checkpoints/ would be read as a class) or one of its class folders (the run's
+    marker, written before the data is scanned, would take that class out of this and every later fit).
+    A new folder beside the classes, or below one, is fine: the scan skips folders holding the marker."""
+    if out is None:
+        return
+    train_root, default_test = _split_dataset_root(train)
+    roots = [("training", train_root), ("test", test if test is not None else default_test)]
+    target = Path(os.path.realpath(out))
+    for role, root in roots:
+        if not isinstance(root, (str, os.PathLike)) or not Path(root).is_dir():
+            continue
+        real = Path(os.path.realpath(root))
+        if target == real:
+            raise OutputError(f"output folder {out} is the {role} data folder {root} itself: the run's files "
+                              "there would be read as data by the next fit (its checkpoints/ as a class); "
+                              "choose an output folder outside the data", errno.EINVAL)
+        if target.parent == real and target.is_dir() and _holds_data(target):
+            raise OutputError(f"output folder {out} is the class folder {target.name!r} of the {role} data folder "
+                              f"{root}: the run's marker ({RUN_MARKER}) would take that class out of this and every "
+                              "later fit on the folder; choose an output folder outside the data", errno.EINVAL)
+
+
+def _holds_data(folder: Path) -> bool:
+    """Whether a folder inside an image folder's root is data: a class folder (no run marker), or one
+    holding images beside a run's own files."""
+    if not (folder / RUN_MARKER).is_file():
+        return not folder.name.startswith(".")
+    return any(is_image_file(e.name) and e.name != "history.png" for e in os.scandir(folder))
+
+
 def _train_classes(part: _Split) -> list[str]:
     """Class names: declared by the source, else "0".."max_label" from the labels."""
     if part.classes is not None:
@@ -204,6 +271,18 @@ def _check_no_label_gaps(labels: np.ndarray) -> None:
             f"would never be trained; relabel the classes to 0..K-1 "
             f"(e.g. y = np.unique(y, return_inverse=True)[1])"
         )
+
+
+def _check_two_classes(part: _Split, classes: list[str], source) -> None:
+    """One class trains a one-output head whose softmax is always 1: 100% top-1 that says nothing."""
+    if len(classes) >= 2:
+        return
+    kind = part.description["kind"]
+    where = {"folder": f"train folder {source} has one class folder ({classes[0]!r})",
+             "arrays": f"train labels (arrays) hold one class ({classes[0]!r})"}.get(
+        kind, f"train dataset ({part.description.get('type')}) holds one class ({classes[0]!r})")
+    raise DataError(f"{where}: classification needs at least two classes (one class trains to 100% top-1 and "
+                    "learns nothing); give the training data with two or more classes")
 
 
 def _check_labels_fit(part: _Split, classes: list[str], split: str) -> None:
@@ -261,6 +340,9 @@ def resolve_data(
     crop: int = 224,
     strict: bool = False,
     allow_overlap: bool = False,
+    val=None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
 ) -> DataBundle:
     """Resolve the train/test inputs into datasets with the train/eval transforms applied.
 
@@ -269,6 +351,8 @@ def resolve_data(
     tuple. `test` takes the same forms; a test folder is indexed with the
     training class mapping so labels agree. Test images that are training images too are a
     DataError unless `allow_overlap` (data/overlap.py); the description counts them either way.
+    A validation set: `val` (the same forms), or a stratified part of `train` (`val_fraction`, seeded by
+    `seed`) held out before anything else reads it (data/validation.py); `train` and `train_eval` are the rest.
     """
     train_tf, eval_tf = build_transforms(augmentation, resize, crop)  # validates sizes before any scanning
     train, default_test = _split_dataset_root(train)
@@ -283,9 +367,19 @@ def resolve_data(
     if test is not None:
         test_part = _resolve_split(test, "test", eval_tf, classes, strict)
         _check_labels_fit(test_part, classes, "test")
+    _check_two_classes(train_part, classes, train)  # after the test argument's own errors
     overlap = _overlap(train_part, test_part, allow_overlap)
+    for part in (train_part, test_part):
+        if part is not None and isinstance(part.dataset, UserDatasetAdapter):
+            part.dataset.num_classes = len(classes)  # a label out of range is named where it is read
 
     skipped = train_part.skipped + (test_part.skipped if test_part else [])
+    train_description, train_listing = _describe(train_part, len(classes)), _listing(train_part)  # as given
+    from .validation import validation_part
+    train_part, val_part, val_description = validation_part(
+        train_part, val, val_fraction, seed, classes, strict, build_center_transform(augmentation, resize, crop),
+        train_tf)
+    skipped += val_part.skipped if val is not None else []
     train_eval = copy.copy(train_part.dataset)  # same images and labels, deterministic view
     train_eval.transform = build_center_transform(augmentation, resize, crop)
     return DataBundle(
@@ -294,9 +388,10 @@ def resolve_data(
         test=test_part.dataset if test_part else None,
         classes=classes,
         skipped=skipped,
-        listings={"train": _listing(train_part), "test": _listing(test_part)},
+        val=val_part.dataset if val_part else None,
+        listings={"train": train_listing, "test": _listing(test_part)},
         description={
-            "train": _describe(train_part, len(classes)),
+            "train": train_description,
             "test": _describe(test_part, len(classes)) if test_part else None,
             "classes": classes,
             "num_classes": len(classes),
@@ -305,5 +400,6 @@ def resolve_data(
             "augmentation": augmentation,
             "resize": resize,
             "crop": crop,
+            **({"val": val_description} if val_description is not None else {}),
         },
     )

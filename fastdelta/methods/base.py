@@ -59,12 +59,6 @@ class Method:
         return {h.name: h for h in cls.hyperparameters}
 
     @classmethod
-    def default_alpha(cls, settings) -> Optional[float]:
-        """alpha for these (resolved) settings when the user gives none (None: the method has no alpha)."""
-        h = cls.declared().get("alpha")
-        return None if h is None else h.default_for(settings)
-
-    @classmethod
     def hyperparameter_values(cls, given: Mapping[str, object]) -> Dict[str, object]:
         """Each declared hyperparameter's value: given (not None), else its default (which may depend on
         the others: a scale form first, then the alpha that depends on it); each checked."""

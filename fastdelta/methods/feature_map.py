@@ -23,12 +23,9 @@ FEATURE_SCALES = ("none", "source_energy")
 
 
 def _alpha_by_scale(form_setting: str, paper_alpha: float) -> Hyperparameter:
-    """alpha whose default follows the term's scale form. With the public scaling the term is large
-    from step 0 (target BN on batch statistics, source BN on running ones): at the paper's 0.01 it
-    diverged on every committed raw-tap run, 1e-4 trained on all and was the validation choice in 26
-    of 30 searches (benchmarks/results). The paper's per-image forms are about B c / (2 h w) times
-    smaller: there `paper_alpha`, each form's own (the alpha ranges of the paper forms in
-    benchmarks/results say why)."""
+    """alpha whose default follows the term's scale form: 1e-4 for the public scaling, whose term is large
+    from step 0 (target BN on batch statistics, source BN on running ones); `paper_alpha` for the paper's
+    per-image forms, about B c / (2 h w) times smaller (the evidence: benchmarks/results)."""
     def rule(values):
         form = values[form_setting] if isinstance(values, dict) else getattr(values, form_setting)
         return paper_alpha if str(form).startswith("paper") else 1e-4
@@ -37,11 +34,8 @@ def _alpha_by_scale(form_setting: str, paper_alpha: float) -> Hyperparameter:
                           grid=PAPER_GRID)
 
 
-# The paper forms' defaults. DELTA's eq. 8: the paper's 0.01, which trains as well as any alpha up to it
-# (Fashion-MNIST 30/class: 77.15 at 0.01, 76.75-77.60 below). DELTA w/o ATT's eq. 5 has no attention
-# weights summing to 1, so its term is about ten times DELTA's at equal alpha and 0.01 is too strong
-# there (69.2 against 76.95 at 1e-3, and 65.0 against 80.0 on the validation split of the three-seed
-# run, which chose 1e-3).
+# The paper forms' defaults: DELTA's eq. 8 the paper's 0.01; DELTA w/o ATT's eq. 5 has no attention weights
+# summing to 1, so its term is about ten times DELTA's at equal alpha: a tenth of it.
 DELTA_PAPER_ALPHA, DELTA_NO_ATT_PAPER_ALPHA = 0.01, 1e-3
 
 

@@ -85,15 +85,18 @@ def conv_layer_names(model: nn.Module) -> list:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def resolve_layers(model: nn.Module, arch: str, layers: Optional[Sequence[str]]) -> list:
+def resolve_layers(model: nn.Module, arch: str, layers: Optional[Sequence[str]], needs_layers: bool = True) -> list:
     """Explicit names are checked; None takes the architecture's defaults or, for an unknown
-    network, the last conv of each quarter of its conv layers."""
+    network, the last conv of each quarter of its conv layers (none for a network without Conv2d when
+    not `needs_layers`: a method that regularises parameters, not layers' feature maps)."""
     names = dict(model.named_modules())
     if layers is None:
         if arch in DEFAULT_LAYERS:
             layers = DEFAULT_LAYERS[arch]
         else:
             convs = conv_layer_names(model)
+            if not convs and not needs_layers:
+                return []
             if not convs:
                 raise ModelError("model has no Conv2d layer to regularise; pass layers=[...]")
             k = len(convs)
@@ -197,11 +200,12 @@ def new_head(old: nn.Linear, num_classes: int) -> nn.Linear:
 
 
 def build_networks(model: Union[str, nn.Module], num_classes: int, weights=None,
-                   layers: Optional[Sequence[str]] = None, seed: int = 0) -> Networks:
+                   layers: Optional[Sequence[str]] = None, seed: int = 0, needs_layers: bool = True) -> Networks:
     """Source (w*, frozen) and target (w* + new head) networks for `num_classes` classes.
 
     `model` is a torchvision/timm name or an nn.Module whose current weights are w* (unless
-    `weights` overrides them)."""
+    `weights` overrides them). needs_layers=False (a method that reads no layer: l2_fe, l2, l2_sp): a
+    network without Conv2d gets no regularised layers instead of an error."""
     if isinstance(model, str):
         arch = model
         source = build_architecture(model)
@@ -218,7 +222,7 @@ def build_networks(model: Union[str, nn.Module], num_classes: int, weights=None,
         weights_desc = "given nn.Module's weights"
     else:
         weights_desc = load_source_weights(source, arch, weights, head_name)
-    layers = resolve_layers(source, arch, layers)
+    layers = resolve_layers(source, arch, layers, needs_layers)
     source.eval().requires_grad_(False)
     target = copy.deepcopy(source).requires_grad_(True)
     with torch.random.fork_rng(devices=[]):

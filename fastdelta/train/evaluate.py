@@ -31,8 +31,8 @@ def flush_denormals(device: torch.device):
 @contextmanager
 def cpu_channels_last(model: nn.Module, device: torch.device):
     """On CPU, run the block with the model's conv weights in channels_last and yield the input layout to
-    use: eval forwards of EfficientNet-Lite0 measured 1.57x faster that way on the 2-core CI CPU
-    (benchmarks/bench_cpu_layout.py); the model's own layout is restored afterwards. Elsewhere: no change."""
+    use: CPU eval forwards are faster that way (benchmarks/bench_cpu_layout.py measures it); the model's own
+    layout is restored afterwards. Elsewhere: no change."""
     convs = [p for p in model.parameters() if p.dim() == 4]
     if torch.device(device).type != "cpu" or not convs:
         yield torch.contiguous_format

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -40,13 +41,21 @@ from .steps import STATS, FastStep, ReferenceStep, Step, StepOptions, StepOutput
 class NonFiniteLossError(FloatingPointError):
     """Training stopped on a NaN/inf loss term; the model holds the last good weights."""
 
-    def __init__(self, iteration: int, term: str, value: float, history: list):
-        what = {"gradient": "gradient norm", "bn_statistics": "BatchNorm running statistics"}.get(
-            term, f"loss term {term!r}")
+    def __init__(self, iteration: int, term: str, value: float, history: list, weights_finite: bool = True):
+        what = {"gradient": "gradient norm", "bn_statistics": "BatchNorm running statistics",
+                "lr": "learning rate from the lr schedule"}.get(term, f"loss term {term!r}")
         state = f"its state after iteration {iteration - 1}" if iteration else "its starting state (no step was taken)"
-        super().__init__(f"non-finite {what} at iteration {iteration} ({value}); training stopped, the model "
-                         f"keeps {state}, BN statistics included (try a smaller alpha or lr)")
+        if weights_finite:
+            hint = "check lr_schedule, lr_step and lr_gamma" if term == "lr" else "try a smaller alpha or lr"
+            super().__init__(f"non-finite {what} at iteration {iteration} ({value}); training stopped, the model "
+                             f"keeps {state}, BN statistics included ({hint})")
+        else:  # a step with finite terms whose update overflowed (e.g. a too large lr): nothing good is left
+            lr = history[-1].get("lr") if history else None
+            super().__init__(f"non-finite {what} at iteration {iteration} ({value}); training stopped, but the update "
+                             f"of iteration {iteration - 1} (lr {lr}) had already made the weights NaN or infinite: "
+                             "the model holds no good state and is not saved (try a smaller lr)")
         self.iteration, self.term, self.value, self.history = iteration, term, value, history
+        self.weights_finite = weights_finite
         self.partial_result = None  # filled in by fit()
 
 
@@ -67,9 +76,16 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
                       persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
 
 
-def lr_at(iteration: int, base_lr: float, schedule: str, step: int, gamma: float) -> float:
+def lr_at(iteration: int, base_lr: float, schedule: str, step: int, gamma: float, warmup: int = 0,
+          total: int = 0) -> float:
+    """The lr of step `iteration` (0-based): a linear warm-up from 0 over the first `warmup` steps, then the
+    schedule; "cosine" goes from base_lr at the warm-up's end to 0 at `total` (the run's iterations)."""
+    if iteration < warmup:
+        return base_lr * iteration / warmup
     if schedule == "step":
         return base_lr * (gamma if iteration >= step else 1.0)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * (iteration - warmup) / max(1, total - warmup)))
     return base_lr * gamma ** (iteration / step)  # "exp": reaches gamma x at `step`, keeps decaying
 
 
@@ -108,6 +124,12 @@ class TrainSpec:
     nesterov: bool = False
     backbone_lr_mult: float = 1.0          # lr of the non-head parameters = lr * this
     extractor_bn: str = "frozen"           # L2-FE: "frozen" (eval mode) or "train" (BN statistics adapt)
+    optimizer: str = "sgd"                 # "sgd" or "adamw" (fastdelta.train.optim.make_optimizer)
+    weight_decay: float = 0.0              # AdamW's decoupled weight decay (the method's terms are separate)
+    warmup_iterations: int = 0             # linear lr warm-up from 0 (lr_at)
+    # fastdelta.train.callbacks.Callback objects, called in this order after on_step (their state is
+    # checkpointed under their state_key)
+    callbacks: list = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +139,9 @@ class StartState:
     history: list = field(default_factory=list)
     optimizer: Optional[dict] = None
     rng: Optional[dict] = None
+    step_choice: Optional[str] = None  # the engine `auto` chose on a CPU when the run started
+    cpu_threads: Optional[int] = None  # torch's CPU threads when the checkpoint was written (None: not recorded)
+    callbacks: Optional[dict] = None  # the callbacks' states, by state_key
 
 
 def make_train_loader(dataset: Dataset, spec: TrainSpec, start_iteration: int, ctx: DistContext,
@@ -159,9 +184,15 @@ def train_loop(target: nn.Module, source: nn.Module, reg: Method, dataset: Datas
         stepper.opt.load_state_dict(start.optimizer)
     run = _Run(target, stepper, dataset, spec, device, ctx, start, deferred)
     try:
+        for cb in run.callbacks:
+            cb.on_start(run)
         run.steps()
+        for cb in run.callbacks:
+            cb.on_end(run, run.history)
     finally:
         run.writer.close()
+        for cb in run.callbacks:
+            cb.teardown(run)
         stepper.close()
         target.requires_grad_(True)
     ctx.barrier()  # rank 0's last checkpoint is on disk before anyone moves on
@@ -198,7 +229,7 @@ def build_step(target: nn.Module, source: nn.Module, reg: Method, groups: List[d
     """The reference step (spec.step None) or the fast step with spec.step's options."""
     make_step = ReferenceStep if spec.step is None else partial(FastStep, options=spec.step)
     return make_step(target, source, reg, groups, device=device, lr=spec.lr, momentum=spec.momentum, ctx=ctx,
-                     nesterov=spec.nesterov, guarded=guarded)
+                     nesterov=spec.nesterov, guarded=guarded, optimizer=spec.optimizer, weight_decay=spec.weight_decay)
 
 
 class _Run:
@@ -224,6 +255,20 @@ class _Run:
         self.bar = None
         self.healthy = None  # deferred reads: no step has failed (a device flag)
         self.pending = None  # deferred reads: (iteration, lr, data seconds) queued but not yet read
+        self.callbacks = list(spec.callbacks)
+        self.stop_reason = None  # set by a callback (request_stop): no step after the current one
+        for cb in self.callbacks:
+            if cb.state_key is not None and start.callbacks and cb.state_key in start.callbacks:
+                cb.load_state_dict(start.callbacks[cb.state_key])
+
+    def request_stop(self, reason: str) -> None:
+        """A callback ends the training after the current step (e.g. early stopping)."""
+        self.stop_reason = reason
+
+    def evaluated(self, iteration: int, metrics: dict) -> None:
+        """A callback evaluated the model after `iteration` steps: every callback's on_eval hears it."""
+        for cb in self.callbacks:
+            cb.on_eval(self, iteration, metrics)
 
     def steps(self) -> None:
         """Every iteration from the start to spec.iterations, unless a stop signal or a non-finite step ends it."""
@@ -233,20 +278,32 @@ class _Run:
             self.bar.update(self.start_iteration)
             self.healthy = torch.ones((), dtype=torch.bool, device=self.device)
             for it in range(self.start_iteration, spec.iterations):
+                if self.stop_reason is not None:  # a callback stopped the training: a checkpoint there, no step
+                    if self.pending is not None:
+                        self.finish(*self.pending, None)
+                        self.pending = None
+                    self.checkpoint_stopped()
+                    break
                 if self.stop.poll():  # a stop signal: no further step; the one queued is read first
                     if self.pending is not None:
                         self.finish(*self.pending, None)
                     raise self.preempt(it)
                 self.step(it)
             if self.stop.final():  # a signal during the last step: stop before the evaluation as well
-                raise self.preempt(spec.iterations)
+                raise self.preempt(spec.iterations if self.stop_reason is None else len(self.history))
 
     def step(self, it: int) -> None:
         """Iteration `it`: its batch, forward and backward, then the update, checked now or a step later."""
         t0 = time.perf_counter()
         x, y = next(self.batches)
         t_data = time.perf_counter() - t0
-        lr = lr_at(it, self.spec.lr, self.spec.lr_schedule, self.spec.lr_step, self.spec.lr_gamma)
+        lr = lr_at(it, self.spec.lr, self.spec.lr_schedule, self.spec.lr_step, self.spec.lr_gamma,
+                   self.spec.warmup_iterations, self.spec.iterations)
+        if not math.isfinite(lr):  # checked before the update it would poison (its loss is still finite)
+            if self.pending is not None:
+                self.finish(*self.pending, None)
+                self.pending = None
+            raise NonFiniteLossError(it, "lr", lr, self.history)
         self.snapshots.save(it)
         self.timer.start(it)
         # + the BN statistics' norm; one all-reduce makes every rank read the same stats
@@ -284,7 +341,8 @@ class _Run:
         spec = self.spec
         return (done == spec.iterations or (spec.checkpoint_dir is not None and spec.checkpoint_every > 0
                                             and done % spec.checkpoint_every == 0)
-                or (spec.on_step_reads_model is not None and spec.on_step_reads_model(done)))
+                or (spec.on_step_reads_model is not None and spec.on_step_reads_model(done))
+                or any(cb.reads_model(done) for cb in self.callbacks))
 
     def check(self, it: int, out: StepOutput) -> None:
         """A non-finite step stops the run; its update never happened and its BN statistics are restored
@@ -292,7 +350,8 @@ class _Run:
         bad = self.stepper.first_nonfinite(out)
         if bad is not None:
             self.snapshots.restore(it)
-            raise NonFiniteLossError(it, *bad, self.history)
+            weights_finite = all(bool(torch.isfinite(p).all()) for p in self.target.parameters())
+            raise NonFiniteLossError(it, *bad, self.history, weights_finite=weights_finite)
 
     def finish(self, it: int, lr: float, t_data: float, out: Optional[StepOutput]) -> None:
         """Step `it` as the host sees it (`out` None: a deferred step, read and checked now), then logged,
@@ -306,6 +365,8 @@ class _Run:
         spec = self.spec
         if spec.on_step is not None:
             spec.on_step(done, self.history[-1])
+        for cb in self.callbacks:
+            cb.on_step(self, done, self.history[-1])
         self.writer.append(self.history[-1])
         if spec.checkpoint_dir is not None and spec.checkpoint_every > 0 and (
                 done % spec.checkpoint_every == 0 or done == spec.iterations):
@@ -323,11 +384,24 @@ class _Run:
                 "elapsed_s": round(time.perf_counter() - self.t_start, 3)}
 
     def checkpoint(self, done: int) -> None:
+        path = None
         if self.ctx.is_main:
-            save_checkpoint(self.spec.checkpoint_dir, done, {
+            states = {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key is not None}
+            path = save_checkpoint(self.spec.checkpoint_dir, done, {
                 "iteration": done, "model": self.target.state_dict(), "optimizer": self.stepper.opt.state_dict(),
-                "rng": rng_state(), "history": self.history, **self.spec.payload_extra})
+                "rng": rng_state(), "history": self.history, **({"callbacks": states} if states else {}),
+                **self.spec.payload_extra})
         self.checkpointed = done
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, done, path)
+
+    def checkpoint_stopped(self) -> None:
+        """A callback stopped the training (nothing queued any more): a checkpoint where it stopped, so that a
+        resume knows (the callbacks' states say why), unless written already or no step was taken."""
+        done, spec = len(self.history), self.spec
+        if (spec.checkpoint_dir is not None and spec.checkpoint_every > 0 and done > self.start_iteration
+                and self.checkpointed != done):
+            self.checkpoint(done)
 
     def preempt(self, done: int) -> Preempted:
         """After a stop signal, with `done` steps finished: a checkpoint there (unless just written)."""

@@ -9,6 +9,7 @@ the backward, and returns the term's value for the history (computed from the sa
 no graph). Then the momentum update is torch's own SGD (foreach, or fused on CUDA).
 
 Same update as the autograd formulation: tests/test_optim.py trains both ways and compares the weights.
+`PullAdamW` does the same before torch's AdamW step (optimizer="adamw"); `make_optimizer` picks one.
 """
 from __future__ import annotations
 
@@ -79,6 +80,53 @@ class PullSGD(torch.optim.SGD):
         super().load_state_dict(state_dict)
         if scaler is not None and self.scaler is not None:
             self.scaler.load_state_dict(scaler)
+
+
+class PullAdamW(torch.optim.AdamW):
+    """torch AdamW (decoupled weight decay: w -= lr x weight_decay x w) plus `pull_()`, as PullSGD: the
+    parameter-norm terms of the method (L2-SP's pull to w*, the head's beta term, ...) are gradients added
+    after the backward, before the AdamW step, as autograd would give them (so Adam normalises them with
+    the loss's gradient, as it would in the reference step's graph)."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, pulls: Sequence[Pull] = (),
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach, fused=fused)
+        self.pulls = list(pulls)
+        self.scaler = None
+
+    def pull_(self) -> Dict[str, torch.Tensor]:
+        """apply_pulls over this optimizer's pulls."""
+        return apply_pulls(self.pulls)
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.scaler is not None:
+            state = {**state, "grad_scaler": self.scaler.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        scaler = state_dict.pop("grad_scaler", None)
+        super().load_state_dict(state_dict)
+        if scaler is not None and self.scaler is not None:
+            self.scaler.load_state_dict(scaler)
+
+
+def make_optimizer(kind: str, groups, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                   weight_decay: float = 0.0, pulls: Optional[Sequence[Pull]] = None,
+                   foreach: Optional[bool] = None, fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    """The training step's optimizer: "sgd" (momentum, nesterov) or "adamw" (torch's, `weight_decay` its
+    decoupled decay). pulls None: torch's own class (the reference step, whose terms are in autograd);
+    else PullSGD / PullAdamW adding those pulls' gradients (`pull_()`)."""
+    if kind == "sgd":
+        if pulls is None:
+            return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, foreach=foreach, fused=fused)
+        return PullSGD(groups, lr, momentum, pulls, foreach=foreach, fused=fused, nesterov=nesterov)
+    if kind == "adamw":
+        if pulls is None:
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=foreach, fused=fused)
+        return PullAdamW(groups, lr, weight_decay, pulls, foreach=foreach, fused=fused)
+    raise ValueError(f"optimizer={kind!r}: expected 'sgd' or 'adamw'")
 
 
 def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:

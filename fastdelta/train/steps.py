@@ -41,7 +41,7 @@ from ..features.target import TargetFeatures
 from ..methods import Method
 from ..settings import COMPILE_MODES
 from .distributed import DistContext
-from .optim import PullSGD, grad_norm
+from .optim import grad_norm, make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the compile mode "auto" takes on CUDA; benchmarks/bench_step.py --compile-modes measures the others
@@ -158,7 +158,7 @@ class GuardedUpdate:
             for group in self.opt.param_groups:
                 for p in group["params"]:
                     state = self.opt.state[p]
-                    if group["momentum"] and state.get("momentum_buffer") is None:
+                    if group.get("momentum") and state.get("momentum_buffer") is None:  # SGD's (AdamW: none)
                         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             self.buffers_ready = True
         self.opt.grad_scale, self.opt.found_inf = None, (~ok).to(torch.float32)
@@ -234,11 +234,12 @@ class ReferenceStep(Step):
 
     def __init__(self, target: nn.Module, source: nn.Module, reg: Method, params: Sequence,
                  device: torch.device, lr: float, momentum: float, ctx: DistContext = DistContext(),
-                 nesterov: bool = False, guarded: bool = False):
+                 nesterov: bool = False, guarded: bool = False, optimizer: str = "sgd", weight_decay: float = 0.0):
         self.reg, self.ctx = reg, ctx
         groups = as_groups(params)
         self.params = [p for g in groups for p in g["params"]]
-        self.opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=guarded or None)
+        # every term is in autograd here: torch's SGD or AdamW as they are (weight_decay: AdamW's decoupled one)
+        self.opt = make_optimizer(optimizer, groups, lr, momentum, nesterov, weight_decay, fused=guarded or None)
         self.guard = GuardedUpdate(self.opt) if guarded else None
         self.forward = _ddp(target, device) if ctx.active else target
         self.target_taps = self.source_taps = None
@@ -276,9 +277,11 @@ class FastStep(Step):
 
     def __init__(self, target: nn.Module, source: nn.Module, reg: Method, params: Sequence,
                  options: StepOptions, device: torch.device, lr: float, momentum: float,
-                 ctx: DistContext = DistContext(), nesterov: bool = False, guarded: bool = False):
+                 ctx: DistContext = DistContext(), nesterov: bool = False, guarded: bool = False,
+                 optimizer: str = "sgd", weight_decay: float = 0.0):
         """`params`: the trainable parameters, or SGD parameter groups (dicts with "params" and "lr_mult");
-        guarded: a fused SGD whose update a device flag can cancel (update(ok))."""
+        guarded: a fused SGD whose update a device flag can cancel (update(ok)); optimizer "adamw": torch's
+        AdamW (weight_decay its decoupled decay), the pulls added to the gradients before its step as well."""
         self.target, self.reg, self.options, self.device, self.ctx = target, reg, options, torch.device(device), ctx
         groups = as_groups(params)
         self.params = [p for g in groups for p in g["params"]]
@@ -302,8 +305,8 @@ class FastStep(Step):
         self.pulls = pulls or []
         cuda = self.device.type == "cuda"
         fused = cuda or guarded
-        self.opt = PullSGD(groups, lr, momentum, self.pulls, foreach=None if fused else True,
-                           fused=True if fused else None, nesterov=nesterov)
+        self.opt = make_optimizer(optimizer, groups, lr, momentum, nesterov, weight_decay, self.pulls,
+                                  foreach=None if fused else True, fused=True if fused else None)
         self.guard = GuardedUpdate(self.opt) if guarded else None
         if options.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)

@@ -94,6 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-first-step", action="store_true",
                    help="after the run, time each compiled fastdelta row's first step again in a fresh process "
                         "(torch.compile's on-disk caches now warm): first_step_warm_s")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="time the public step and every CPU engine `auto` chooses from side by side, their steps "
+                        "in turns for ROUNDS rounds (after --warmup rounds): each ratio with its spread")
+    p.add_argument("--with-compile", action="store_true",
+                   help="with --interleave: also bf16 channels_last compiled (never chosen by auto on a CPU)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds: start no new row after this (rows measured so far are written)")
 
@@ -101,6 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     from ...train.distributed import DistContext, device_for
     device = device_for(DistContext(), args.device)
+    if args.interleave:
+        return run_interleaved(args, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     plan = _Plan.of(args)
@@ -129,6 +136,27 @@ def run(args) -> dict:
         warm_first_steps(args, result["rows"])
     _save(out, result)
     print(markdown(result), flush=True)
+    return result
+
+
+def run_interleaved(args, device) -> dict:
+    """--interleave: per model and method, every engine side by side (fastdelta.apps.bench.interleaved)."""
+    from .interleaved import cpu_record, engines, markdown as interleaved_markdown, measure_method
+    plan = _Plan.of(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**environment(device), **cpu_record()}
+    result = {"config": {"models": plan.models, "methods": plan.methods, "batch": plan.batch, "size": plan.size,
+                         "warmup": plan.warmup, "rounds": args.interleave, "num_classes": args.num_classes,
+                         "interleaved": True},
+              "environment": env, "rows": []}
+    for model in plan.models:
+        for method in plan.methods:
+            result["rows"] += measure_method(model, method, engines(args.with_compile), plan.batch, plan.size,
+                                             args.num_classes, device, args.interleave, plan.warmup)
+            (out / "bench_step.json").write_text(json.dumps(result, indent=1))
+            (out / "bench_step.md").write_text(interleaved_markdown(result["rows"], env))
+    print(interleaved_markdown(result["rows"], env), flush=True)
     return result
 
 

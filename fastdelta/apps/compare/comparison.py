@@ -1,19 +1,20 @@
 """`fastdelta.compare`: the paper's comparison on the user's data, as a report they can regenerate.
 
 Every method runs under identical settings and, per seed, the same data order (the batch sampler
-is seeded by the run's seed only). alpha/beta of the regularised methods are chosen on a
-validation split carved from the training set (never the test set): a grid as in the paper
-(0.0001, 0.001, 0.01, 0.1, 0.2), over alpha x beta ("grid"), over alpha with beta fixed ("alpha",
-the default, 5x cheaper) or not at all ("none"). Outputs: report.json (schema below), report.md
+is seeded by the run's seed only). The tuned hyperparameters of each method (those it declares with a
+grid, alpha and beta for the paper's; CompareSettings.grid adds or replaces grids) are chosen on a
+validation split carved from the training set (never the test set): over every combination ("grid"),
+over the first (alpha) with the others fixed ("alpha", the default, 5x cheaper) or not at all ("none").
+Outputs: report.json (schema below), report.md
 and PNG figures (fastdelta.compare.figures), each written atomically at the end, plus runs/<name>/ with
 every fit's result.json and history.jsonl (no weights, to keep the folder small).
 
 report.json (schema "fastdelta.compare/1"): model, data, settings (the fit settings shared by every
-run), compare (methods, seeds, search, grids), search {seed, split, results [{method, alpha, beta,
-val_top1, status}], chosen {method: {alpha, beta}}}, runs [{name, method, seed, alpha, beta,
-schedule, test_top1, test_top1_10crop, status, seconds, curve [[iteration, test_top1]],
-train_loss [[iteration, ce]]}], table {method: {mean, std, n, values, mean_10crop, std_10crop}},
-best, filter_distances {method: {stage: {filters, mean, median, max, sorted_quantiles}}},
+run), compare (methods, seeds, search, grids), search {seed, split, results [{method, <each tuned
+hyperparameter: value>, val_top1, status}], chosen {method: {hyperparameter: value}}}, runs [{name,
+method, seed, <the chosen hyperparameters>, schedule, test_top1, test_top1_10crop, status, seconds,
+curve [[iteration, test_top1]], train_loss [[iteration, ce]]}], table {method: {mean, std, n, values,
+mean_10crop, std_10crop}}, best, filter_distances {method: {stage: {filters, mean, median, max, sorted_quantiles}}},
 attention_split {method: {conv: {low_attention_mean, high_attention_mean, filters}}},
 activation_maps {layer, images, classes, filters, maps {network: [[...]]}}, roughness
 {"method/schedule": value}, claims {name: {holds, text}}, environment, wall_s.
@@ -28,11 +29,13 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from ...data.fingerprint import state_sha256
+from ...data.inputs import check_output_outside_data
+from ...environment import environment
 from ...methods import METHODS
 from ...progress import progress_bar
 from ...run_folder import RunFolder
 from ...settings import SettingsError, make_settings
-from ..demo import environment
+from ...train.preempt import Preempted, StopOutsideTraining
 from .analysis import curve_roughness
 from .compare_settings import COMPARE_SETS, CompareSettings
 from .probe import MapProbe, read_analysis, write_analysis
@@ -61,18 +64,41 @@ def compare(model, train, test=None, methods: Sequence[str] = tuple(METHODS), se
     show_progress = bool(fit_settings.pop("progress", True))
     base = {**fit_settings, "progress": False}  # one bar for the whole comparison, none per fit
     base_settings = make_settings(**base)  # unknown or bad settings fail here, before any run
+    check_output_outside_data(out, train, test)  # before the folder is marked as output
     test = test_data(train, test)
     out = Path(out)
-    # the folder is marked as output (a data scan never takes it for a class) and locked while this runs
-    with RunFolder.claim(out, check_earlier=False):
+    # the folder is marked as output (a data scan never takes it for a class) and locked while this runs;
+    # SIGTERM/SIGINT stop it with a Preempted naming the runs that finished (its fits have no handler of their own)
+    with RunFolder.claim(out, check_earlier=False), _StopCompare(out).installed():
         return _compare_in(out, model, weights, train, test, cs, base, base_settings, show_progress, log)
+
+
+class _StopCompare(StopOutsideTraining):
+    """SIGTERM/SIGINT during a comparison: stop at once with a Preempted that names the runs finished in
+    out/runs (each saved whole when its fit ended) and how to take them back (reuse_runs)."""
+
+    def __init__(self, out: Path):
+        super().__init__(None, "comparing")
+        self.out = Path(out)
+
+    def preempted(self, signal_name: str) -> Preempted:
+        runs = self.out / "runs"
+        done = sorted(str(p.parent.relative_to(runs)) for p in runs.rglob("result.json")) if runs.is_dir() else []
+        if done:
+            shown = ", ".join(done[:8]) + (f" and {len(done) - 8} more" if len(done) > 8 else "")
+            kept = (f"{len(done)} run{'s' if len(done) > 1 else ''} finished in {runs} ({shown}); run the same "
+                    "command again with --reuse-runs (compare_settings.reuse_runs=True) to take them back "
+                    "instead of fitting them again")
+        else:
+            kept = "no run had finished yet; start it again"
+        return Preempted(signal_name, None, None, self.out, f"stopped by {signal_name} while comparing: {kept}")
 
 
 def _compare_in(out: Path, model, weights, train, test, cs: CompareSettings, base: dict, base_settings,
                 show_progress: bool, log) -> dict:
     t_start = time.perf_counter()
     runner = Runner(model, weights, base, out, log)
-    searched = [m for m in cs.methods if METHODS[m].tuned] if cs.search != "none" else []
+    searched = [m for m in cs.methods if cs.searched(METHODS[m])]
     n_grid = sum(len(search_grid(cs, METHODS[m], fixed_values(base_settings, m))) for m in searched)
     curve_runs = [(m, sch) for m in cs.methods if METHODS[m].learning_curve for sch in cs.schedules if sch != "step"]
     total = n_grid * cs.folds + cs.seeds * len(cs.methods) + len(curve_runs)  # every fit, each fold's too
@@ -147,11 +173,11 @@ class _FinalRuns:
 def _report_sections(finals: _FinalRuns, search_record, t_start: float) -> dict:
     """What report.json holds beyond the comparison's settings: the runs, their table and figure inputs."""
     first, probe, att, runs = finals.first, finals.probe, finals.att, finals.runs
+    per_run = {"method", "seed", "alpha", "beta", "lr_schedule", "eval_every", "attention", "resumed_from_iteration"}
+    per_run |= {k for values in finals.chosen.values() for k in values}  # the tuned hyperparameters
     return {"model": first.model_info,
             "data": {**first.data, "test": probe.test_description, "overlap": probe.overlap},
-            "settings": {k: v for k, v in first.settings.items()
-                         if k not in ("method", "seed", "alpha", "beta", "lr_schedule", "eval_every",
-                                      "attention", "resumed_from_iteration")},
+            "settings": {k: v for k, v in first.settings.items() if k not in per_run},
             "search": search_record, "chosen": finals.chosen, "runs": runs,
             "table": _summary_table(runs, finals.cs.methods),
             "filter_distances": finals.distances, "attention_split": finals.splits,

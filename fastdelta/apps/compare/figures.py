@@ -1,8 +1,9 @@
 """The comparison report's figures (matplotlib, Agg), each written atomically as a PNG.
 
 table1.png (test top-1 per method), fig3_curves.png (learning curves, l2_sp vs delta per lr schedule),
-fig4_search.png (validation top-1 over the alpha(/beta) grid), fig5_filter_distance.png (sorted
-per-filter distance from w* per stage), fig6_activation_maps.png (weakly active source filters).
+fig4_search.png (validation top-1 over each method's searched hyperparameters),
+fig5_filter_distance.png (sorted per-filter distance from w* per stage), fig6_activation_maps.png (weakly
+active source filters).
 """
 from __future__ import annotations
 
@@ -100,34 +101,82 @@ def describe_split(search: dict) -> str:
     return f"a validation split of {split['val']} training images (seed {search['seed']})"
 
 
+# what a search record holds beside the point's hyperparameters (fastdelta.apps.compare.search.run_search)
+RECORD_KEYS = ("method", "val_top1", "status", "seconds", "reused", "folds")
+
+
+def _point(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in RECORD_KEYS}
+
+
+def _text(name: str, value) -> str:
+    return f"{name} = {value:g}" if isinstance(value, (int, float)) else f"{name} = {value}"
+
+
+def search_panels(search: dict) -> list:
+    """Fig. 4's panels from the search's results, for any method's hyperparameters: each {title, x, xs, ylabel,
+    rows, cells}, cells[(row, x value)] = validation top-1 (None: diverged; a cell not there was not run).
+    When every method varies at most one and the same hyperparameter (search "alpha"), one panel with a row
+    per method; otherwise one per method, its first varying hyperparameter across, the others' values down."""
+    records: Dict[str, list] = {}
+    for r in search["results"]:
+        records.setdefault(r["method"], []).append(r)
+    names = {m: list(dict.fromkeys(k for r in rs for k in _point(r))) for m, rs in records.items()}
+    values = {m: {n: sorted({_point(r)[n] for r in rs if n in _point(r)}) for n in names[m]}
+              for m, rs in records.items()}
+    varying = {m: [n for n in names[m] if len(values[m][n]) > 1] for m in records}
+    across = {tuple(v) for v in varying.values() if v}
+    if len(across) <= 1 and all(len(v) <= 1 for v in varying.values()):
+        x = next(iter(across))[0] if across else next((n for ns in names.values() for n in ns), None)
+        if x is not None and all(x in ns for ns in names.values()):
+            fixed = {m: {n: values[m][n][0] for n in names[m] if n != x} for m in records}
+            common = {n: v for n, v in next(iter(fixed.values())).items()
+                      if all(f.get(n) == v for f in fixed.values())}
+            rows, cells = [], {}
+            for m, rs in records.items():
+                own = ", ".join(_text(n, v) for n, v in fixed[m].items() if n not in common)
+                rows.append(label(m) + (f" ({own})" if own else ""))
+                cells.update({(rows[-1], r[x]): r["val_top1"] for r in rs})
+            title = f"{x} search" + (f" ({', '.join(_text(n, v) for n, v in common.items())})" if common else "")
+            xs = sorted({v for m in records for v in values[m][x]})
+            return [dict(title=title, x=x, xs=xs, ylabel="method", rows=rows, cells=cells)]
+    panels = []
+    for m, rs in records.items():
+        x = varying[m][0] if varying[m] else names[m][0]
+        down = [n for n in varying[m] if n != x]
+        fixed = [n for n in names[m] if n != x and n not in down]
+        row_of = (lambda p: f"{p[down[0]]:g}") if len(down) == 1 else (
+            lambda p: ", ".join(f"{n}={p[n]:g}" for n in down) or label(m))
+        keyed = sorted(rs, key=lambda r: tuple(_point(r)[n] for n in down))
+        rows = list(dict.fromkeys(row_of(_point(r)) for r in keyed))
+        title = label(m) + (f" ({', '.join(_text(n, values[m][n][0]) for n in fixed)})" if fixed else "")
+        panels.append(dict(title=title, x=x, xs=values[m][x], ylabel=", ".join(down) or "method", rows=rows,
+                           cells={(row_of(_point(r)), r[x]): r["val_top1"] for r in rs}))
+    return panels
+
+
 def search_figure(report: dict, path: Path) -> str:
     plt = _plt()
     search = report["search"]
-    results = search["results"]
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    alphas = sorted({r["alpha"] for r in results})
-    betas = sorted({r["beta"] for r in results})
-    val = {(r["method"], r["alpha"], r["beta"]): r["val_top1"] for r in results}
-    if len(betas) == 1:  # alpha search: one row per method
-        grids = [("alpha search (beta = %g)" % betas[0], np.array(
-            [[_nan(val.get((m, a, betas[0]))) for a in alphas] for m in methods]), [label(m) for m in methods])]
-        ylabel = "method"
-    else:
-        grids = [(label(m), np.array([[_nan(val.get((m, a, b))) for a in alphas] for b in betas]),
-                  [f"{b:g}" for b in betas]) for m in methods]
-        ylabel = "beta"
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids) + 0.5, 0.5 * len(grids[0][2]) + 2.2),
-                             squeeze=False)
-    for ax, (title, grid, rows) in zip(axes[0], grids):
+    panels = search_panels(search)
+    most = max(len(p["rows"]) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.5, 0.5 * most + 2.2), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        ran = {(i, j): p["cells"][(row, x)] for i, row in enumerate(p["rows"]) for j, x in enumerate(p["xs"])
+               if (row, x) in p["cells"]}
+        grid = np.full((len(p["rows"]), len(p["xs"])), np.nan)
+        for (i, j), v in ran.items():
+            grid[i, j] = _nan(v)
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
-        for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, "div." if np.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=7,
-                    color="w" if np.isnan(v) or v < np.nanmean(grid) else "k")
-        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas], fontsize=8)
-        ax.set_yticks(range(len(rows)), rows, fontsize=8)
-        ax.set_xlabel("alpha")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
+        mean = np.nanmean(grid) if np.isfinite(grid).any() else 0.0
+        for (i, j), v in ran.items():  # a cell not run stays blank
+            ax.text(j, i, "div." if v is None else f"{v:.1f}", ha="center", va="center", fontsize=7,
+                    color="w" if v is None or v < mean else "k")
+        ax.set_xticks(range(len(p["xs"])), [f"{v:g}" for v in p["xs"]], fontsize=8)
+        ax.set_yticks(range(len(p["rows"])), p["rows"], fontsize=8)
+        ax.set_xlabel(p["x"])
+        ax.set_ylabel(p["ylabel"])
+        ax.set_title(p["title"], fontsize=9)
         fig.colorbar(im, ax=ax, label="validation top-1 (%)")
     fig.suptitle(f"{describe_split(search)}; div. = diverged", fontsize=9)
     fig.tight_layout()

@@ -9,7 +9,7 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 
-from ...methods import L2, L2SP, Delta, DeltaNoAtt
+from ...methods import L2, L2SP, Delta, DeltaNoAtt, method_class
 from ...output_files import atomic_write, atomic_write_text
 from ...settings import describe_conventions
 from .figures import all_figures, describe_split, label
@@ -177,6 +177,8 @@ def markdown(report: dict, figures) -> str:
     table = report["table"]
     means = {k: v["mean"] for k, v in table.items() if v["mean"] is not None}
     best = max(means, key=means.get) if means else None
+    columns = tuned_columns(report)
+    tuned = "/".join(columns) or "hyperparameters"
     lines = [f"# fastdelta compare: {m['arch']} ({m['weights']})", "",
              f"- data: {d['train']['num_samples']} training images, {d['test']['num_samples']} test images, "
              f"{d['num_classes']} classes, {s['resize']}/{s['crop']} px ({s['augmentation']} protocol)",
@@ -184,16 +186,17 @@ def markdown(report: dict, figures) -> str:
              f"(x{s['lr_gamma']} at {s['lr_step']}), momentum {s['momentum']}, "
              f"regularised layers {', '.join(m['layers'])}",
              f"- conventions: {describe_conventions(s)}",
-             f"- seeds 0..{cs['seeds'] - 1} (same data order for every method of a seed); alpha/beta "
+             f"- seeds 0..{cs['seeds'] - 1} (same data order for every method of a seed); {tuned} "
              + ("given" if report["search"] is None else
                 f"chosen by {cs['search']} search on {describe_split(report['search'])}; the test set was "
                 "never used to choose"),
              f"- device {report['environment']['device']}, torch {report['environment']['torch']}, "
              f"{report['environment']['date']}, wall time {report['wall_s'] / 60:.1f} min", "",
              "## Table 1 analog: test top-1 (%), mean ± std over seeds", "",
-             "| method | alpha | beta | test top-1 | seeds |" + (" 10-crop |" if any(
+             "| method | " + "".join(f"{c} | " for c in columns) + "test top-1 | seeds |" + (" 10-crop |" if any(
                  v["mean_10crop"] is not None for v in table.values()) else ""),
-             "|---|---|---|---|---|" + ("---|" if any(v["mean_10crop"] is not None for v in table.values()) else "")]
+             "|---|" + "---|" * len(columns) + "---|---|" + ("---|" if any(
+                 v["mean_10crop"] is not None for v in table.values()) else "")]
     for meth in cs["methods"]:
         t = table[meth]
         c = report["chosen"].get(meth, {})
@@ -202,8 +205,9 @@ def markdown(report: dict, figures) -> str:
             cell = f"**{cell}**"
         extra = f" {_fmt(t['mean_10crop'], t['std_10crop'], t['n'])} |" if t["mean_10crop"] is not None else ""
         seeds = ", ".join(f"{v:.2f}" for v in t["values"]) + (f" ({t['diverged']} diverged)" if t["diverged"] else "")
-        lines.append(f"| {label(meth)} | {c.get('alpha', '-')} | {c.get('beta', '-')} | {cell} | {seeds} |{extra}")
-    lines += ["", "(L2 and L2-FE use weight decay %g; alpha/beta apply to the other methods.)" % s["weight_decay"], ""]
+        values = "".join(f"{c.get(k, '-')} | " for k in columns)
+        lines.append(f"| {label(meth)} | {values}{cell} | {seeds} |{extra}")
+    lines += ["", _regularisation_note(report, columns), ""]
     lines += _attention_warning(report)
     lines += claims_markdown(report)
     captions = {"table1.png": "Table 1 analog", "fig3_curves.png": "Fig. 3 analog: learning curves",
@@ -213,6 +217,25 @@ def markdown(report: dict, figures) -> str:
     for f in figures:
         lines += [f"## {captions[f]}", "", f"![{captions[f]}]({f})", ""]
     return "\n".join(lines)
+
+
+def tuned_columns(report: dict) -> list:
+    """Table 1's hyperparameter columns: every hyperparameter chosen for a compared method (alpha and beta
+    for the paper's methods), in the order the methods declare them."""
+    chosen = report.get("chosen") or {}
+    return list(dict.fromkeys(k for meth in report["compare"]["methods"] for k in chosen.get(meth, {})))
+
+
+def _regularisation_note(report: dict, columns: list) -> str:
+    """Which methods Table 1's columns do not regularise: those with weight decay (the settings' value)."""
+    chosen, wd = report.get("chosen") or {}, report["settings"].get("weight_decay")
+    decayed = [meth for meth in report["compare"]["methods"] if method_class(meth).uses_weight_decay
+               and "weight_decay" not in chosen.get(meth, {})]
+    parts = ([f"{' and '.join(label(meth) for meth in decayed)} use weight decay {wd:g}"]
+             if decayed and wd is not None else [])
+    if columns:
+        parts.append(f"{'/'.join(columns)} apply to the methods that declare them")
+    return f"({'; '.join(parts)}.)" if parts else ""
 
 
 def finish_report(report: dict, out: Path) -> dict:

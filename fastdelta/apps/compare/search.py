@@ -1,5 +1,6 @@
-"""Choosing the tuned hyperparameters (alpha, and beta with search "grid") on validation data: every grid
-point of every method fitted on each fit part and scored on its validation part; the best mean wins."""
+"""Choosing the tuned hyperparameters (each method's first, alpha for the paper's; every one with search
+"grid") on validation data: every grid point of every method fitted on each fit part and scored on its
+validation part; the best mean wins."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,15 +18,14 @@ SHORT_NAMES = {"alpha": "a", "beta": "b"}
 
 
 def search_grid(cs: CompareSettings, method: type, fixed: dict) -> list:
-    """The points a search fits for `method`, each {hyperparameter: value} over its tuned ones: search
-    "alpha" varies the first (alpha) with the others at `fixed`, "grid" every combination, the first
-    varying fastest. A tuned hyperparameter's values are its declared grid, or alpha_grid / beta_grid."""
-    grids = {h.name: list(h.grid) for h in method.hyperparameters if h.grid}
-    for name, override in (("alpha", cs.alpha_grid), ("beta", cs.beta_grid)):
-        if override is not None and name in grids:
-            grids[name] = list(override)
+    """The points a search fits for `method`, each {hyperparameter: value} over its tuned ones (cs.tuned):
+    those the search varies (cs.searched: search "alpha" the first, "grid" every one) over their values,
+    the others at `fixed`; every combination, the first varying fastest. A tuned hyperparameter's values
+    are the comparison's grid for it (cs.grids()), else its declared grid."""
+    given = cs.grids()
+    grids = {h.name: list(given.get(h.name) or h.grid) for h in method.hyperparameters if h.name in cs.tuned(method)}
     names = list(grids)
-    searched = names if cs.search == "grid" else names[:1]
+    searched = cs.searched(method)
     points = [{}]
     for name in reversed(names):  # the first name innermost, as the paper's tables read
         values = grids[name] if name in searched else [fixed[name]]
@@ -107,7 +107,7 @@ def chosen_hyperparameters(cs: CompareSettings, search_record, s) -> Dict[str, d
     the settings' values or the method's defaults."""
     chosen = {}
     for m in cs.methods:
-        tuned = METHODS[m].tuned
+        tuned = cs.tuned(METHODS[m])
         if not tuned:
             continue
         if search_record is not None:
