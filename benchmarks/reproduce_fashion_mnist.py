@@ -149,7 +149,9 @@ def write_summary(out: Path, sizes, command: str, title: str = TITLE, preamble=(
         return
     any_r = next(iter(reports.values()))
     run = any_r["settings"]  # crop, iterations and batch are one per reproduction (the same command)
-    lines = [f"# Reproduction: {title}, six methods, three seeds", "",
+    n_seeds = len({r["seed"] for r in any_r.get("runs") or []})
+    seeds = {1: "one seed", 2: "two seeds", 3: "three seeds", 5: "five seeds"}.get(n_seeds, f"{n_seeds} seeds")
+    lines = [f"# Reproduction: {title}, six methods, {seeds}", "",
              f"Command: `{command}`", "", *preamble,
              f"- device {any_r['environment']['device']}, torch {any_r['environment']['torch']}, "
              f"{any_r['environment']['date']}",

@@ -27,6 +27,8 @@ def load_tensors(source: Union[str, bytes, "os.PathLike"], what: str, allowed: S
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in unpickler_reason(e).lower():  # not a refused global: a damaged or foreign file
+            raise
         raise UnsafeFileError(f"{what} was refused: it holds objects other than tensors, numbers, strings and "
                               f"containers ({unpickler_reason(e)}), so reading it could run code") from e
 

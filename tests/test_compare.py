@@ -458,3 +458,20 @@ def test_refresh_reports_rewrites_only_the_claims(twice, tmp_path):
     assert {k: v for k, v in new.items() if k != "claims"} == {k: v for k, v in saved.items() if k != "claims"}
     assert (folder / "report.md").read_text() == md.replace(head, "- an older header line\n" + head)
     assert (folder / "table1.png").read_bytes() == figure
+
+
+def test_a_full_disk_while_writing_the_report_names_the_folder_and_the_way_on(twice, tmp_path, monkeypatch):
+    import errno
+
+    from fastdelta.apps.compare import report as report_module
+    from fastdelta.output_files import OutputError
+    (first, folder), _ = twice
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(report_module, "save_report_json", full)
+    saved = report_module.load_report(folder)
+    with pytest.raises(OutputError, match=r"could not write the comparison report in .*No space left on device.*"
+                                          r"--reuse-runs") as e:
+        report_module.finish_report(saved, tmp_path)
+    assert e.value.errno == errno.ENOSPC and str(tmp_path / "runs") in str(e.value)

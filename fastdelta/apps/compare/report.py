@@ -10,7 +10,7 @@ from typing import Dict, Optional, Union
 import numpy as np
 
 from ...methods import L2, L2SP, Delta, DeltaNoAtt, method_class
-from ...output_files import atomic_write, atomic_write_text
+from ...output_files import OutputError, atomic_write, atomic_write_text, reason
 from ...settings import describe_conventions
 from .figures import all_figures, describe_split, label
 
@@ -245,10 +245,16 @@ def finish_report(report: dict, out: Path) -> dict:
     means = {k: v["mean"] for k, v in table.items() if v["mean"] is not None}
     report["best"] = max(means, key=means.get) if means else None
     report["claims"] = claims(report)
-    figures = all_figures(report, out)
-    report["figures"] = figures
-    save_report_json(report, out)
-    atomic_write_text(out / "report.md", markdown(report, figures))
+    try:
+        figures = all_figures(report, out)
+        report["figures"] = figures
+        save_report_json(report, out)
+        atomic_write_text(out / "report.md", markdown(report, figures))
+    except OSError as e:  # a full or read-only disk after hours of fits: say where the fits are kept
+        raise OutputError(f"could not write the comparison report in {out}: {reason(e)}; every finished run is "
+                          f"kept in {out / 'runs'}: free space (or make the folder writable) and run the same "
+                          "command again with --reuse-runs, which writes the report without refitting",
+                          e.errno) from e
     return report
 
 
