@@ -56,7 +56,8 @@ def paired(rows, method: str, engine: str) -> dict:
     ref_sd = statistics.stdev([ref[s] for s in seeds])
     return {"seeds": seeds, "diffs": [round(d, 2) for d in diffs], "mean": round(mean, 3), "std": round(sd, 3),
             "ci95": [round(mean - half, 3), round(mean + half, 3)], "reference_seed_std": round(ref_sd, 3),
-            "keeps_accuracy": bool(mean - half <= 0 <= mean + half or abs(mean) <= ref_sd)}
+            # fewer than three seeds decide nothing (a 95% interval on two is t = 12.7 wide)
+            "keeps_accuracy": None if len(diffs) < 3 else bool(mean - half <= 0 <= mean + half or abs(mean) <= ref_sd)}
 
 
 def summary(out: Path) -> dict:
@@ -71,7 +72,7 @@ def summary(out: Path) -> dict:
             if "mean" in p:
                 lines.append(f"| {m} | {e} | {', '.join(f'{d:+.2f}' for d in p['diffs'])} | {p['mean']:+.2f} ± {p['std']:.2f} "
                              f"| [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] | {p['reference_seed_std']:.2f} | "
-                             f"{'yes' if p['keeps_accuracy'] else 'no'} |")
+                             f"{ {True: 'yes', False: 'no', None: 'not decided (under 3 seeds)'}[p['keeps_accuracy']]} |")
     lines += ["", "| method | engine | seed | test top-1 | train s |", "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['engine']} | {r['seed']} | {r['test_top1']:.2f} | {r['train_s']} |" for r in rows]
     (out / "parity.md").write_text("\n".join(lines) + "\n")
