@@ -22,6 +22,7 @@ from .attention.cache import cache_dir
 from .attention.measure import load_attention, measure_attention
 from .attention.weights import ChannelAttention
 from .networks.models import Networks
+from .networks.named_weights import is_weights_name
 from .result import FitResult
 from .run_folder import RunFolder
 from .run_setup import prepare_run, run_context, shard
@@ -153,7 +154,8 @@ def fit(model: Union[str, nn.Module], train, test=None, method: str = FitSetting
     """Fine-tune `model` on `train` with one of the paper's methods and evaluate on `test`.
 
     model: torchvision/timm name or nn.Module; weights: state-dict path, "imagenet" (EfficientNet-Lite0,
-    shipped), or None/"random" (warned). train/test: ImageFolder root, torch Dataset or (images, labels).
+    shipped), a name of pre-trained weights (torchvision's DEFAULT, IMAGENET1K_V1, ...; "pretrained" for timm)
+    read from torch hub's or Hugging Face's cache (never downloaded), or None/"random" (warned). train/test: ImageFolder root, torch Dataset or (images, labels).
     Settings: see FitSettings. Raises NonFiniteLossError (with .partial_result) if a loss term diverges,
     OutputError if run_dir cannot take the run's files (checked first: another run holding it, an
     earlier run's files without resume/overwrite, too little free space) or a write fails,
@@ -189,7 +191,8 @@ def call_record(model, train, test, weights, s: FitSettings) -> dict:
     def path(v):
         return os.path.abspath(v) if isinstance(v, (str, os.PathLike)) else None
     given = {"model": model if isinstance(model, str) else None, "train": path(train), "test": path(test),
-             "weights": weights if weights is None or str(weights) in ("imagenet", "random") else path(weights)}
+             "weights": weights if weights is None or str(weights) in ("imagenet", "random") or is_weights_name(weights)
+             else path(weights)}
     objects = [k for k, v in (("model", model), ("train", train), ("test", test), ("weights", weights),
                               ("val", s.val))
                if v is not None and (given[k] if k in given else path(v)) is None]

@@ -148,7 +148,9 @@ def _add_model_args(p: argparse.ArgumentParser, data_required: bool = True,
     p.add_argument("--test", default=None, help="test ImageFolder root (default: DATA/test if it exists)")
     p.add_argument("--model", default=None, help=f"torchvision or timm model name (default: {DEFAULT_MODEL})")
     p.add_argument("--weights", default=None,
-                   help="source weights: a state-dict path, 'imagenet' (efficientnet_lite0 only) or 'random'")
+                   help="source weights: a state-dict path, 'imagenet' (efficientnet_lite0 only), a torchvision "
+                        "weights name (DEFAULT, IMAGENET1K_V1, ...) or 'pretrained' (timm), read from torch hub's / "
+                        "Hugging Face's cache (never downloaded), or 'random'")
     p.add_argument("--out", default=None, help=out_help)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..safe_load import UnsafeFileError, load_tensors, unpickler_reason
+from .named_weights import fix_torchvision_keys, is_weights_name, resolve_named_weights
 from .pretrained import LITE0_ARCH, lite0_state_dict_for
 
 # Regularised layers of the public code (github.com/lixingjian/DELTA) and, for EfficientNet-Lite0 (the
@@ -160,6 +161,12 @@ def load_source_weights(model: nn.Module, arch: str, weights, head_name: str) ->
                       "Transfer learning from random weights is not what DELTA is for; pass weights=PATH.",
                       UserWarning, stacklevel=3)
         return "random (NOT pre-trained)"
+    if is_weights_name(weights):  # DEFAULT, IMAGENET1K_V1, pretrained: a file in torch hub's or HF's cache
+        path, desc = resolve_named_weights(arch, weights)
+        state = fix_torchvision_keys(arch, _unwrap_checkpoint(_read_weights(path)))
+        check_finite(state, f"weights file {str(path)!r} holds")
+        check_and_load(model, state, head_name, f"{weights} (file {str(path)!r})")
+        return desc
     path = Path(weights)
     state = _unwrap_checkpoint(_read_weights(path))
     check_finite(state, f"weights file {str(path)!r} holds")
@@ -184,6 +191,8 @@ def _read_weights(path: Path):
         raise ModelError(f"weights file {str(path)!r} does not exist")
     if path.stat().st_size == 0:  # torch.load's EOFError for this has an empty message
         raise ModelError(f"weights file {str(path)!r} is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         return load_tensors(path, f"weights file {str(path)!r}")
     except UnsafeFileError as e:
@@ -193,6 +202,18 @@ def _read_weights(path: Path):
     except Exception as e:
         raise ModelError(f"weights file {str(path)!r} is not a PyTorch state dict "
                          f"(torch.load failed: {unpickler_reason(e)})") from e
+
+
+def _read_safetensors(path: Path) -> dict:
+    """A .safetensors file's tensors (the format holds tensors only: nothing in it runs)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ModelError(f"weights file {str(path)!r} is a .safetensors file: pip install safetensors") from e
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:
+        raise ModelError(f"weights file {str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
 
 
 def new_head(old: nn.Linear, num_classes: int) -> nn.Linear:
