@@ -269,7 +269,8 @@ def plot(run_dir: Path) -> Path:
     from fastdelta.result import load_history, plot_history
     result = json.loads((run_dir / "result.json").read_text())
     out = run_dir / "history.png"
-    plot_history(load_history(run_dir), out, f"{result.get('method')} — {(result.get('model') or {}).get('arch')}")
+    plot_history(load_history(run_dir), out, f"{result.get('method')} — {(result.get('model') or {}).get('arch')}",
+                 result.get('method'))
     return out
 
 

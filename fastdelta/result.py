@@ -91,7 +91,8 @@ class FitResult:
             else:
                 self.attention.save(out / "channel_attention.json")
         if self.history and plots:
-            plot_history(self.history, out / "history.png", f"{self.method} — {self.model_info.get('arch')}")
+            plot_history(self.history, out / "history.png", f"{self.method} — {self.model_info.get('arch')}",
+                         self.method)
         atomic_write_text(out / "result.json", json.dumps(summary, indent=1, default=str))
         return out
 
@@ -122,23 +123,86 @@ def load_history(run_dir) -> list:
     raise FileNotFoundError(f"no {' or '.join(HISTORY_FILES)} in {run_dir}")
 
 
-def plot_history(history: list, path, title: str) -> None:
+def plot_history(history: list, path, title: str, method: Optional[str] = None) -> None:
+    """history.png: the figure history_figure draws, written atomically."""
+    fig = history_figure(history, title, method)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def history_figure(history: list, title: str, method: Optional[str] = None):
+    """The training history as a matplotlib Figure, one panel each: the cross-entropy (and the total loss)
+    on its own axis, so it shows however small the regulariser is; the regularisation terms (named "weight
+    decay" for the methods regularised by weight decay); the learning rate (a step schedule drawn as steps);
+    and, when curve points were recorded (rows with test_top1 or val_top1), the accuracy. Integer
+    iteration ticks throughout."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     it = [h["iteration"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label in (("ce", "cross-entropy"), ("reg", "alpha·regulariser"), ("head", "beta·head L2"), ("loss", "total")):
-        ax1.plot(it, [h[key] for h in history], label=label, lw=1)
-    ax1.set_yscale("symlog", linthresh=1e-3)
-    ax1.set_xlabel("iteration")
-    ax1.set_ylabel("loss term")
-    ax1.set_title(f"{title}: training loss")
-    ax1.legend(fontsize=8)
-    ax2.plot(it, [h["lr"] for h in history], color="tab:gray")
-    ax2.set_xlabel("iteration")
-    ax2.set_ylabel("learning rate")
-    ax2.set_title("learning-rate schedule")
+    curves = {key: [(h["iteration"], h[key]) for h in history if h.get(key) is not None]
+              for key in ("test_top1", "val_top1")}
+    curves = {k: v for k, v in curves.items() if v}
+    n = 3 + bool(curves)
+    fig, grid = plt.subplots(2, 2, figsize=(10, 6.4), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    axes = axes[:n]
+    loss_ax, reg_ax, lr_ax = axes[:3]
+
+    loss_ax.plot(it, [h.get("ce") for h in history], label="cross-entropy", lw=1, color="tab:blue")
+    if any(h.get("loss") is not None for h in history):
+        loss_ax.plot(it, [h.get("loss") for h in history], label="total loss", lw=1, color="tab:gray", alpha=0.7)
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("training cross-entropy and total loss", fontsize=9)
+    loss_ax.legend(fontsize=8)
+
+    decay = _uses_weight_decay(method)
+    labels = ({"reg": "weight decay (shared layers)", "head": "weight decay (head)"} if decay else
+              {"reg": "alpha·regulariser", "head": "beta·head L2"})
+    drawn = []
+    for key, colour in (("reg", "tab:orange"), ("head", "tab:green")):
+        values = [h.get(key) for h in history]
+        if any(v for v in values if v is not None):
+            reg_ax.plot(it, values, label=labels[key], lw=1, color=colour)
+            drawn += [v for v in values if v is not None]
+    if drawn and min(drawn) > 0 and max(drawn) / min(drawn) > 100:
+        reg_ax.set_yscale("log")
+    if drawn:
+        reg_ax.legend(fontsize=8)
+    else:
+        reg_ax.text(0.5, 0.5, "no regularisation term", ha="center", va="center", transform=reg_ax.transAxes)
+    reg_ax.set_ylabel("weight decay term" if decay else "regularisation term")
+    reg_ax.set_title("weight decay terms" if decay else "regularisation terms (own scale)", fontsize=9)
+
+    lr_ax.plot(it, [h.get("lr") for h in history], color="tab:gray", drawstyle="steps-post")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_title("learning-rate schedule", fontsize=9)
+
+    if curves:
+        acc_ax = axes[3]
+        for key, lab in (("test_top1", "test top-1"), ("val_top1", "validation top-1")):
+            if key in curves:
+                acc_ax.plot(*zip(*curves[key]), marker="o", ms=3, lw=1, label=lab)
+        acc_ax.set_ylabel("top-1 (%)")
+        acc_ax.set_title("accuracy along training", fontsize=9)
+        acc_ax.legend(fontsize=8)
+        acc_ax.set_xlim(loss_ax.get_xlim())  # the whole run, so a single curve point gets integer ticks too
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: training history", fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig
+
+
+def _uses_weight_decay(method: Optional[str]) -> bool:
+    if method is None:
+        return False
+    from .methods import METHODS
+    cls = METHODS.get(method)
+    return bool(cls is not None and cls.uses_weight_decay)

@@ -475,3 +475,50 @@ def test_a_full_disk_while_writing_the_report_names_the_folder_and_the_way_on(tw
                                           r"--reuse-runs") as e:
         report_module.finish_report(saved, tmp_path)
     assert e.value.errno == errno.ENOSPC and str(tmp_path / "runs") in str(e.value)
+
+
+def test_chosen_keeps_each_methods_first_seed_model_that_loads_and_scores_its_top1(twice):
+    """keep_models="chosen" (the default): <method>_seed0 has model.pt, which fastdelta.load rebuilds and
+    which evaluates on the test set to the top-1 result.json records; the other schedules keep none."""
+    import fastdelta
+    (report, out), _ = twice
+    test = arrays(seed=1)
+    for m in ("l2_sp", "delta"):
+        run_dir = out / "runs" / f"{m}_seed0"
+        assert (run_dir / "model.pt").is_file()
+        assert not (out / "runs" / f"{m}_seed0_exp" / "model.pt").exists()
+        saved = json.loads((run_dir / "result.json").read_text())
+        top1 = fastdelta.load(run_dir, architecture=tiny_net()).evaluate(test).top1
+        assert top1 == pytest.approx(saved["test"]["top1"], abs=1e-6)
+        assert f"`runs/{m}_seed0/model.pt`" in (out / "report.md").read_text()
+    assert not list((out / "runs").glob("search*/**/model.pt"))  # search fits keep no weights
+
+
+@pytest.mark.parametrize("keep", ["none", "all"])
+def test_keep_models_none_saves_no_weights_and_all_every_final_runs(keep, tmp_path):
+    cs = CompareSettings(search="none", curve_points=0, map_images=0, schedules=(), keep_models=keep)
+    compare(tiny_net(), arrays(n_per_class=4), arrays(n_per_class=2, seed=1), methods=["l2", "l2_sp"], seeds=2,
+            out=tmp_path, compare_settings=cs, **{**QUICK, "iterations": 2, "batch_size": 2})
+    kept = sorted(p.parent.name for p in (tmp_path / "runs").rglob("model.pt"))
+    assert kept == ([] if keep == "none" else ["l2_seed0", "l2_seed1", "l2_sp_seed0", "l2_sp_seed1"])
+
+
+def test_keep_models_is_checked():
+    with pytest.raises(SettingsError, match="keep_models"):
+        CompareSettings(keep_models="best").validate()
+
+
+def test_reuse_refits_a_final_run_whose_kept_model_is_missing(twice, tmp_path):
+    """reuse_runs with keep_models="chosen": a finished run without model.pt (e.g. from a comparison that
+    kept none) is fitted again, so its model is there afterwards."""
+    import shutil
+    (report, out), _ = twice
+    shutil.copytree(out / "runs", tmp_path / "runs")
+    (out / "channel_attention.json").is_file() and shutil.copy(out / "channel_attention.json", tmp_path)
+    (tmp_path / "runs" / "l2_sp_seed0" / "model.pt").unlink()
+    before = (tmp_path / "runs" / "delta_seed0" / "result.json").stat().st_mtime_ns
+    compare(tiny_net(), arrays(n_per_class=5), arrays(seed=1), methods=["l2_sp", "delta"], seeds=1,
+            out=tmp_path, compare_settings=CompareSettings(alpha_grid=(0.001, 0.1), curve_points=2, map_images=2,
+                                                           reuse_runs=True), **QUICK)
+    assert (tmp_path / "runs" / "l2_sp_seed0" / "model.pt").is_file()
+    assert (tmp_path / "runs" / "delta_seed0" / "result.json").stat().st_mtime_ns == before  # reused

@@ -12,6 +12,7 @@ from ...methods.base import all_hyperparameters
 from ...settings import SettingsError, csv_floats, csv_list, json_object, setting
 
 SEARCHES = ("alpha", "grid", "none")
+KEEP_MODELS = ("none", "chosen", "all")
 # the older spellings of grid={name: values}
 GRID_ALIASES = {"alpha_grid": "alpha", "beta_grid": "beta"}
 
@@ -68,6 +69,10 @@ class CompareSettings:
     reuse_runs: bool = setting(False, "take back the runs (search and final) an interrupted compare finished in "
                                "out, with the same settings, data and source weights, instead of refitting them",
                                flags=("--reuse-search",))
+    keep_models: str = setting("chosen", "which final runs write model.pt in runs/<name>/ (load it with "
+                               "fastdelta.load): chosen (each method's first-seed run at the chosen "
+                               "hyperparameters, <method>_seed0), all (every final run: every seed and "
+                               "schedule) or none; search fits never keep weights", choices=KEEP_MODELS)
 
     def validate(self) -> None:
         methods = list(self.methods)
@@ -79,6 +84,8 @@ class CompareSettings:
         if self.search not in SEARCHES:
             raise SettingsError(f"search={self.search!r}: expected one of {SEARCHES}")
         self._validate_grids(methods)
+        if self.keep_models not in KEEP_MODELS:
+            raise SettingsError(f"keep_models={self.keep_models!r}: expected one of {KEEP_MODELS}")
         if not 0 < self.val_fraction < 1:
             raise SettingsError(f"val_fraction={self.val_fraction!r}: must be between 0 and 1")
         if not isinstance(self.folds, int) or isinstance(self.folds, bool) or self.folds < 1:
@@ -89,6 +96,10 @@ class CompareSettings:
             raise SettingsError("curve_points and map_images must be >= 0")
         for name in ("alphas", "betas"):
             self._validate_per_method(name, methods)
+
+    def keeps_model(self, seed: int, schedule: str) -> bool:
+        """Whether the final run of this seed and lr schedule writes model.pt (keep_models)."""
+        return self.keep_models == "all" or (self.keep_models == "chosen" and seed == 0 and schedule == "step")
 
     def grids(self) -> Dict[str, list]:
         """{hyperparameter: the values searched} given here: `grid` with alpha_grid / beta_grid, each value

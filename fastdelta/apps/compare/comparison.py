@@ -7,7 +7,11 @@ validation split carved from the training set (never the test set): over every c
 over the first (alpha) with the others fixed ("alpha", the default, 5x cheaper) or not at all ("none").
 Outputs: report.json (schema below), report.md
 and PNG figures (fastdelta.compare.figures), each written atomically at the end, plus runs/<name>/ with
-every fit's result.json and history.jsonl (no weights, to keep the folder small).
+every fit's result.json and history.jsonl. Weights (model.pt, loadable with fastdelta.load(runs/<name>))
+only as CompareSettings.keep_models says: "chosen" (the default) keeps each method's first-seed final run
+(<method>_seed0, fitted at the chosen hyperparameters), "all" every final run (every seed, and seed 0's
+extra schedules), "none" none; search fits never keep weights. With reuse_runs, a reused final run that
+should keep its weights but has no model.pt is fitted again.
 
 report.json (schema "fastdelta.compare/1"): model, data, settings (the fit settings shared by every
 run), compare (methods, seeds, search, grids), search {seed, split, results [{method, <each tuned
@@ -160,11 +164,13 @@ class _FinalRuns:
         fit_test = curve_test if self.fast_test else test
         final_test = test if self.fast_test else None
         digests = (self.probe.train_fingerprint, runner.fingerprint(fit_test))
-        res = reused_final(runner, name, method, digests, final_test, analysed, overrides) if cs.reuse_runs else None
+        keep = cs.keeps_model(seed, schedule)
+        res = reused_final(runner, name, method, digests, final_test, analysed, overrides, keep_model=keep) \
+            if cs.reuse_runs else None
         if res is not None:
             return res, res.timings.get("total")
         res, secs = runner.fit(name, train_root(self.train), fit_test, method, final_test=final_test,
-                               attention=self.att if METHODS[method].uses_attention else None, **overrides)
+                               keep_model=keep, attention=self.att if METHODS[method].uses_attention else None, **overrides)
         if analysed:
             write_analysis(runner.out / "runs" / name, method, res, self.probe, self.att)
         return res, secs

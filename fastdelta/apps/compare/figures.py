@@ -41,21 +41,28 @@ def _save(fig, path: Path) -> str:
 
 
 def table_figure(report: dict, path: Path) -> str:
+    """Table 1 as bars (mean, ± std error bars, a dot per seed) on a y axis from 0, so that the gaps between
+    methods are drawn to scale; each mean's label sits above its error bar and its seeds."""
     plt = _plt()
     table = report["table"]
     methods = [m for m in report["compare"]["methods"] if table[m]["mean"] is not None]
-    fig, ax = plt.subplots(figsize=(1.3 * max(3, len(methods)) + 1, 3.8))
+    fig, ax = plt.subplots(figsize=(1.3 * max(3, len(methods)) + 1, 4.2))
+    tops = []
     for i, m in enumerate(methods):
         t = table[m]
-        ax.bar(i, t["mean"], yerr=t["std"], color=color(m), alpha=0.8, capsize=4)
+        std = t["std"] or 0.0
+        ax.bar(i, t["mean"], yerr=std, color=color(m), alpha=0.8, capsize=4)
         ax.scatter([i] * len(t["values"]), t["values"], color="k", s=10, zorder=3)
-        ax.text(i, t["mean"], f"{t['mean']:.2f}", ha="center", va="bottom", fontsize=8)
-    vals = [v for m in methods for v in table[m]["values"]]
-    if vals:
-        ax.set_ylim(max(0.0, min(vals) - 5), min(100.0, max(vals) + 3))
+        top = max([t["mean"] + std, *t["values"]])
+        tops.append(top)
+        ax.annotate(f"{t['mean']:.2f}", (i, top), xytext=(0, 4), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=8)
+    # from 0: a bar's height is its accuracy, so a 1-point gap never looks like a 10-fold one
+    ax.set_ylim(0.0, min(100.0, max(tops) * 1.12) if tops and max(tops) > 0 else 100.0)
     ax.set_xticks(range(len(methods)), [label(m) for m in methods], fontsize=8)
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{_subject(report)}: mean ± std over {report['compare']['seeds']} seed(s), dots = seeds",
+    ax.set_ylabel("test top-1 (%), axis from 0")
+    ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{_subject(report)}\nmean ± std over {report['compare']['seeds']} seed(s), dots = seeds",
                  fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
@@ -214,17 +221,24 @@ def distance_figure(report: dict, path: Path) -> str:
 
 
 def maps_figure(report: dict, path: Path) -> str:
+    """Fig. 6: each test image (in colour when the report stores its colour, H x W x 3) beside the min-max
+    scaled map of its weakly active filter in the source and each trained network, with a colour bar."""
     plt = _plt()
     am = report["activation_maps"]
     nets = [n for n in [SOURCE, *(m for m in METHODS if METHODS[m].activation_map)] if n in am["maps"]]
     n_img = len(am["images"])
-    fig, axes = plt.subplots(max(1, n_img), len(nets) + 1, figsize=(1.7 * (len(nets) + 1), 1.8 * max(1, n_img)),
+    fig, axes = plt.subplots(max(1, n_img), len(nets) + 1, figsize=(1.7 * (len(nets) + 1) + 0.8, 1.8 * max(1, n_img)),
                              squeeze=False)
+    im = None
     for i in range(n_img):
-        axes[i, 0].imshow(am["images"][i], cmap="gray")
+        image = np.asarray(am["images"][i], dtype=float)
+        if image.ndim == 3:
+            axes[i, 0].imshow(np.clip(image, 0, 1))
+        else:  # a report from before colour inputs: the channel mean
+            axes[i, 0].imshow(image, cmap="gray")
         axes[i, 0].set_ylabel(f"{am['classes'][i]}\nfilter {am['filters'][i]}", fontsize=7)
         for j, n in enumerate(nets, start=1):
-            axes[i, j].imshow(am["maps"][n][i], cmap="jet", vmin=0, vmax=1)
+            im = axes[i, j].imshow(am["maps"][n][i], cmap="jet", vmin=0, vmax=1)
             if i == 0:
                 axes[i, j].set_title(label(n), fontsize=8)
         axes[i, 0].set_title("input" if i == 0 else "", fontsize=8)
@@ -232,7 +246,9 @@ def maps_figure(report: dict, path: Path) -> str:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"min-max scaled maps of weakly active source filters, layer {am['layer']}", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.86, 1))  # the right edge left to the colour bar and its labels
+    if im is not None:
+        fig.colorbar(im, cax=fig.add_axes((0.88, 0.15, 0.02, 0.7)), label="activation (min-max scaled)")
     return _save(fig, path)
 
 

@@ -62,7 +62,10 @@ class MapProbe:
 
     @staticmethod
     def _display(x: torch.Tensor) -> list:
-        """The normalised input as a [0, 1] grey image (channel mean), for the figure."""
+        """The normalised input as a [0, 1] image for the figure: H x W x 3 (colour) for a 3-channel
+        input, scaled as a whole so the colours keep their balance; else H x W (channel mean)."""
+        if x.dim() == 3 and x.shape[0] == 3:
+            return np.round(min_max(x.float().permute(1, 2, 0)), 3).tolist()
         return np.round(min_max(x.float().mean(0)), 3).tolist()
 
 

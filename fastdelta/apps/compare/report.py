@@ -208,6 +208,7 @@ def markdown(report: dict, figures) -> str:
         values = "".join(f"{c.get(k, '-')} | " for k in columns)
         lines.append(f"| {label(meth)} | {values}{cell} | {seeds} |{extra}")
     lines += ["", _regularisation_note(report, columns), ""]
+    lines += kept_models_markdown(report)
     lines += _attention_warning(report)
     lines += claims_markdown(report)
     captions = {"table1.png": "Table 1 analog", "fig3_curves.png": "Fig. 3 analog: learning curves",
@@ -217,6 +218,21 @@ def markdown(report: dict, figures) -> str:
     for f in figures:
         lines += [f"## {captions[f]}", "", f"![{captions[f]}]({f})", ""]
     return "\n".join(lines)
+
+
+def kept_models_markdown(report: dict) -> list:
+    """Where each method's kept model is (CompareSettings.keep_models), one line per method; nothing for a
+    report from before keep_models (its runs kept no weights)."""
+    keep = report["compare"].get("keep_models")
+    if keep is None:
+        return []
+    lines = [f"Kept models (keep_models={keep!r}; load one with `fastdelta.load(folder)`):", ""]
+    for meth in report["compare"]["methods"]:
+        kept = [r["name"] for r in report["runs"] if r["method"] == meth and r["status"] == "ok"
+                and (keep == "all" or (keep == "chosen" and r["seed"] == 0 and r["schedule"] == "step"))]
+        where = ", ".join(f"`runs/{name}/model.pt`" for name in kept) if kept else "none"
+        lines.append(f"- {label(meth)}: {where}")
+    return lines + [""]
 
 
 def tuned_columns(report: dict) -> list:

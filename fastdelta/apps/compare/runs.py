@@ -24,9 +24,10 @@ class Runner:
         self.source_sha256: Optional[str] = None  # of the source weights every fit starts from
         self._fingerprints: dict = {}  # id(data) -> sha256: each split is hashed once per comparison
 
-    def fit(self, name: str, train, test, method: str, final_test=None, **overrides):
+    def fit(self, name: str, train, test, method: str, final_test=None, keep_model: bool = False, **overrides):
         """One fit; with final_test (a TensorSet), fit only evaluates `test` (curve points, or nothing)
-        and the final top-1 comes from fast_top1 on final_test."""
+        and the final top-1 comes from fast_top1 on final_test. keep_model: also write model.pt (loadable
+        with fastdelta.load(runs/<name>); a diverged run's non-finite weights are never written)."""
         t0 = time.perf_counter()
         settings = {**self.base, **overrides}
         try:
@@ -39,7 +40,7 @@ class Runner:
                         "images": len(final_test), "fingerprint": self.fingerprint(final_test),
                         "evaluated": "train.evaluate.evaluate: channels_last on CPU, denormals flushed"}
             res.timings["test"] = round(time.perf_counter() - t1, 3)
-        res.save(self.out / "runs" / name, weights=False)
+        res.save(self.out / "runs" / name, weights=keep_model)
         return res, round(time.perf_counter() - t0, 1)
 
     def finished(self, name: str, method: str, digests: tuple, **overrides) -> Optional[dict]:
@@ -127,13 +128,19 @@ class ReusedRun:
 
 
 def reused_final(runner: "Runner", name: str, method: str, digests: tuple, final_test, analysed: bool,
-                  overrides: dict) -> Optional[ReusedRun]:
+                  overrides: dict, keep_model: bool = False) -> Optional[ReusedRun]:
     """The final run `name` if it finished with these settings on the same data (its top-1 measured on
-    the same final test set), with its analysis for a seed-0 run; else None (it is fitted again)."""
+    the same final test set), with its analysis for a seed-0 run; else None (it is fitted again).
+
+    keep_model: the comparison keeps this run's weights, so a finished run without model.pt is fitted
+    again (a diverged one never has one and is reused as it is). Otherwise a reused run keeps whatever
+    files it had (a model.pt an earlier comparison wrote stays)."""
     saved = runner.finished(name, method, digests, **overrides)
     folder = runner.out / "runs" / name
     if saved is None or not any((folder / f).is_file() for f in HISTORY_FILES) or \
             (analysed and not (folder / ANALYSIS_FILE).is_file()):
+        return None
+    if keep_model and saved["status"] == "ok" and not (folder / "model.pt").is_file():
         return None
     if final_test is not None and saved["status"] == "ok" and \
             (saved.get("test") or {}).get("fingerprint") != runner.fingerprint(final_test):
