@@ -153,12 +153,16 @@ def history_figure(history: list, title: str, method: Optional[str] = None):
     axes = axes[:n]
     loss_ax, reg_ax, lr_ax = axes[:3]
 
-    loss_ax.plot(it, [h.get("ce") for h in history], label="cross-entropy", lw=1, color="tab:blue")
+    lines = loss_ax.plot(it, [h.get("ce") for h in history], label="cross-entropy", lw=1, color="tab:blue")
+    loss_ax.set_ylabel("cross-entropy", color="tab:blue")
     if any(h.get("loss") is not None for h in history):
-        loss_ax.plot(it, [h.get("loss") for h in history], label="total loss", lw=1, color="tab:gray", alpha=0.7)
-    loss_ax.set_ylabel("loss")
+        # the total on its own (right) axis: a large regulariser would otherwise flatten the cross-entropy
+        total_ax = loss_ax.twinx()
+        lines += total_ax.plot(it, [h.get("loss") for h in history], label="total loss (right axis)", lw=1,
+                               color="tab:gray", alpha=0.7)
+        total_ax.set_ylabel("total loss", color="tab:gray")
     loss_ax.set_title("training cross-entropy and total loss", fontsize=9)
-    loss_ax.legend(fontsize=8)
+    loss_ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
 
     decay = _uses_weight_decay(method)
     labels = ({"reg": "weight decay (shared layers)", "head": "weight decay (head)"} if decay else

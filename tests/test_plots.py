@@ -25,8 +25,10 @@ def test_history_png_has_a_panel_each_for_loss_regulariser_lr_and_accuracy(tmp_p
     history = synthetic_history(curves=curves)
     fig = history_figure(history, "l2 — tiny", "l2")
     try:
-        assert len(fig.axes) == panels
-        loss, reg, lr = fig.axes[:3]
+        titled = [ax for ax in fig.axes if ax.get_title()]  # the panels; the total loss is on a twin axis
+        assert len(titled) == panels
+        assert [ax.get_ylabel() for ax in fig.axes if not ax.get_title()] == ["total loss"]
+        loss, reg, lr = titled[:3]
         assert [line.get_label() for line in loss.get_lines()][0] == "cross-entropy"
         assert {line.get_label() for line in reg.get_lines()} == {"weight decay (shared layers)", "weight decay (head)"}
         assert lr.get_lines()[0].get_drawstyle() == "steps-post"
