@@ -35,7 +35,8 @@ def fit_row(method: str, engine: str, seed: int, iterations: int, data) -> dict:
                         attention_head_epochs=10, **METHODS[method], **ENGINES[engine])
     return {"method": method, "engine": engine, "seed": seed, "iterations": iterations, "test_top1": res.test_top1,
             "final_ce": res.history[-1]["ce"], "train_s": res.timings.get("train"), "wall_s": round(time.perf_counter() - t0, 1),
-            "step_used": res.settings["step_used"], "cpu": {k: res.settings.get(k) for k in ("cpu_threads",)}}
+            "step_used": res.settings["step_used"],
+            "cpu": {k: res.settings.get(k) for k in ("cpu_threads", "cpu_model", "cpu_capability")}}
 
 
 def load_data():
@@ -63,7 +64,10 @@ def paired(rows, method: str, engine: str) -> dict:
 def summary(out: Path) -> dict:
     rows = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines() if l.strip()]
     result = {m: {e: paired(rows, m, e) for e in ENGINES if e != "reference"} for m in METHODS}
-    (out / "parity.json").write_text(json.dumps({"pairs": result, "rows": rows}, indent=1))
+    from fastdelta.apps.bench.interleaved import cpu_record
+    import torch
+    machine = {**cpu_record(), "device": "cpu", "torch": torch.__version__, "python": sys.version.split()[0]}
+    (out / "parity.json").write_text(json.dumps({"machine": machine, "pairs": result, "rows": rows}, indent=1))
     lines = ["# Engine parity: test top-1 of each CPU engine minus the fp32 reference step, paired by seed", "",
              "| method | engine | per seed (points) | mean ± std | paired 95% interval | reference seed std | keeps accuracy |",
              "|---|---|---|---|---|---|---|"]

@@ -305,8 +305,13 @@ def test_with_deferred_reads_adamw_cancels_a_failed_step_and_a_stop_is_checkpoin
     checked, _, error = run("l2_sp", optimizer="adamw", poison_at=3)
     guarded, history, error = run("l2_sp", optimizer="adamw", poison_at=3, deferred=deferred)
     assert error is not None and len(history) == 3  # the poisoned step 3 cancelled, its update never applied
+    # conv1's bias feeds batch norm, so its gradient is zero up to rounding, and Adam scales that rounding
+    # noise to a full lr-sized step: fused and foreach AdamW round differently there (and in bn1's running
+    # mean, which sees that bias); every parameter with a real gradient must agree
+    noise_only = {"conv1.bias", "bn1.running_mean"}
     for (k, v), w in zip(checked.state_dict().items(), guarded.state_dict().values()):
-        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
+        if k not in noise_only:
+            torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
     target, history, _ = run("l2_sp", optimizer="adamw", iterations=6, deferred=deferred, callbacks=[StopAtThree()],
                              checkpoint_dir=tmp_path, checkpoint_every=100)
     # checked: right after step 3; deferred: step 4 was queued before step 3 was read, so it ends after it

@@ -200,9 +200,11 @@ def all_auto(s) -> bool:
 
 
 def engine_cache_root() -> Optional[Path]:
-    """$FASTDELTA_CACHE (or ~/.cache/fastdelta), as the attention cache; "off": no cache."""
-    root = os.environ.get("FASTDELTA_CACHE", str(Path.home() / ".cache" / "fastdelta"))
-    return None if root in ("", "off") else Path(root)
+    """The folder the attention cache sits in ($FASTDELTA_CACHE or ~/.cache/fastdelta); "off": no cache."""
+    if os.environ.get("FASTDELTA_CACHE") in ("", "off"):
+        return None
+    from ..attention.cache import cache_dir
+    return cache_dir("auto").parent
 
 
 def choose_cpu_step(s, arch: str, layers: Sequence[str], target, source, reg, dataset, resumed: Optional[str],

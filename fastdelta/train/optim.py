@@ -53,16 +53,11 @@ def apply_pulls(pulls: Sequence[Pull]) -> Dict[str, torch.Tensor]:
     return values
 
 
-class PullSGD(torch.optim.SGD):
-    """torch SGD (momentum, foreach or fused) plus `pull_()`: the parameter-norm gradients and values.
-
-    The GradScaler of an fp16 run (if any) is kept in `scaler` and saved with the optimizer state."""
-
-    def __init__(self, params, lr: float, momentum: float, pulls: Sequence[Pull] = (),
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None, nesterov: bool = False):
-        super().__init__(params, lr=lr, momentum=momentum, foreach=foreach, fused=fused, nesterov=nesterov)
-        self.pulls = list(pulls)
-        self.scaler = None
+class _Pulls:
+    """What PullSGD and PullAdamW add to their torch optimizer: `pull_()` (the parameter-norm gradients and
+    values) and the GradScaler of an fp16 run (`scaler`), saved with the optimizer state."""
+    pulls: list
+    scaler = None
 
     def pull_(self) -> Dict[str, torch.Tensor]:
         """apply_pulls over this optimizer's pulls."""
@@ -82,7 +77,17 @@ class PullSGD(torch.optim.SGD):
             self.scaler.load_state_dict(scaler)
 
 
-class PullAdamW(torch.optim.AdamW):
+class PullSGD(_Pulls, torch.optim.SGD):
+    """torch SGD (momentum, foreach or fused) plus `pull_()` and the fp16 GradScaler (`_Pulls`)."""
+
+    def __init__(self, params, lr: float, momentum: float, pulls: Sequence[Pull] = (),
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, nesterov: bool = False):
+        super().__init__(params, lr=lr, momentum=momentum, foreach=foreach, fused=fused, nesterov=nesterov)
+        self.pulls = list(pulls)
+        self.scaler = None
+
+
+class PullAdamW(_Pulls, torch.optim.AdamW):
     """torch AdamW (decoupled weight decay: w -= lr x weight_decay x w) plus `pull_()`, as PullSGD: the
     parameter-norm terms of the method (L2-SP's pull to w*, the head's beta term, ...) are gradients added
     after the backward, before the AdamW step, as autograd would give them (so Adam normalises them with
@@ -93,23 +98,6 @@ class PullAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=foreach, fused=fused)
         self.pulls = list(pulls)
         self.scaler = None
-
-    def pull_(self) -> Dict[str, torch.Tensor]:
-        """apply_pulls over this optimizer's pulls."""
-        return apply_pulls(self.pulls)
-
-    def state_dict(self):
-        state = super().state_dict()
-        if self.scaler is not None:
-            state = {**state, "grad_scaler": self.scaler.state_dict()}
-        return state
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        scaler = state_dict.pop("grad_scaler", None)
-        super().load_state_dict(state_dict)
-        if scaler is not None and self.scaler is not None:
-            self.scaler.load_state_dict(scaler)
 
 
 def make_optimizer(kind: str, groups, lr: float, momentum: float = 0.0, nesterov: bool = False,
